@@ -1,0 +1,21 @@
+//! The bottom of heapcap: everything that decides, and nothing that touches the system.
+//!
+//! - [`size`]: Kubernetes-style quantities (`64Mi`, `1Gi`, `500M`) and their display.
+//! - [`syscall`]: which system calls can grow a process's heap, per ABI, and what they ask for.
+//! - [`rules`]: the seccomp notify rules, as data, so the Linux layer and the OCI spec writer agree.
+//! - [`maps`]: parsing `/proc/<pid>/maps` into the counted heap and range queries on it.
+//! - [`ledger`]: per-process bounds, quotas and decisions.
+//!
+//! What counts as heap: private, anonymous, writable mappings (the `brk` heap, anonymous private
+//! writable `mmap`, memory made writable with `mprotect`, `mremap` growth). File mappings of any
+//! kind, shared memory and the main thread's stack do not count.
+#![forbid(unsafe_code)]
+
+pub mod ledger;
+pub mod maps;
+pub mod rules;
+pub mod size;
+pub mod syscall;
+
+pub use ledger::{Decision, Fast, Ledger, Limits, Mode, Scope};
+pub use size::{Size, SizeError};

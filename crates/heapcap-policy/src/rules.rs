@@ -1,0 +1,55 @@
+//! The seccomp notify rules, as data.
+//!
+//! Only calls that can grow the heap leave the kernel: `mmap` of files, `PROT_NONE` reservations,
+//! `mprotect` to read-only, `munmap` and `brk(0)` stay on the fast path. The Linux layer turns
+//! these rules into BPF with libseccomp; the OCI spec writer turns them into `linux.seccomp`.
+
+use crate::syscall::{MAP_ANONYMOUS, MAP_DROPPABLE, MAP_PRIVATE, MAP_TYPE, PROT_WRITE};
+
+/// One argument test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgTest {
+    /// `args[index] != value`.
+    NotEqual { index: u32, value: u64 },
+    /// `args[index] & mask == value`.
+    MaskedEqual { index: u32, mask: u64, value: u64 },
+}
+
+/// Notify when `syscall` is called and every test holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotifyRule {
+    pub syscall: &'static str,
+    pub tests: &'static [ArgTest],
+}
+
+const WRITABLE_ARG2: ArgTest = ArgTest::MaskedEqual { index: 2, mask: PROT_WRITE, value: PROT_WRITE };
+const ANON_PRIVATE_ARG3: ArgTest =
+    ArgTest::MaskedEqual { index: 3, mask: MAP_TYPE | MAP_ANONYMOUS, value: MAP_PRIVATE | MAP_ANONYMOUS };
+const ANON_DROPPABLE_ARG3: ArgTest =
+    ArgTest::MaskedEqual { index: 3, mask: MAP_TYPE | MAP_ANONYMOUS, value: MAP_DROPPABLE | MAP_ANONYMOUS };
+
+/// Rules for ABIs whose `mmap` takes its arguments in registers (x86_64, x32, aarch64).
+pub const NATIVE: &[NotifyRule] = &[
+    NotifyRule { syscall: "brk", tests: &[ArgTest::NotEqual { index: 0, value: 0 }] },
+    NotifyRule { syscall: "mmap", tests: &[WRITABLE_ARG2, ANON_PRIVATE_ARG3] },
+    NotifyRule { syscall: "mmap", tests: &[WRITABLE_ARG2, ANON_DROPPABLE_ARG3] },
+    NotifyRule { syscall: "mremap", tests: &[] },
+    NotifyRule { syscall: "mprotect", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "pkey_mprotect", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "execve", tests: &[] },
+    NotifyRule { syscall: "execveat", tests: &[] },
+];
+
+/// Rules for the 32-bit compat ABIs (i386, arm): `mmap2` in registers, and on i386 the old
+/// `mmap` whose arguments sit in memory, so every call of it is notified.
+pub const COMPAT: &[NotifyRule] = &[
+    NotifyRule { syscall: "brk", tests: &[ArgTest::NotEqual { index: 0, value: 0 }] },
+    NotifyRule { syscall: "mmap2", tests: &[WRITABLE_ARG2, ANON_PRIVATE_ARG3] },
+    NotifyRule { syscall: "mmap2", tests: &[WRITABLE_ARG2, ANON_DROPPABLE_ARG3] },
+    NotifyRule { syscall: "mmap", tests: &[] },
+    NotifyRule { syscall: "mremap", tests: &[] },
+    NotifyRule { syscall: "mprotect", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "pkey_mprotect", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "execve", tests: &[] },
+    NotifyRule { syscall: "execveat", tests: &[] },
+];
