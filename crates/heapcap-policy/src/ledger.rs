@@ -73,7 +73,8 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn brk(&self, page: u64) -> Option<u64> {
+    /// The page-aligned program break: the end of `[heap]`, or `start_brk` if it never grew.
+    pub fn brk(&self, page: u64) -> Option<u64> {
         self.maps.heap_end().or_else(|| self.start_brk.and_then(|b| page_up(b, page)))
     }
 }
@@ -105,6 +106,8 @@ pub struct Account {
     brk: Option<u64>,
     pending: Vec<Pending>,
     exec_by: Option<Tid>,
+    /// An exec settled: the next exact read starts the new image's figures afresh.
+    new_image: bool,
 }
 
 impl Account {
@@ -249,6 +252,7 @@ impl Ledger {
             brk: snap.brk(self.page),
             pending: Vec::new(),
             exec_by: None,
+            new_image: false,
         };
         if let Some(old) = self.accounts.insert(pid, acct) {
             self.total_bound -= old.bound;
@@ -270,6 +274,7 @@ impl Ledger {
         if acct.exec_by == Some(tid) {
             acct.exec_by = None;
             acct.brk = None;
+            acct.new_image = true;
             return true;
         }
         false
@@ -292,6 +297,7 @@ impl Ledger {
         if let Some(a) = self.accounts.get_mut(&pid) {
             a.exec_by = None;
             a.brk = None;
+            a.new_image = true;
         }
     }
 
@@ -396,6 +402,10 @@ impl Ledger {
         self.total_bound = self.total_bound - acct.bound + usage;
         acct.bound = usage;
         acct.last_exact = counted;
+        if std::mem::take(&mut acct.new_image) {
+            acct.measured = counted;
+            acct.peak = usage;
+        }
         acct.measured = acct.measured.max(counted);
         acct.peak = acct.peak.max(usage);
         if acct.exec_by.is_none() {

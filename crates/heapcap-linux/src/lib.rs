@@ -1,0 +1,29 @@
+//! heapcap's Linux layer: thin safe wrappers over the kernel objects heapcap uses.
+//!
+//! - [`filter`]: the heap-notify seccomp program (built with libseccomp) and loading it.
+//! - [`notify`]: the seccomp listener fd: receive, answer, check a notification is still valid.
+//! - [`pidfd`]: process and thread handles that cannot be fooled by pid reuse.
+//! - [`procfs`]: `/proc/<pid>` readers (maps, stat, status, syscall, mem).
+//! - [`fdpass`]: passing fds over UNIX sockets (`SCM_RIGHTS`).
+//! - [`spawn`]: starting a command under the filter.
+//!
+//! This is the only crate of heapcap with `unsafe` code; every block says why it is sound.
+
+pub mod fdpass;
+pub mod filter;
+pub mod notify;
+pub mod pidfd;
+pub mod procfs;
+pub mod spawn;
+
+/// The system page size.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions; _SC_PAGESIZE is always supported on Linux.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|s| s.is_power_of_two()).unwrap_or(4096)
+}
+
+/// The calling thread's last errno, as an `io::Error`.
+pub(crate) fn last_error() -> std::io::Error {
+    std::io::Error::last_os_error()
+}

@@ -1,0 +1,61 @@
+//! Handles on processes and threads that stay true across pid reuse.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// A pidfd (`pidfd_open(2)`).
+#[derive(Debug)]
+pub struct Pidfd {
+    fd: OwnedFd,
+}
+
+fn pidfd_open(pid: u32, flags: libc::c_uint) -> io::Result<Pidfd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
+    if fd < 0 {
+        return Err(crate::last_error());
+    }
+    // SAFETY: the kernel just returned this fd; nothing else owns it.
+    Ok(Pidfd { fd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) } })
+}
+
+impl Pidfd {
+    /// A process (thread-group leader). Readable (`POLLIN`) once it has exited.
+    pub fn open(pid: u32) -> io::Result<Pidfd> {
+        pidfd_open(pid, 0)
+    }
+
+    /// One thread (`PIDFD_THREAD`, Linux 6.9+; EINVAL before).
+    pub fn open_thread(tid: u32) -> io::Result<Pidfd> {
+        pidfd_open(tid, libc::PIDFD_THREAD)
+    }
+
+    /// The process or thread has not exited.
+    pub fn is_alive(&self) -> bool {
+        // SAFETY: signal 0 only checks existence and permission; a null siginfo is allowed.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.fd.as_raw_fd(), 0, std::ptr::null::<libc::siginfo_t>(), 0)
+        };
+        rc == 0 || crate::last_error().raw_os_error() != Some(libc::ESRCH)
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: i32) -> io::Result<()> {
+        // SAFETY: as above, with a real signal number; a null siginfo is allowed.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.fd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(crate::last_error())
+        }
+    }
+}
+
+impl AsFd for Pidfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}

@@ -1,0 +1,253 @@
+//! `/proc/<pid>` readers.
+//!
+//! To read about the thread behind a seccomp notification safely: open the files first, then
+//! check the notification is still valid ([`crate::notify::Listener::id_valid`]), then read.
+//! An open `/proc` file stays bound to the task it was opened for, so a pid recycled after the
+//! check cannot be misread.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use heapcap_policy::ledger::{CallKey, Snapshot, ThreadState};
+use heapcap_policy::maps::{Maps, MapsError};
+
+/// Why a `/proc` read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("cannot read {path}")]
+    Io { path: PathBuf, #[source] source: io::Error },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("{path}: unexpected content {text:?}")]
+    Format { path: PathBuf, text: String },
+}
+
+impl ProcError {
+    /// The process is gone (rather than /proc being unreadable).
+    pub fn is_gone(&self) -> bool {
+        matches!(self, ProcError::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ESRCH | libc::ENOENT)))
+    }
+}
+
+/// A `/proc` mount (the real one, or a fixture directory in tests).
+#[derive(Debug, Clone)]
+pub struct ProcFs {
+    root: PathBuf,
+}
+
+impl Default for ProcFs {
+    fn default() -> Self {
+        ProcFs { root: PathBuf::from("/proc") }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ProcError + '_ {
+    move |source| ProcError::Io { path: path.to_path_buf(), source }
+}
+
+/// Files opened for one process, to be read after the notification check.
+#[derive(Debug)]
+pub struct Opened {
+    maps: (PathBuf, File),
+    stat: (PathBuf, File),
+}
+
+impl ProcFs {
+    pub fn with_root(root: impl Into<PathBuf>) -> ProcFs {
+        ProcFs { root: root.into() }
+    }
+
+    fn path(&self, pid: u32, file: &str) -> PathBuf {
+        self.root.join(pid.to_string()).join(file)
+    }
+
+    fn open(&self, pid: u32, file: &str) -> Result<(PathBuf, File), ProcError> {
+        let path = self.path(pid, file);
+        let f = File::open(&path).map_err(io_err(&path))?;
+        Ok((path, f))
+    }
+
+    fn read(&self, pid: u32, file: &str) -> Result<(PathBuf, String), ProcError> {
+        let (path, mut f) = self.open(pid, file)?;
+        let mut s = String::new();
+        f.read_to_string(&mut s).map_err(io_err(&path))?;
+        Ok((path, s))
+    }
+
+    /// Open what an exact snapshot of `pid` needs.
+    pub fn open_snapshot(&self, pid: u32) -> Result<Opened, ProcError> {
+        Ok(Opened { maps: self.open(pid, "maps")?, stat: self.open(pid, "stat")? })
+    }
+
+    /// Read and parse a snapshot opened with [`ProcFs::open_snapshot`].
+    pub fn read_snapshot(&self, opened: Opened, buf: &mut String) -> Result<Snapshot, ProcError> {
+        let (path, mut maps) = opened.maps;
+        buf.clear();
+        maps.read_to_string(buf).map_err(io_err(&path))?;
+        let maps = Maps::parse(buf)?;
+        let (path, mut stat) = opened.stat;
+        let mut text = String::new();
+        stat.read_to_string(&mut text).map_err(io_err(&path))?;
+        let start_brk = parse_stat_start_brk(&text).ok_or(ProcError::Format { path, text })?;
+        Ok(Snapshot { maps, start_brk: Some(start_brk) })
+    }
+
+    /// Open and read a snapshot at once (for a process whose identity is otherwise checked).
+    pub fn snapshot(&self, pid: u32, buf: &mut String) -> Result<Snapshot, ProcError> {
+        let opened = self.open_snapshot(pid)?;
+        self.read_snapshot(opened, buf)
+    }
+
+    /// Open `status` (to learn a thread's process) for reading after the notification check.
+    pub fn open_status(&self, tid: u32) -> Result<(PathBuf, File), ProcError> {
+        self.open(tid, "status")
+    }
+
+    /// The thread-group id from an opened `status`.
+    pub fn read_tgid(&self, opened: (PathBuf, File)) -> Result<u32, ProcError> {
+        let (path, mut f) = opened;
+        let mut s = String::new();
+        f.read_to_string(&mut s).map_err(io_err(&path))?;
+        parse_status_tgid(&s).ok_or(ProcError::Format { path, text: s })
+    }
+
+    /// What a thread is doing, from `/proc/<tid>/syscall`.
+    pub fn thread_state(&self, tid: u32) -> ThreadState {
+        match self.read(tid, "syscall") {
+            Ok((_, text)) => parse_syscall(&text).unwrap_or(ThreadState::Busy),
+            Err(e) if e.is_gone() => ThreadState::Gone,
+            Err(_) => ThreadState::Busy,
+        }
+    }
+
+    /// The command line, for reports: arguments joined by spaces, shortened; `[comm]` if empty.
+    pub fn command(&self, pid: u32) -> String {
+        const MAX: usize = 60;
+        let mut cmd = match self.read_bytes(pid, "cmdline") {
+            Ok(bytes) if !bytes.is_empty() => {
+                let args: Vec<String> = bytes
+                    .split(|&b| b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args.join(" ")
+            }
+            _ => match self.read(pid, "comm") {
+                Ok((_, comm)) => format!("[{}]", comm.trim_end()),
+                Err(_) => "?".to_string(),
+            },
+        };
+        if cmd.chars().count() > MAX {
+            cmd = cmd.chars().take(MAX - 1).collect::<String>() + "…";
+        }
+        cmd
+    }
+
+    fn read_bytes(&self, pid: u32, file: &str) -> Result<Vec<u8>, ProcError> {
+        let (path, mut f) = self.open(pid, file)?;
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).map_err(io_err(&path))?;
+        Ok(v)
+    }
+
+    /// Open `/proc/<pid>/mem`, to read a caller's memory after the notification check.
+    pub fn open_mem(&self, pid: u32) -> Result<(PathBuf, File), ProcError> {
+        self.open(pid, "mem")
+    }
+
+    /// Read exactly `buf.len()` bytes at `addr` from an opened `mem`.
+    pub fn read_mem(&self, opened: &(PathBuf, File), addr: u64, buf: &mut [u8]) -> Result<(), ProcError> {
+        opened.1.read_exact_at(buf, addr).map_err(io_err(&opened.0))
+    }
+}
+
+/// `Tgid:` from `/proc/<tid>/status`.
+pub fn parse_status_tgid(text: &str) -> Option<u32> {
+    text.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// `start_brk` (field 47) from `/proc/<pid>/stat`. The command name (field 2) may hold spaces
+/// and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat_start_brk(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    rest.split_ascii_whitespace().nth(47 - 3).and_then(|v| v.parse().ok())
+}
+
+/// `/proc/<tid>/syscall`: `running`, `-1 sp pc` (not in a syscall), or `nr a1 .. a6 sp pc` in hex.
+pub fn parse_syscall(text: &str) -> Option<ThreadState> {
+    let text = text.trim();
+    if text == "running" {
+        return Some(ThreadState::Busy);
+    }
+    let mut fields = text.split_ascii_whitespace();
+    let nr: i64 = fields.next()?.parse().ok()?;
+    if nr < 0 {
+        return Some(ThreadState::Idle);
+    }
+    let mut args = [0u64; 6];
+    for a in &mut args {
+        *a = u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
+    }
+    Some(ThreadState::InCall(CallKey { nr, args }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_stat_and_syscall() {
+        assert_eq!(parse_status_tgid("Name:\tx\nUmask:\t0022\nState:\tS\nTgid:\t4242\nNgid:\t0\n"), Some(4242));
+        assert_eq!(parse_status_tgid("Name:\tx\n"), None);
+        let mut stat = String::from("77 (a) b (c)) S");
+        for i in 4..=52 {
+            stat.push_str(&format!(" {}", if i == 47 { 94090892935168u64 } else { i }));
+        }
+        assert_eq!(parse_stat_start_brk(&stat), Some(94090892935168));
+        assert_eq!(parse_stat_start_brk("garbage"), None);
+        assert_eq!(parse_syscall("running\n"), Some(ThreadState::Busy));
+        assert_eq!(parse_syscall("-1 0x7ffd 0x7fe1\n"), Some(ThreadState::Idle));
+        let key = CallKey { nr: 9, args: [0, 0x100000, 3, 0x22, 0xffffffffffffffff, 0] };
+        assert_eq!(
+            parse_syscall("9 0x0 0x100000 0x3 0x22 0xffffffffffffffff 0x0 0x7ffd837744f8 0x7fe178b522ad\n"),
+            Some(ThreadState::InCall(key))
+        );
+        assert_eq!(parse_syscall("9 0x0"), None);
+    }
+
+    #[test]
+    fn reads_a_fixture_tree() {
+        let dir = std::env::temp_dir().join(format!("heapcap-procfs-{}", std::process::id()));
+        let pid_dir = dir.join("55");
+        std::fs::create_dir_all(&pid_dir).unwrap();
+        std::fs::write(pid_dir.join("maps"), "1000-3000 rw-p 00000000 00:00 0 \n").unwrap();
+        let mut stat = String::from("55 (x) S");
+        for i in 4..=52 {
+            stat.push_str(&format!(" {}", if i == 47 { 8192 } else { 0 }));
+        }
+        std::fs::write(pid_dir.join("stat"), stat).unwrap();
+        std::fs::write(pid_dir.join("cmdline"), b"python3\0-c\0print(1)\0").unwrap();
+        std::fs::write(pid_dir.join("syscall"), "-1 0x1 0x2\n").unwrap();
+        let proc = ProcFs::with_root(&dir);
+        let snap = proc.snapshot(55, &mut String::new()).unwrap();
+        assert_eq!(snap.maps.counted(), 0x2000);
+        assert_eq!(snap.start_brk, Some(8192));
+        assert_eq!(proc.command(55), "python3 -c print(1)");
+        assert_eq!(proc.thread_state(55), ThreadState::Idle);
+        assert_eq!(proc.thread_state(56), ThreadState::Gone);
+        assert!(proc.snapshot(56, &mut String::new()).unwrap_err().is_gone());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let proc = ProcFs::default();
+        let me = std::process::id();
+        let snap = proc.snapshot(me, &mut String::new()).unwrap();
+        assert!(snap.maps.counted() > 0);
+        assert!(snap.start_brk.is_some());
+        assert!(matches!(proc.thread_state(me), ThreadState::Busy | ThreadState::Idle | ThreadState::InCall(_)));
+    }
+}

@@ -1,0 +1,97 @@
+//! Seeing processes exit: one thread polls the pidfds of every supervised process.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use heapcap_linux::pidfd::Pidfd;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+type OnExit = Box<dyn FnOnce() + Send>;
+
+#[derive(Default)]
+struct Watched {
+    by_fd: HashMap<RawFd, (Pidfd, OnExit)>,
+}
+
+/// Runs a callback when a process exits.
+pub struct ExitWatcher {
+    epoll: Arc<Epoll>,
+    watched: Arc<Mutex<Watched>>,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ExitWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExitWatcher").finish_non_exhaustive()
+    }
+}
+
+const STOP: u64 = u64::MAX;
+
+impl ExitWatcher {
+    pub fn start() -> std::io::Result<ExitWatcher> {
+        let epoll = Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
+        let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC)?);
+        epoll.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, STOP))?;
+        let watched = Arc::new(Mutex::new(Watched::default()));
+        let (ep, w) = (epoll.clone(), watched.clone());
+        let thread = std::thread::Builder::new().name("heapcap-exits".into()).spawn(move || run(&ep, &w))?;
+        Ok(ExitWatcher { epoll, watched, stop, thread: Some(thread) })
+    }
+
+    /// Call `on_exit` once the process behind `pidfd` has exited.
+    pub fn watch(&self, pidfd: Pidfd, on_exit: OnExit) -> std::io::Result<()> {
+        let fd = pidfd.as_fd().as_raw_fd();
+        let mut w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        self.epoll.add(pidfd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, fd as u64))?;
+        w.by_fd.insert(fd, (pidfd, on_exit));
+        Ok(())
+    }
+
+    /// Processes being watched.
+    pub fn len(&self) -> usize {
+        self.watched.lock().unwrap_or_else(|e| e.into_inner()).by_fd.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn run(epoll: &Epoll, watched: &Mutex<Watched>) {
+    let mut events = [EpollEvent::empty(); 64];
+    loop {
+        let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "exit watcher failed; process exits will only be seen late");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            if ev.data() == STOP {
+                return;
+            }
+            let fd = ev.data() as RawFd;
+            let entry = watched.lock().unwrap_or_else(|e| e.into_inner()).by_fd.remove(&fd);
+            if let Some((pidfd, on_exit)) = entry {
+                let _ = epoll.delete(pidfd.as_fd());
+                on_exit();
+            }
+        }
+    }
+}
+
+impl Drop for ExitWatcher {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! The notification loop: receive, decide, answer.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use heapcap_linux::notify::{Errno, Listener, Notification, Recv};
+use heapcap_linux::pidfd::Pidfd;
+use heapcap_linux::procfs::{ProcError, ProcFs};
+use heapcap_policy::ledger::{CallKey, Decision, Fast, Ledger, Mode, Scope, Snapshot, Summary, ThreadState};
+use heapcap_policy::syscall::{MemCall, Request};
+
+use crate::exits::ExitWatcher;
+use crate::threads::Threads;
+
+/// A growth that was refused.
+#[derive(Debug, Clone)]
+pub struct Denial {
+    pub time: SystemTime,
+    pub pid: u32,
+    pub tid: u32,
+    pub command: String,
+    pub syscall: &'static str,
+    pub request: u64,
+    pub usage: u64,
+    pub limit: u64,
+    pub scope: Scope,
+    /// For a refused `brk`: the unchanged program break the call returns (the kernel's `brk`
+    /// reports failure that way, never with an errno; 0 makes libc ask again).
+    pub brk_return: Option<u64>,
+}
+
+/// Counters, for reports and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub notifications: AtomicU64,
+    /// Decided from the bound alone.
+    pub fast: AtomicU64,
+    /// Decided after reading `/proc`.
+    pub exact: AtomicU64,
+    pub denied: AtomicU64,
+    /// Callers that left before their answer (signals): normal, they retry.
+    pub gone: AtomicU64,
+}
+
+/// State shared by a listener's loop, the exit watcher and whoever reports.
+#[derive(Debug)]
+pub struct Shared {
+    pub ledger: Ledger,
+    /// Live processes and the generation their account was opened with.
+    procs: HashMap<u32, (u64, Arc<Pidfd>)>,
+    next_generation: u64,
+    /// Processes that ended, if kept.
+    pub finished: Vec<Summary>,
+    pub keep_finished: bool,
+}
+
+type DenialSink = Box<dyn Fn(&Denial) + Send + Sync>;
+
+/// Supervises the processes of one listener (a `heapcap run` tree, or one container).
+pub struct Supervisor {
+    shared: Arc<Mutex<Shared>>,
+    exits: Arc<ExitWatcher>,
+    proc: ProcFs,
+    page: u64,
+    stats: Arc<Stats>,
+    on_denial: DenialSink,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor").field("stats", &self.stats).finish_non_exhaustive()
+    }
+}
+
+fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What one notification needs answered.
+enum Answer {
+    Allow,
+    Deny(Denial),
+    /// The caller is gone: nothing to answer.
+    Drop,
+}
+
+impl Supervisor {
+    pub fn new(ledger: Ledger, exits: Arc<ExitWatcher>, on_denial: DenialSink) -> Supervisor {
+        let shared = Shared { ledger, procs: HashMap::new(), next_generation: 0, finished: Vec::new(), keep_finished: true };
+        Supervisor {
+            shared: Arc::new(Mutex::new(shared)),
+            exits,
+            proc: ProcFs::default(),
+            page: heapcap_linux::page_size(),
+            stats: Arc::new(Stats::default()),
+            on_denial,
+        }
+    }
+
+    pub fn shared(&self) -> Arc<Mutex<Shared>> {
+        self.shared.clone()
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Send a signal to every live process being accounted.
+    pub fn signal_all(&self, sig: i32) {
+        let pidfds: Vec<Arc<Pidfd>> = lock(&self.shared).procs.values().map(|(_, p)| p.clone()).collect();
+        for p in pidfds {
+            let _ = p.signal(sig);
+        }
+    }
+
+    /// Answer `listener` until every process under its filter is gone.
+    pub fn serve(&self, listener: &Listener) -> io::Result<()> {
+        if let Err(e) = listener.set_sync_wakeup() {
+            tracing::debug!(error = %e, "no synchronous wake-up");
+        }
+        let mut threads = Threads::default();
+        let mut buf = String::with_capacity(64 * 1024);
+        loop {
+            let n = match listener.recv()? {
+                Recv::Notification(n) => n,
+                Recv::Interrupted => continue,
+                Recv::HungUp => return Ok(()),
+            };
+            self.stats.notifications.fetch_add(1, Ordering::Relaxed);
+            let answer = self.decide(listener, &mut threads, &mut buf, &n);
+            let sent = match answer {
+                Answer::Allow => listener.allow(n.id),
+                Answer::Deny(d) => {
+                    self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                    let sent = match d.brk_return {
+                        Some(brk) => listener.return_value(n.id, brk as i64),
+                        None => listener.fail(n.id, Errno::NoMem),
+                    };
+                    (self.on_denial)(&d);
+                    sent
+                }
+                Answer::Drop => continue,
+            };
+            match sent {
+                Ok(heapcap_linux::notify::Answered::Yes) => {}
+                Ok(heapcap_linux::notify::Answered::Gone) => {
+                    self.stats.gone.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn decide(&self, listener: &Listener, threads: &mut Threads, buf: &mut String, n: &Notification) -> Answer {
+        let Some(call) = MemCall::decode(n.arch, n.nr, n.args) else { return Answer::Allow };
+        let key = CallKey { nr: i64::from(n.nr), args: n.args };
+        let call = match call {
+            MemCall::OldMmap { args_ptr } => match self.old_mmap_args(listener, n, args_ptr) {
+                Ok(Some(c)) => c,
+                Ok(None) => return Answer::Drop,
+                Err(e) => return self.unreadable(n, "old mmap arguments", &e),
+            },
+            c => c,
+        };
+        let pid = match threads.lookup(n.pid) {
+            Some(pid) => pid,
+            None => match self.resolve_thread(listener, threads, n) {
+                Ok(Some(pid)) => pid,
+                Ok(None) => return Answer::Drop,
+                Err(e) => return self.unreadable(n, "thread status", &e),
+            },
+        };
+        let mut shared = lock(&self.shared);
+        let mut fresh: Option<Snapshot> = None;
+        if !shared.ledger.contains(pid) {
+            match self.admit(listener, &mut shared, pid, n, buf) {
+                Ok(Some(snap)) => fresh = Some(snap),
+                Ok(None) => return Answer::Drop,
+                Err(e) => return self.unreadable(n, "process maps", &e),
+            }
+        }
+        let mut settled = shared.ledger.thread_seen(pid, n.pid);
+        if let Some(t) = shared.ledger.exec_thread(pid) {
+            if t != n.pid && !threads.alive(t) {
+                shared.ledger.exec_thread_gone(pid);
+                settled = true;
+            }
+        }
+        if call == MemCall::Exec {
+            shared.ledger.exec_started(pid, n.pid);
+            return Answer::Allow;
+        }
+        let Some(req) = call.request(self.page) else { return Answer::Allow };
+        let refresh_others = match (&fresh, settled) {
+            (None, false) => match shared.ledger.fast(pid, n.pid, &req, key) {
+                Fast::Allow => {
+                    self.stats.fast.fetch_add(1, Ordering::Relaxed);
+                    return Answer::Allow;
+                }
+                Fast::Exact { refresh_others } => refresh_others,
+            },
+            _ => false,
+        };
+        self.stats.exact.fetch_add(1, Ordering::Relaxed);
+        if refresh_others {
+            self.refresh_others(&mut shared, pid, buf);
+        }
+        let snap = match fresh {
+            Some(s) => s,
+            None => {
+                let opened = match self.proc.open_snapshot(pid) {
+                    Ok(o) => o,
+                    Err(e) => return self.unreadable(n, "process maps", &e),
+                };
+                if !listener.id_valid(n.id) {
+                    return Answer::Drop;
+                }
+                match self.proc.read_snapshot(opened, buf) {
+                    Ok(s) => s,
+                    Err(e) => return self.unreadable(n, "process maps", &e),
+                }
+            }
+        };
+        if settled {
+            shared.ledger.set_command(pid, self.proc.command(pid));
+        }
+        let states = self.thread_states(&shared, pid, n.pid);
+        match shared.ledger.exact(pid, n.pid, &req, key, &snap, &states) {
+            Decision::Allow => Answer::Allow,
+            Decision::Deny { scope, usage, request, limit } => Answer::Deny(Denial {
+                time: SystemTime::now(),
+                pid,
+                tid: n.pid,
+                command: shared.ledger.account(pid).map(|a| a.command.clone()).unwrap_or_default(),
+                syscall: req.name(),
+                request,
+                usage,
+                limit,
+                scope,
+                brk_return: matches!(req, Request::Brk { .. }).then(|| snap.brk(self.page).unwrap_or(0)),
+            }),
+        }
+    }
+
+    fn thread_states(&self, shared: &Shared, pid: u32, tid: u32) -> Vec<(u32, ThreadState)> {
+        shared.ledger.pending_threads(pid, tid).into_iter().map(|t| (t, self.proc.thread_state(t))).collect()
+    }
+
+    /// i386 `old_mmap`: read its argument block from the caller, after the validity check.
+    fn old_mmap_args(&self, listener: &Listener, n: &Notification, ptr: u64) -> Result<Option<MemCall>, ProcError> {
+        let mem = self.proc.open_mem(n.pid)?;
+        if !listener.id_valid(n.id) {
+            return Ok(None);
+        }
+        let mut raw = [0u8; 24];
+        self.proc.read_mem(&mem, ptr, &mut raw)?;
+        let mut words = [0u32; 6];
+        for (w, c) in words.iter_mut().zip(raw.chunks_exact(4)) {
+            *w = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Ok(Some(MemCall::from_old_mmap_args(words)))
+    }
+
+    /// Learn a new thread's process. `Ok(None)`: the caller is gone.
+    fn resolve_thread(&self, listener: &Listener, threads: &mut Threads, n: &Notification) -> Result<Option<u32>, ProcError> {
+        let status = self.proc.open_status(n.pid)?;
+        let handle = Pidfd::open_thread(n.pid).ok();
+        if !listener.id_valid(n.id) {
+            return Ok(None);
+        }
+        let pid = self.proc.read_tgid(status)?;
+        threads.insert(n.pid, pid, handle);
+        Ok(Some(pid))
+    }
+
+    /// Open an account for a process seen for the first time (or whose pid was recycled).
+    fn admit(&self, listener: &Listener, shared: &mut Shared, pid: u32, n: &Notification, buf: &mut String) -> Result<Option<Snapshot>, ProcError> {
+        let opened = self.proc.open_snapshot(pid)?;
+        let pidfd = Pidfd::open(pid).map_err(|source| ProcError::Io { path: format!("pidfd of {pid}").into(), source })?;
+        if !listener.id_valid(n.id) {
+            return Ok(None);
+        }
+        let snap = self.proc.read_snapshot(opened, buf)?;
+        let command = self.proc.command(pid);
+        shared.ledger.admit(pid, command, &snap);
+        let generation = shared.next_generation;
+        shared.next_generation += 1;
+        let pidfd = Arc::new(pidfd);
+        shared.procs.insert(pid, (generation, pidfd.clone()));
+        let weak = Arc::downgrade(&self.shared);
+        let watch = Pidfd::open(pid).map_err(|source| ProcError::Io { path: format!("pidfd of {pid}").into(), source })?;
+        let on_exit = Box::new(move || {
+            if let Some(shared) = weak.upgrade() {
+                let mut s = lock(&shared);
+                if s.procs.get(&pid).is_some_and(|(g, _)| *g == generation) {
+                    s.procs.remove(&pid);
+                    if let Some(summary) = s.ledger.exit(pid) {
+                        if s.keep_finished {
+                            s.finished.push(summary);
+                        }
+                    }
+                }
+            }
+        });
+        if let Err(e) = self.exits.watch(watch, on_exit) {
+            tracing::warn!(pid, error = %e, "cannot watch for the exit of a process");
+        }
+        Ok(Some(snap))
+    }
+
+    /// Bring the other processes' bounds to exact figures (the total quota is in question).
+    fn refresh_others(&self, shared: &mut Shared, pid: u32, buf: &mut String) {
+        for other in shared.ledger.stale(pid) {
+            let Some((_, pidfd)) = shared.procs.get(&other).cloned() else { continue };
+            let snap = self.proc.snapshot(other, buf);
+            // Read first, then check the process is still the one we account: a live pidfd
+            // means the pid was not recycled, so the snapshot was of the right process.
+            if !pidfd.is_alive() {
+                continue;
+            }
+            if let Ok(snap) = snap {
+                let states = self.thread_states(shared, other, 0);
+                shared.ledger.refresh(other, &snap, &states);
+            }
+        }
+    }
+
+    /// A `/proc` read failed for a live caller: never let growth through unchecked when enforcing.
+    fn unreadable(&self, n: &Notification, what: &str, e: &ProcError) -> Answer {
+        if e.is_gone() {
+            return Answer::Drop;
+        }
+        let mode = lock(&self.shared).ledger.mode();
+        tracing::warn!(tid = n.pid, error = %e, "cannot read {what}");
+        match mode {
+            Mode::Audit => Answer::Allow,
+            Mode::Enforce => Answer::Deny(Denial {
+                time: SystemTime::now(),
+                pid: n.pid,
+                tid: n.pid,
+                command: String::new(),
+                syscall: "unknown",
+                request: 0,
+                usage: 0,
+                limit: 0,
+                scope: Scope::Process,
+                brk_return: matches!(MemCall::decode(n.arch, n.nr, n.args), Some(MemCall::Brk { .. })).then_some(0),
+            }),
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! `heapcap`: per-process heap quotas, enforced from user space with seccomp user notification.
+#![forbid(unsafe_code)]
+
+mod report;
+mod run;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use heapcap_policy::Size;
+
+/// Exit status for a command line heapcap cannot use.
+const USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heapcap",
+    version,
+    about = "Per-process heap quotas: memory growth past the quota fails with ENOMEM instead of taking the machine down.",
+    long_about = None,
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a command with a heap quota for each of its processes.
+    ///
+    /// The quota counts each process's private, anonymous, writable memory: the brk heap,
+    /// anonymous mmap, memory made writable with mprotect, mremap growth. File mappings,
+    /// shared memory and the main thread's stack are not counted. A growth past the quota
+    /// fails with ENOMEM (malloc returns NULL, Python raises MemoryError).
+    ///
+    /// Examples:
+    ///   heapcap run --limit 64Mi -- python3 -c 'x = bytearray(200 * 2**20)'
+    ///   heapcap run --limit 1Gi --total-limit 3Gi -- make -j4
+    ///   heapcap run --audit -- make -j2      # observe only; print each process's peak heap
+    #[command(verbatim_doc_comment)]
+    Run(RunArgs),
+}
+
+fn parse_limit(s: &str) -> Result<Size, String> {
+    Size::parse_limit(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Heap quota for each process: 64Mi, 1.5Gi, 500M, 1048576 (bytes).
+    #[arg(long, value_name = "SIZE", value_parser = parse_limit)]
+    limit: Option<Size>,
+    /// Heap quota for all the command's processes together.
+    #[arg(long, value_name = "SIZE", value_parser = parse_limit)]
+    total_limit: Option<Size>,
+    /// Observe only: never deny; report each process's peak heap at exit.
+    #[arg(long)]
+    audit: bool,
+    /// Print a table of each process's peak heap and denials on stderr at exit.
+    #[arg(long)]
+    report: bool,
+    /// Do not print a line for each denied allocation.
+    #[arg(long, short)]
+    quiet: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+/// One line: clap's message without its trailing tips, plus where to look.
+fn usage_line(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let mut parts = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:"));
+    let first = parts.next().unwrap_or("invalid command line").trim_start_matches("error: ");
+    let rest: Vec<&str> = parts.collect();
+    let mut line = format!("heapcap: {first}");
+    if !rest.is_empty() {
+        line.push(' ');
+        line.push_str(&rest.join(" "));
+    }
+    if err.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+        line.push_str(" (write: heapcap run --limit 64Mi -- COMMAND [ARGS...])");
+    } else {
+        line.push_str(" (see heapcap --help)");
+    }
+    line
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => {
+            let _ = e.print();
+            return if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { ExitCode::from(USAGE) } else { ExitCode::SUCCESS };
+        }
+        Err(e) => {
+            eprintln!("{}", usage_line(&e));
+            return ExitCode::from(USAGE);
+        }
+    };
+    init_logging();
+    match cli.command {
+        Command::Run(args) => run::main(args),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HEAPCAP_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
+}
