@@ -11,9 +11,18 @@ use libseccomp::{ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilter
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
     #[error("libseccomp could not set up a filter for {arch:?}")]
-    Context { arch: ScmpArch, #[source] source: libseccomp::error::SeccompError },
+    Context {
+        arch: ScmpArch,
+        #[source]
+        source: libseccomp::error::SeccompError,
+    },
     #[error("libseccomp refused the rule for {syscall} on {arch:?}")]
-    Rule { syscall: &'static str, arch: ScmpArch, #[source] source: libseccomp::error::SeccompError },
+    Rule {
+        syscall: &'static str,
+        arch: ScmpArch,
+        #[source]
+        source: libseccomp::error::SeccompError,
+    },
     #[error("libseccomp could not merge the native and compat filters")]
     Merge(#[source] libseccomp::error::SeccompError),
     #[error("could not export the BPF program")]
@@ -54,8 +63,11 @@ fn context(arch: ScmpArch, rules: &[NotifyRule], extra: &[ScmpArch]) -> Result<S
             continue;
         }
         // Rules take native numbering; libseccomp translates by name for each arch.
-        let syscall = ScmpSyscall::from_name(rule.syscall)
-            .map_err(|source| FilterError::Rule { syscall: rule.syscall, arch, source })?;
+        let syscall = ScmpSyscall::from_name(rule.syscall).map_err(|source| FilterError::Rule {
+            syscall: rule.syscall,
+            arch,
+            source,
+        })?;
         let cmps: Vec<ScmpArgCompare> = rule
             .tests
             .iter()
@@ -66,8 +78,11 @@ fn context(arch: ScmpArch, rules: &[NotifyRule], extra: &[ScmpArch]) -> Result<S
                 }
             })
             .collect();
-        ctx.add_rule_conditional(ScmpAction::Notify, syscall, &cmps)
-            .map_err(|source| FilterError::Rule { syscall: rule.syscall, arch, source })?;
+        ctx.add_rule_conditional(ScmpAction::Notify, syscall, &cmps).map_err(|source| FilterError::Rule {
+            syscall: rule.syscall,
+            arch,
+            source,
+        })?;
     }
     Ok(ctx)
 }
@@ -131,10 +146,7 @@ impl Program {
     /// Async-signal-safe: only raw system calls, no allocation, so it may run between `fork`
     /// and `exec` of a multi-threaded parent.
     pub fn load_with_listener(&self, flags: LoadFlags) -> Result<RawFd, std::io::Error> {
-        let prog = libc::sock_fprog {
-            len: self.filters.len() as u16,
-            filter: self.filters.as_ptr().cast_mut(),
-        };
+        let prog = libc::sock_fprog { len: self.filters.len() as u16, filter: self.filters.as_ptr().cast_mut() };
         if flags.no_new_privs {
             // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) takes integer arguments only.
             if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {

@@ -17,7 +17,11 @@ use heapcap_policy::maps::{Maps, MapsError};
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
     #[error("cannot read {path}")]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error("{path}: unexpected content {text:?}")]
@@ -122,16 +126,22 @@ impl ProcFs {
         }
     }
 
-    /// The command line, for reports: arguments joined by spaces, shortened; `[comm]` if empty.
+    /// The command line, for reports: the program's base name and its arguments, joined by
+    /// spaces and shortened; `[comm]` if there is none (a kernel thread, a zombie).
     pub fn command(&self, pid: u32) -> String {
         const MAX: usize = 60;
         let mut cmd = match self.read_bytes(pid, "cmdline") {
             Ok(bytes) if !bytes.is_empty() => {
-                let args: Vec<String> = bytes
+                let mut args: Vec<String> = bytes
                     .split(|&b| b == 0)
                     .filter(|a| !a.is_empty())
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .collect();
+                if let Some(program) = args.first_mut() {
+                    if let Some((_, base)) = program.rsplit_once('/') {
+                        *program = base.to_string();
+                    }
+                }
                 args.join(" ")
             }
             _ => match self.read(pid, "comm") {
@@ -228,7 +238,7 @@ mod tests {
             stat.push_str(&format!(" {}", if i == 47 { 8192 } else { 0 }));
         }
         std::fs::write(pid_dir.join("stat"), stat).unwrap();
-        std::fs::write(pid_dir.join("cmdline"), b"python3\0-c\0print(1)\0").unwrap();
+        std::fs::write(pid_dir.join("cmdline"), b"/usr/bin/python3\0-c\0print(1)\0").unwrap();
         std::fs::write(pid_dir.join("syscall"), "-1 0x1 0x2\n").unwrap();
         let proc = ProcFs::with_root(&dir);
         let snap = proc.snapshot(55, &mut String::new()).unwrap();

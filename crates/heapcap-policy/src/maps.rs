@@ -120,10 +120,7 @@ impl Maps {
     /// Bytes inside `[start, end)` that are anonymous private but not writable: what an
     /// `mprotect(PROT_WRITE)` of that range would add to the heap.
     pub fn protect_growth(&self, start: u64, end: u64) -> u64 {
-        self.overlapping(start, end)
-            .filter(|v| v.anon_private && !v.writable)
-            .map(|v| v.overlap(start, end))
-            .sum()
+        self.overlapping(start, end).filter(|v| v.anon_private && !v.writable).map(|v| v.overlap(start, end)).sum()
     }
 
     /// The mapping that contains `addr`.

@@ -63,12 +63,7 @@ fn multiplier(input: &str, suffix: &str, number: &str) -> Result<u64, SizeError>
         "P" => 1000u64.pow(5),
         "E" => 1000u64.pow(6),
         "K" => return Err(SizeError::AmbiguousK(input.to_string(), number.to_string())),
-        _ => {
-            return Err(SizeError::UnknownSuffix {
-                input: input.to_string(),
-                suffix: suffix.to_string(),
-            })
-        }
+        _ => return Err(SizeError::UnknownSuffix { input: input.to_string(), suffix: suffix.to_string() }),
     })
 }
 
@@ -84,9 +79,7 @@ impl FromStr for Size {
             return Err(SizeError::Negative(s.to_string()));
         }
         let s_unsigned = s.strip_prefix('+').unwrap_or(s);
-        let split = s_unsigned
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s_unsigned.len());
+        let split = s_unsigned.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s_unsigned.len());
         let (number, suffix) = s_unsigned.split_at(split);
         let (whole, frac) = match number.split_once('.') {
             Some((w, f)) => (w, f),
@@ -98,21 +91,13 @@ impl FromStr for Size {
         }
         let mult = multiplier(s, suffix, number)?;
         let overflow = || SizeError::Overflow(s.to_string());
-        let whole: u128 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| overflow())?
-        };
+        let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| overflow())? };
         // Fractions are exact: value = whole*mult + ceil(frac * mult / 10^len(frac)).
         let frac_digits = frac.trim_end_matches('0');
         if frac_digits.len() > 18 {
             return Err(SizeError::Malformed(s.to_string()));
         }
-        let frac_num: u128 = if frac_digits.is_empty() {
-            0
-        } else {
-            frac_digits.parse().map_err(|_| overflow())?
-        };
+        let frac_num: u128 = if frac_digits.is_empty() { 0 } else { frac_digits.parse().map_err(|_| overflow())? };
         let frac_den = 10u128.pow(frac_digits.len() as u32);
         let mult = u128::from(mult);
         let total = whole

@@ -55,11 +55,28 @@ impl Abi {
     fn table(self) -> &'static [(i32, Kind)] {
         use Kind::*;
         match self {
-            Abi::X86_64 => &[(9, Mmap), (10, Mprotect), (12, Brk), (25, Mremap), (59, Exec), (322, Exec), (329, Mprotect)],
-            Abi::X32 => &[(9, Mmap), (10, Mprotect), (12, Brk), (25, Mremap), (520, Exec), (545, Exec), (329, Mprotect)],
-            Abi::I386 => &[(45, Brk), (90, OldMmap), (125, Mprotect), (163, Mremap), (192, Mmap), (11, Exec), (358, Exec), (380, Mprotect)],
-            Abi::Aarch64 => &[(214, Brk), (216, Mremap), (221, Exec), (222, Mmap), (226, Mprotect), (281, Exec), (288, Mprotect)],
-            Abi::Arm => &[(45, Brk), (125, Mprotect), (163, Mremap), (192, Mmap), (11, Exec), (387, Exec), (394, Mprotect)],
+            Abi::X86_64 => {
+                &[(9, Mmap), (10, Mprotect), (12, Brk), (25, Mremap), (59, Exec), (322, Exec), (329, Mprotect)]
+            }
+            Abi::X32 => {
+                &[(9, Mmap), (10, Mprotect), (12, Brk), (25, Mremap), (520, Exec), (545, Exec), (329, Mprotect)]
+            }
+            Abi::I386 => &[
+                (45, Brk),
+                (90, OldMmap),
+                (125, Mprotect),
+                (163, Mremap),
+                (192, Mmap),
+                (11, Exec),
+                (358, Exec),
+                (380, Mprotect),
+            ],
+            Abi::Aarch64 => {
+                &[(214, Brk), (216, Mremap), (221, Exec), (222, Mmap), (226, Mprotect), (281, Exec), (288, Mprotect)]
+            }
+            Abi::Arm => {
+                &[(45, Brk), (125, Mprotect), (163, Mremap), (192, Mmap), (11, Exec), (387, Exec), (394, Mprotect)]
+            }
         }
     }
 }
@@ -110,12 +127,7 @@ impl MemCall {
     /// Decode the six 32-bit words of i386's `struct mmap_arg_struct`
     /// (addr, len, prot, flags, fd, offset) as read from the caller's memory.
     pub fn from_old_mmap_args(words: [u32; 6]) -> MemCall {
-        MemCall::Mmap {
-            addr: words[0].into(),
-            len: words[1].into(),
-            prot: words[2].into(),
-            flags: words[3].into(),
-        }
+        MemCall::Mmap { addr: words[0].into(), len: words[1].into(), prot: words[2].into(), flags: words[3].into() }
     }
 
     /// What this call can add to the counted heap, before looking at the process.
@@ -195,8 +207,15 @@ mod tests {
         assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 9 | X32_SYSCALL_BIT, args), mmap);
         assert_eq!(MemCall::decode(AUDIT_ARCH_I386, 192, args), mmap);
         assert_eq!(MemCall::decode(AUDIT_ARCH_AARCH64, 222, args), mmap);
-        assert_eq!(MemCall::decode(AUDIT_ARCH_I386, 90, [0x1000, 0, 0, 0, 0, 0]), Some(MemCall::OldMmap { args_ptr: 0x1000 }));
-        assert_eq!(MemCall::decode(AUDIT_ARCH_I386, 45, [0x1_0000_2000, 0, 0, 0, 0, 0]), Some(MemCall::Brk { addr: 0x2000 }), "compat args are 32-bit");
+        assert_eq!(
+            MemCall::decode(AUDIT_ARCH_I386, 90, [0x1000, 0, 0, 0, 0, 0]),
+            Some(MemCall::OldMmap { args_ptr: 0x1000 })
+        );
+        assert_eq!(
+            MemCall::decode(AUDIT_ARCH_I386, 45, [0x1_0000_2000, 0, 0, 0, 0, 0]),
+            Some(MemCall::Brk { addr: 0x2000 }),
+            "compat args are 32-bit"
+        );
         assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 59, args), Some(MemCall::Exec));
         assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 0, args), None, "read is not a memory call");
         assert_eq!(MemCall::decode(0x1234, 9, args), None, "unknown arch passes");

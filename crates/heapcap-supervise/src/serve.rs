@@ -89,7 +89,8 @@ enum Answer {
 
 impl Supervisor {
     pub fn new(ledger: Ledger, exits: Arc<ExitWatcher>, on_denial: DenialSink) -> Supervisor {
-        let shared = Shared { ledger, procs: HashMap::new(), next_generation: 0, finished: Vec::new(), keep_finished: true };
+        let shared =
+            Shared { ledger, procs: HashMap::new(), next_generation: 0, finished: Vec::new(), keep_finished: true };
         Supervisor {
             shared: Arc::new(Mutex::new(shared)),
             exits,
@@ -265,7 +266,12 @@ impl Supervisor {
     }
 
     /// Learn a new thread's process. `Ok(None)`: the caller is gone.
-    fn resolve_thread(&self, listener: &Listener, threads: &mut Threads, n: &Notification) -> Result<Option<u32>, ProcError> {
+    fn resolve_thread(
+        &self,
+        listener: &Listener,
+        threads: &mut Threads,
+        n: &Notification,
+    ) -> Result<Option<u32>, ProcError> {
         let status = self.proc.open_status(n.pid)?;
         let handle = Pidfd::open_thread(n.pid).ok();
         if !listener.id_valid(n.id) {
@@ -277,9 +283,17 @@ impl Supervisor {
     }
 
     /// Open an account for a process seen for the first time (or whose pid was recycled).
-    fn admit(&self, listener: &Listener, shared: &mut Shared, pid: u32, n: &Notification, buf: &mut String) -> Result<Option<Snapshot>, ProcError> {
+    fn admit(
+        &self,
+        listener: &Listener,
+        shared: &mut Shared,
+        pid: u32,
+        n: &Notification,
+        buf: &mut String,
+    ) -> Result<Option<Snapshot>, ProcError> {
         let opened = self.proc.open_snapshot(pid)?;
-        let pidfd = Pidfd::open(pid).map_err(|source| ProcError::Io { path: format!("pidfd of {pid}").into(), source })?;
+        let pidfd =
+            Pidfd::open(pid).map_err(|source| ProcError::Io { path: format!("pidfd of {pid}").into(), source })?;
         if !listener.id_valid(n.id) {
             return Ok(None);
         }
@@ -291,7 +305,8 @@ impl Supervisor {
         let pidfd = Arc::new(pidfd);
         shared.procs.insert(pid, (generation, pidfd.clone()));
         let weak = Arc::downgrade(&self.shared);
-        let watch = Pidfd::open(pid).map_err(|source| ProcError::Io { path: format!("pidfd of {pid}").into(), source })?;
+        let watch =
+            Pidfd::open(pid).map_err(|source| ProcError::Io { path: format!("pidfd of {pid}").into(), source })?;
         let on_exit = Box::new(move || {
             if let Some(shared) = weak.upgrade() {
                 let mut s = lock(&shared);

@@ -14,7 +14,15 @@ pub fn table(out: &mut impl Write, rows: &[Summary]) -> std::io::Result<()> {
     writeln!(out, "{:>8}  {:<width$}  {:>10}  {:>10}  {:>7}", "PID", "COMMAND", "PEAK", "LIMIT", "DENIALS")?;
     for r in rows {
         let limit = r.limit.map_or_else(|| "-".to_string(), |l| Size(l).to_string());
-        writeln!(out, "{:>8}  {:<width$}  {:>10}  {:>10}  {:>7}", r.pid, r.command, Size(r.peak).to_string(), limit, r.denials)?;
+        writeln!(
+            out,
+            "{:>8}  {:<width$}  {:>10}  {:>10}  {:>7}",
+            r.pid,
+            r.command,
+            Size(r.peak).to_string(),
+            limit,
+            r.denials
+        )?;
     }
     Ok(())
 }

@@ -58,7 +58,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     mask.add(Signal::SIGCHLD);
     FORWARDED.iter().for_each(|s| mask.add(*s));
     mask.thread_block().context("cannot block signals")?;
-    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).context("cannot create a signalfd")?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .context("cannot create a signalfd")?;
     // Orphaned descendants come back to us, so we can reap them and know when the tree is gone.
     nix::sys::prctl::set_child_subreaper(true).context("cannot become a child subreaper")?;
 
@@ -131,7 +132,12 @@ fn serve(supervisor: &Supervisor, sock: &UnixStream) -> anyhow::Result<()> {
 
 /// Reap children and pass signals on until the command has exited and every process under
 /// the filter is gone (a process whose supervisor is gone gets ENOSYS on every heap growth).
-fn wait_for_tree(signals: &SignalFd, done: &EventFd, child: Pid, supervisor: &Supervisor) -> anyhow::Result<WaitStatus> {
+fn wait_for_tree(
+    signals: &SignalFd,
+    done: &EventFd,
+    child: Pid,
+    supervisor: &Supervisor,
+) -> anyhow::Result<WaitStatus> {
     let mut status = None;
     let mut served = false;
     while status.is_none() || !served {
@@ -194,4 +200,3 @@ fn pass_through(status: WaitStatus) -> ExitCode {
         _ => ExitCode::from(125),
     }
 }
-

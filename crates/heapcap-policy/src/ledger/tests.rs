@@ -106,11 +106,15 @@ fn brk_is_charged_from_the_known_break_and_exec_resets_it() {
 #[test]
 fn protect_and_fixed_maps_count_only_what_becomes_heap() {
     let mut l = enforcing(MIB);
-    let reserve = Vma { start: 1 << 30, end: (1 << 30) + (64 * MIB), writable: false, anon_private: true, is_heap: false };
+    let reserve =
+        Vma { start: 1 << 30, end: (1 << 30) + (64 * MIB), writable: false, anon_private: true, is_heap: false };
     l.admit(1, "go".into(), &snap(vec![reserve, anon(0, 512 << 10)]));
     let protect = Request::Protect { addr: 1 << 30, len: 64 * MIB };
     assert!(matches!(l.fast(1, 1, &protect, key(1)), Fast::Exact { .. }));
-    assert!(matches!(l.exact(1, 1, &protect, key(1), &snap(vec![reserve, anon(0, 512 << 10)]), &[]), Decision::Deny { .. }));
+    assert!(matches!(
+        l.exact(1, 1, &protect, key(1), &snap(vec![reserve, anon(0, 512 << 10)]), &[]),
+        Decision::Deny { .. }
+    ));
     let small = Request::Protect { addr: 1 << 30, len: 256 << 10 };
     assert_eq!(l.exact(1, 1, &small, key(2), &snap(vec![reserve, anon(0, 512 << 10)]), &[]), Decision::Allow);
     // MAP_FIXED over memory that is already heap adds nothing.
@@ -125,7 +129,10 @@ fn total_quota_spans_processes_and_exit_gives_back() {
     l.admit(1, "a".into(), &snap(vec![anon(0, 60 * MIB)]));
     l.admit(2, "b".into(), &snap(vec![]));
     assert_eq!(l.fast(2, 2, &map(50 * MIB), key(1)), Fast::Exact { refresh_others: true });
-    assert!(matches!(l.exact(2, 2, &map(50 * MIB), key(1), &snap(vec![]), &[]), Decision::Deny { scope: Scope::Total, .. }));
+    assert!(matches!(
+        l.exact(2, 2, &map(50 * MIB), key(1), &snap(vec![]), &[]),
+        Decision::Deny { scope: Scope::Total, .. }
+    ));
     assert_eq!(l.exit(1).unwrap().peak, 60 * MIB);
     assert_eq!(l.exact(2, 2, &map(50 * MIB), key(2), &snap(vec![]), &[]), Decision::Allow);
     assert_eq!(l.total_bound(), 50 * MIB);

@@ -1,0 +1,56 @@
+//! Compiles `fixtures/alloc.c` twice, natively and with `-m32`, and tells the
+//! tests where the binaries are (`HEAPCAP_ALLOC`, `HEAPCAP_ALLOC32`).
+//!
+//! Both builds are required: a missing `gcc` or missing 32-bit support
+//! (`gcc-multilib`) fails the build instead of silently dropping tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SOURCE: &str = "fixtures/alloc.c";
+
+fn main() {
+    println!("cargo:rerun-if-changed={SOURCE}");
+    println!("cargo:rerun-if-changed=build.rs");
+
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let source = manifest_dir.join(SOURCE);
+
+    let alloc = out_dir.join("alloc");
+    compile(&source, &alloc, &[], "install gcc (Debian/Ubuntu: apt-get install gcc)");
+    let alloc32 = out_dir.join("alloc32");
+    compile(
+        &source,
+        &alloc32,
+        &["-m32"],
+        "install 32-bit support for gcc (Debian/Ubuntu: apt-get install gcc-multilib)",
+    );
+
+    println!("cargo:rustc-env=HEAPCAP_ALLOC={}", alloc.display());
+    println!("cargo:rustc-env=HEAPCAP_ALLOC32={}", alloc32.display());
+}
+
+/// Runs `gcc [extra] -O1 -pthread -o output source`; panics with gcc's own
+/// diagnostics and `hint` if gcc is missing or the compilation fails.
+fn compile(source: &Path, output: &Path, extra: &[&str], hint: &str) {
+    let mut cmd = Command::new("gcc");
+    cmd.args(extra).args(["-O1", "-pthread", "-Wall", "-Wextra", "-o"]).arg(output).arg(source);
+    let shown = format!("{cmd:?}");
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) => {
+            panic!("heapcap-integration needs gcc to build its test fixture, but running `{shown}` failed: {e}; {hint}")
+        }
+    };
+    let diagnostics = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        panic!(
+            "heapcap-integration: compiling the test fixture failed ({}): `{shown}`\n{diagnostics}\n{hint}",
+            out.status
+        );
+    }
+    for line in diagnostics.lines() {
+        println!("cargo:warning={line}");
+    }
+}
