@@ -1,6 +1,7 @@
 //! `heapcap`: per-process heap quotas, enforced from user space with seccomp user notification.
 #![forbid(unsafe_code)]
 
+mod demo;
 mod report;
 mod run;
 
@@ -40,6 +41,15 @@ enum Command {
     ///   heapcap run --audit -- make -j2      # observe only; print each process's peak heap
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
+    /// Show what a quota does: a leaking program without and with `--limit 64Mi`.
+    Demo,
+    /// A program that leaks memory until an allocation fails (used by the demo).
+    #[command(hide = true)]
+    Leak {
+        /// Stop by itself after this much.
+        #[arg(long, value_name = "SIZE", value_parser = parse_limit, default_value = "1Gi")]
+        max: Size,
+    },
 }
 
 fn parse_limit(s: &str) -> Result<Size, String> {
@@ -116,6 +126,8 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Demo => demo::demo(),
+        Command::Leak { max } => demo::leak(max),
     }
 }
 

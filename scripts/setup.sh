@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install what heapcap's build, demo and tests need on a fresh Debian machine (idempotent).
+set -euo pipefail
+
+packages=(
+  libseccomp-dev   # libseccomp-rs links to it
+  pkg-config
+  gcc              # test fixtures
+  gcc-multilib     # 32-bit (i386) fixtures: gcc -m32
+  python3          # python3 under a quota (/usr/bin/python3)
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ "${1:-}" = "--ci" ] && ! command -v cargo-deny >/dev/null 2>&1; then
+  echo "setup: installing cargo-deny" >&2
+  cargo install --locked --quiet cargo-deny
+fi

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every check and test heapcap has, as CI runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --ci
+
+step() { echo "== $*" >&2; "$@"; }
+step cargo fmt --all -- --check
+step cargo clippy --workspace --all-targets --locked -- -D warnings
+step env RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked --quiet
+# Advisories need the RustSec database from GitHub, which is out of reach here (see deny.toml).
+step cargo deny --log-level error check bans licenses sources
+step cargo test --workspace --locked
