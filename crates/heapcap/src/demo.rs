@@ -46,12 +46,17 @@ pub fn demo() -> ExitCode {
         .and_then(|()| {
             step(
                 "heapcap run --limit 64Mi --report -- heapcap leak --max 1Gi",
-                Command::new(&me).args(["run", "--limit", "64Mi", "--report", "--"]).arg(&me).args(["leak", "--max", "1Gi"]),
+                Command::new(&me)
+                    .args(["run", "--limit", "64Mi", "--report", "--"])
+                    .arg(&me)
+                    .args(["leak", "--max", "1Gi"]),
             )
         });
     match result {
         Ok(()) => {
-            println!("\nUnder the quota the leak got ENOMEM near 64 MiB and could handle it; the machine never paid for it.");
+            println!(
+                "\nUnder the quota the leak got ENOMEM near 64 MiB and could handle it; the machine never paid for it."
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
