@@ -31,6 +31,11 @@ impl Pidfd {
         pidfd_open(tid, libc::PIDFD_THREAD)
     }
 
+    /// Another handle on the same process.
+    pub fn try_clone(&self) -> io::Result<Pidfd> {
+        Ok(Pidfd { fd: self.fd.try_clone()? })
+    }
+
     /// The process or thread has not exited.
     pub fn is_alive(&self) -> bool {
         // SAFETY: signal 0 only checks existence and permission; a null siginfo is allowed.

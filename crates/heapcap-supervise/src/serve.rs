@@ -292,8 +292,10 @@ impl Supervisor {
         buf: &mut String,
     ) -> Result<Option<Snapshot>, ProcError> {
         let opened = self.proc.open_snapshot(pid)?;
-        let pidfd =
-            Pidfd::open(pid).map_err(|source| ProcError::Io { path: format!("pidfd of {pid}").into(), source })?;
+        let pidfd_err = |source| ProcError::Io { path: format!("pidfd of {pid}").into(), source };
+        // Opened before the validity check, so it is the caller's process, not a recycled pid.
+        let pidfd = Pidfd::open(pid).map_err(pidfd_err)?;
+        let watch = pidfd.try_clone().map_err(pidfd_err)?;
         if !listener.id_valid(n.id) {
             return Ok(None);
         }
@@ -305,8 +307,6 @@ impl Supervisor {
         let pidfd = Arc::new(pidfd);
         shared.procs.insert(pid, (generation, pidfd.clone()));
         let weak = Arc::downgrade(&self.shared);
-        let watch =
-            Pidfd::open(pid).map_err(|source| ProcError::Io { path: format!("pidfd of {pid}").into(), source })?;
         let on_exit = Box::new(move || {
             if let Some(shared) = weak.upgrade() {
                 let mut s = lock(&shared);
