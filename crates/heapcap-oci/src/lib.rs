@@ -1,0 +1,2 @@
+//! heapcap OCI spec changes (being written).
+#![forbid(unsafe_code)]
