@@ -14,6 +14,7 @@
 pub mod ledger;
 pub mod maps;
 pub mod rules;
+pub mod settings;
 pub mod size;
 pub mod syscall;
 

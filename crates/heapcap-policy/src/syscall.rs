@@ -109,6 +109,18 @@ pub enum MemCall {
 }
 
 impl MemCall {
+    /// The call's name, for metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MemCall::Brk { .. } => "brk",
+            MemCall::Mmap { .. } => "mmap",
+            MemCall::OldMmap { .. } => "old_mmap",
+            MemCall::Mremap { .. } => "mremap",
+            MemCall::Mprotect { .. } => "mprotect",
+            MemCall::Exec => "execve",
+        }
+    }
+
     /// Decode a notification's syscall. `None`: not a memory call heapcap looks at.
     pub fn decode(arch: u32, nr: i32, args: [u64; 6]) -> Option<MemCall> {
         let abi = Abi::of(arch, nr)?;

@@ -11,4 +11,4 @@ mod threads;
 
 pub use exits::ExitWatcher;
 pub use heapcap_policy::ledger::{Ledger, Limits, Mode, Summary};
-pub use serve::{Denial, Shared, Stats, Supervisor};
+pub use serve::{Denial, Observer, Outcome, Shared, Stats, Supervisor};

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use heapcap_linux::notify::{Errno, Listener, Notification, Recv};
 use heapcap_linux::pidfd::Pidfd;
@@ -59,6 +59,32 @@ pub struct Shared {
 
 type DenialSink = Box<dyn Fn(&Denial) + Send + Sync>;
 
+/// How a notification was answered, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Denied,
+    /// The caller left before its answer (a signal): it will retry.
+    Gone,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allow",
+            Outcome::Denied => "deny",
+            Outcome::Gone => "gone",
+        }
+    }
+}
+
+/// Sees every decision (metrics).
+pub trait Observer: Send + Sync {
+    /// `syscall`: the call's name (`other` for one heapcap does not look at); `seconds`: from
+    /// receiving the notification to answering it.
+    fn decided(&self, syscall: &'static str, outcome: Outcome, seconds: f64);
+}
+
 /// Supervises the processes of one listener (a `heapcap run` tree, or one container).
 pub struct Supervisor {
     shared: Arc<Mutex<Shared>>,
@@ -67,6 +93,13 @@ pub struct Supervisor {
     page: u64,
     stats: Arc<Stats>,
     on_denial: DenialSink,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl std::fmt::Debug for dyn Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -98,7 +131,26 @@ impl Supervisor {
             page: heapcap_linux::page_size(),
             stats: Arc::new(Stats::default()),
             on_denial,
+            observer: None,
         }
+    }
+
+    /// Report every decision to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Supervisor {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Keep (or not) the figures of processes that ended, for a final report.
+    pub fn keep_finished(&self, keep: bool) {
+        lock(&self.shared).keep_finished = keep;
+    }
+
+    /// Bring every process's figure to an exact one now (for `ps`).
+    pub fn measure(&self) {
+        let mut shared = lock(&self.shared);
+        let pids: Vec<u32> = shared.ledger.pids().collect();
+        self.refresh(&mut shared, pids, &mut String::new());
     }
 
     pub fn shared(&self) -> Arc<Mutex<Shared>> {
@@ -131,10 +183,13 @@ impl Supervisor {
                 Recv::HungUp => return Ok(()),
             };
             self.stats.notifications.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
             let answer = self.decide(listener, &mut threads, &mut buf, &n);
+            let mut outcome = Outcome::Allowed;
             let sent = match answer {
                 Answer::Allow => listener.allow(n.id),
                 Answer::Deny(d) => {
+                    outcome = Outcome::Denied;
                     self.stats.denied.fetch_add(1, Ordering::Relaxed);
                     let sent = match d.brk_return {
                         Some(brk) => listener.return_value(n.id, brk as i64),
@@ -143,14 +198,19 @@ impl Supervisor {
                     (self.on_denial)(&d);
                     sent
                 }
-                Answer::Drop => continue,
+                Answer::Drop => Ok(heapcap_linux::notify::Answered::Gone),
             };
             match sent {
                 Ok(heapcap_linux::notify::Answered::Yes) => {}
                 Ok(heapcap_linux::notify::Answered::Gone) => {
+                    outcome = Outcome::Gone;
                     self.stats.gone.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => return Err(e),
+            }
+            if let Some(observer) = &self.observer {
+                let syscall = MemCall::decode(n.arch, n.nr, n.args).map_or("other", |c| c.name());
+                observer.decided(syscall, outcome, started.elapsed().as_secs_f64());
             }
         }
     }
@@ -328,7 +388,13 @@ impl Supervisor {
 
     /// Bring the other processes' bounds to exact figures (the total quota is in question).
     fn refresh_others(&self, shared: &mut Shared, pid: u32, buf: &mut String) {
-        for other in shared.ledger.stale(pid) {
+        let stale = shared.ledger.stale(pid);
+        self.refresh(shared, stale, buf);
+    }
+
+    /// Exact figures for `pids`.
+    fn refresh(&self, shared: &mut Shared, pids: Vec<u32>, buf: &mut String) {
+        for other in pids {
             let Some((_, pidfd)) = shared.procs.get(&other).cloned() else { continue };
             let snap = self.proc.snapshot(other, buf);
             // Read first, then check the process is still the one we account: a live pidfd

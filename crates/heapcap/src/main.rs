@@ -1,6 +1,7 @@
 //! `heapcap`: per-process heap quotas, enforced from user space with seccomp user notification.
 #![forbid(unsafe_code)]
 
+mod control;
 mod demo;
 mod report;
 mod run;
@@ -41,6 +42,50 @@ enum Command {
     ///   heapcap run --audit -- make -j2      # observe only; print each process's peak heap
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
+    /// List every container under heapcapd and its processes: heap now, peak, limit, denials.
+    Ps {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Change a container's quota live; it applies to the next growth.
+    ///
+    /// Lowering a quota below what a process holds denies its further growth; it never takes
+    /// memory away. Write `none` to remove a quota.
+    ///
+    /// Examples:
+    ///   heapcap set-limit web-1 256Mi              # each process of container web-1
+    ///   heapcap set-limit web-1 --pid 4242 1Gi     # one process
+    ///   heapcap set-limit web-1 --total 2Gi        # all processes of web-1 together
+    #[command(verbatim_doc_comment)]
+    SetLimit {
+        /// Container id (or a unique prefix of it), as `heapcap ps` shows.
+        container: String,
+        /// New quota for each process (or for the process given with --pid).
+        #[arg(value_name = "SIZE", value_parser = parse_quota)]
+        limit: Option<String>,
+        /// Apply the quota to this process only.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// New quota for all the container's processes together.
+        #[arg(long, value_name = "SIZE", value_parser = parse_quota)]
+        total: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Show denials: time, container, pid, command, syscall, requested, usage, limit.
+    Events {
+        /// Keep running and print denials as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Show what a quota does: a leaking program without and with `--limit 64Mi`.
     Demo,
     /// A program that leaks memory until an allocation fails (used by the demo).
@@ -50,6 +95,22 @@ enum Command {
         #[arg(long, value_name = "SIZE", value_parser = parse_limit, default_value = "1Gi")]
         max: Size,
     },
+}
+
+/// heapcapd's control socket.
+#[derive(Debug, Args)]
+struct SocketArg {
+    /// heapcapd's control socket.
+    #[arg(long = "control-socket", value_name = "PATH", env = "HEAPCAP_CONTROL_SOCKET", default_value = heapcap_control::DEFAULT_CONTROL_SOCKET)]
+    path: std::path::PathBuf,
+}
+
+/// A quota as written (checked here, so a typo fails before reaching heapcapd).
+fn parse_quota(s: &str) -> Result<String, String> {
+    match s.trim() {
+        "none" | "unlimited" => Ok(s.trim().to_string()),
+        v => Size::parse_limit(v).map(|_| v.to_string()).map_err(|e| e.to_string()),
+    }
 }
 
 fn parse_limit(s: &str) -> Result<Size, String> {
@@ -126,6 +187,17 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Ps { json, socket } => control::ps(&socket.path, json),
+        Command::SetLimit { container, limit, pid, total, socket } => {
+            if limit.is_none() && total.is_none() {
+                eprintln!(
+                    "heapcap: set-limit needs a SIZE, --total SIZE, or both (e.g. heapcap set-limit {container} 256Mi)"
+                );
+                return ExitCode::from(USAGE);
+            }
+            control::set_limit(&socket.path, container, pid, limit, total)
+        }
+        Command::Events { follow, json, socket } => control::events(&socket.path, follow, json),
         Command::Demo => demo::demo(),
         Command::Leak { max } => demo::leak(max),
     }

@@ -1,1 +1,123 @@
-fn main() {}
+//! `heapcapd`: the supervisor for containers. Runtimes (runc, crun) send it each container's
+//! seccomp listener fd through `linux.seccomp.listenerPath`; it answers every heap growth from
+//! the container's quota, and serves `heapcap ps`, `set-limit` and `events` on a control socket.
+#![forbid(unsafe_code)]
+
+mod control;
+mod events;
+mod intake;
+mod metrics;
+mod registry;
+mod sockets;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use heapcap_control::{DEFAULT_AGENT_SOCKET, DEFAULT_CONTROL_SOCKET};
+use heapcap_supervise::{ExitWatcher, Observer};
+use nix::sys::signal::{SigSet, Signal};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// heapcap's supervisor for containers.
+///
+/// Point a container's `linux.seccomp.listenerPath` at the agent socket (heapcap's OCI hook and
+/// runtime shim do it for you) and set `heapcap.io/limit` (and optionally
+/// `heapcap.io/total-limit`, `heapcap.io/mode=audit`) as annotations or in `listenerMetadata`.
+/// Set HEAPCAP_LOG (e.g. `debug`) to change what is logged.
+#[derive(Debug, Parser)]
+#[command(name = "heapcapd", version)]
+struct Args {
+    /// Where runtimes send listener fds (root only).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_AGENT_SOCKET)]
+    socket: PathBuf,
+    /// Where `heapcap ps`, `set-limit` and `events` connect (root only).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
+    control_socket: PathBuf,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Log as text or as JSON lines (on stderr).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// A container with bad heapcap settings (e.g. heapcap.io/limit=lots) is refused: it does not
+    /// start and its stderr says why. `audit` runs it unquota'd instead, with a warning.
+    #[arg(long, value_enum, value_name = "POLICY", default_value = "refuse")]
+    bad_settings: intake::OnBadSettings,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HEAPCAP_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("heapcapd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    // Signals that end heapcapd are taken synchronously, so the sockets can be removed.
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.thread_block().context("cannot block signals")?;
+    raise_fd_limit();
+
+    let exits = Arc::new(ExitWatcher::start().context("cannot start the exit watcher")?);
+    let events = Arc::new(events::Events::default());
+    let metrics = args.metrics_addr.map(|_| metrics::Metrics::new());
+    let observer = metrics.clone().map(|m| m as Arc<dyn Observer>);
+    let registry = registry::Registry::new(exits, events.clone(), observer);
+
+    let agent =
+        sockets::bind_private(&args.socket).with_context(|| format!("cannot listen on {}", args.socket.display()))?;
+    let control = sockets::bind_private(&args.control_socket)
+        .with_context(|| format!("cannot listen on {}", args.control_socket.display()))?;
+    if let (Some(addr), Some(m)) = (args.metrics_addr, &metrics) {
+        metrics::serve(addr, m.clone(), registry.clone()).with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%addr, "metrics at /metrics");
+    }
+    {
+        let (registry, on_bad) = (registry.clone(), args.bad_settings);
+        std::thread::Builder::new().name("agent".into()).spawn(move || intake::run(agent, registry, on_bad))?;
+    }
+    {
+        let (registry, events) = (registry.clone(), events.clone());
+        std::thread::Builder::new().name("control".into()).spawn(move || control::run(control, registry, events))?;
+    }
+    tracing::info!(socket = %args.socket.display(), control = %args.control_socket.display(), "heapcapd ready");
+    let sig = mask.wait().context("waiting for signals")?;
+    tracing::info!(signal = ?sig, "stopping");
+    let _ = std::fs::remove_file(&args.socket);
+    let _ = std::fs::remove_file(&args.control_socket);
+    Ok(())
+}
+
+/// One fd per process and thread of every container is held: take the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

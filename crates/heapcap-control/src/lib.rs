@@ -1,0 +1,171 @@
+//! The control protocol of heapcapd: what `heapcap ps`, `set-limit` and `events` send and get.
+//!
+//! One request per connection, as one JSON line; the answer is one JSON line (an
+//! `{"error": ...}` object on failure), or for `events` one JSON line per event.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where heapcapd listens for control requests.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/heapcap/control.sock";
+/// Where heapcapd listens for seccomp listener fds from runtimes and the hook.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/heapcap/heapcapd.sock";
+/// The longest request line heapcapd reads.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Every container and its processes. (A struct variant, so unknown fields are refused.)
+    Ps {},
+    /// Change quotas live. Sizes as users write them (`64Mi`); `"none"` removes a quota.
+    SetLimit {
+        container: String,
+        #[serde(default)]
+        pid: Option<u32>,
+        #[serde(default)]
+        limit: Option<String>,
+        #[serde(default)]
+        total: Option<String>,
+    },
+    /// Recent denials; with `follow`, keep the connection open and send new ones as they come.
+    Events {
+        #[serde(default)]
+        follow: bool,
+    },
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: String,
+}
+
+/// The answer to `set-limit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    pub ok: bool,
+    pub message: String,
+}
+
+/// One process of a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessView {
+    pub pid: u32,
+    pub command: String,
+    /// Counted heap now (bytes), measured when `ps` asked.
+    pub heap: u64,
+    pub peak: u64,
+    pub limit: Option<u64>,
+    pub denials: u64,
+}
+
+/// One container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerView {
+    pub id: String,
+    pub mode: String,
+    pub limit: Option<u64>,
+    pub total_limit: Option<u64>,
+    pub heap: u64,
+    pub processes: Vec<ProcessView>,
+}
+
+/// The answer to `ps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PsReply {
+    pub containers: Vec<ContainerView>,
+}
+
+/// A denied growth.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub container: String,
+    pub pid: u32,
+    pub command: String,
+    pub syscall: String,
+    pub requested: u64,
+    pub usage: u64,
+    pub limit: u64,
+    /// `process` or `total`.
+    pub scope: String,
+}
+
+/// Talking to heapcapd failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to heapcapd at {path}: {source} (is heapcapd running? start it with `heapcapd`, as root)")]
+    Connect { path: String, source: std::io::Error },
+    #[error("lost the connection to heapcapd")]
+    Io(#[from] std::io::Error),
+    #[error("heapcapd: {0}")]
+    Refused(String),
+    #[error("heapcapd sent something unreadable: {0}")]
+    Garbled(#[from] serde_json::Error),
+}
+
+/// A connection with one request sent.
+#[derive(Debug)]
+pub struct Client {
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connect to `socket` and send `request`.
+    pub fn send(socket: &Path, request: &Request) -> Result<Client, ClientError> {
+        let mut stream = UnixStream::connect(socket)
+            .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        stream.write_all(&line)?;
+        Ok(Client { reader: BufReader::new(stream) })
+    }
+
+    /// The next answer line, parsed; `None` at the end.
+    pub fn read<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, ClientError> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let value: serde_json::Value = serde_json::from_str(&line)?;
+        if let Some(err) = value.get("error").and_then(|e| e.as_str()) {
+            return Err(ClientError::Refused(err.to_string()));
+        }
+        Ok(Some(serde_json::from_value(value)?))
+    }
+
+    /// Wait at most `timeout` for each answer line.
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.reader.get_ref().set_read_timeout(timeout)
+    }
+}
+
+/// Send one request and read its one answer.
+pub fn call<T: for<'de> Deserialize<'de>>(socket: &Path, request: &Request) -> Result<T, ClientError> {
+    let mut client = Client::send(socket, request)?;
+    client.set_timeout(Some(Duration::from_secs(30)))?;
+    client.read()?.ok_or_else(|| ClientError::Refused("closed the connection without an answer".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_tagged_json() {
+        assert_eq!(serde_json::to_string(&Request::Ps {}).unwrap(), r#"{"op":"ps"}"#);
+        let r: Request = serde_json::from_str(r#"{"op":"set-limit","container":"c1","limit":"64Mi"}"#).unwrap();
+        assert_eq!(r, Request::SetLimit { container: "c1".into(), pid: None, limit: Some("64Mi".into()), total: None });
+        assert!(serde_json::from_str::<Request>(r#"{"op":"ps","extra":1}"#).is_err(), "unknown fields refused");
+        assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+    }
+}

@@ -1,0 +1,152 @@
+//! A container's heapcap settings, from its OCI annotations or its seccomp `listenerMetadata`.
+//!
+//! Keys: `heapcap.io/limit` (quota for each process), `heapcap.io/total-limit` (for all the
+//! container's processes together), `heapcap.io/mode` (`enforce`, the default, or `audit`).
+//! `listenerMetadata` carries the same keys for setups that cannot set annotations, as
+//! `key=value` pairs separated by spaces, commas or semicolons, or as a JSON-like object
+//! `{"heapcap.io/limit": "64Mi"}`; where both give a key, the annotation wins.
+
+use crate::ledger::{Limits, Mode};
+use crate::size::{Size, SizeError};
+
+pub const LIMIT: &str = "heapcap.io/limit";
+pub const TOTAL_LIMIT: &str = "heapcap.io/total-limit";
+pub const MODE: &str = "heapcap.io/mode";
+const PREFIX: &str = "heapcap.io/";
+
+/// What a container asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub limits: Limits,
+    pub mode: Mode,
+}
+
+/// A bad setting; the message says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{key}: {source}")]
+    Size { key: &'static str, source: SizeError },
+    #[error("{MODE}: '{0}' is not a mode: write enforce or audit")]
+    Mode(String),
+    #[error("unknown setting '{0}': heapcap knows {LIMIT}, {TOTAL_LIMIT} and {MODE}")]
+    UnknownKey(String),
+    #[error("listenerMetadata: cannot read '{0}': write key=value pairs such as {LIMIT}=64Mi")]
+    Metadata(String),
+}
+
+fn apply(settings: &mut Settings, key: &str, value: &str) -> Result<(), SettingsError> {
+    match key {
+        LIMIT => {
+            let size = Size::parse_limit(value).map_err(|source| SettingsError::Size { key: LIMIT, source })?;
+            settings.limits.process = Some(size.bytes());
+        }
+        TOTAL_LIMIT => {
+            let size = Size::parse_limit(value).map_err(|source| SettingsError::Size { key: TOTAL_LIMIT, source })?;
+            settings.limits.total = Some(size.bytes());
+        }
+        MODE => {
+            settings.mode = match value.trim() {
+                "enforce" => Mode::Enforce,
+                "audit" => Mode::Audit,
+                other => return Err(SettingsError::Mode(other.to_string())),
+            }
+        }
+        other => return Err(SettingsError::UnknownKey(other.to_string())),
+    }
+    Ok(())
+}
+
+/// Split `listenerMetadata` into key/value pairs (only `heapcap.io/` keys are kept).
+fn metadata_pairs(metadata: &str) -> Result<Vec<(String, String)>, SettingsError> {
+    let body = metadata.trim();
+    let (body, json) = match body.strip_prefix('{').and_then(|b| b.strip_suffix('}')) {
+        Some(inner) => (inner, true),
+        None => (body, false),
+    };
+    let mut pairs = Vec::new();
+    for item in body.split(|c: char| c == ',' || c == ';' || (!json && c.is_whitespace())) {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let sep = if json { ':' } else { '=' };
+        let Some((k, v)) = item.split_once(sep) else {
+            return Err(SettingsError::Metadata(item.to_string()));
+        };
+        let unquote = |s: &str| s.trim().trim_matches('"').to_string();
+        let (k, v) = (unquote(k), unquote(v));
+        if k.starts_with(PREFIX) {
+            pairs.push((k, v));
+        }
+    }
+    Ok(pairs)
+}
+
+/// The settings of a container: `None` when neither source names a `heapcap.io/` key.
+pub fn resolve<'a>(
+    annotations: impl IntoIterator<Item = (&'a str, &'a str)>,
+    metadata: Option<&str>,
+) -> Result<Option<Settings>, SettingsError> {
+    let mut settings = Settings::default();
+    let mut any = false;
+    let meta = metadata.map(metadata_pairs).transpose()?.unwrap_or_default();
+    let ann: Vec<(&str, &str)> = annotations.into_iter().filter(|(k, _)| k.starts_with(PREFIX)).collect();
+    for (k, v) in meta.iter().filter(|(k, _)| !ann.iter().any(|(a, _)| a == k)) {
+        apply(&mut settings, k, v)?;
+        any = true;
+    }
+    for (k, v) in ann {
+        apply(&mut settings, k, v)?;
+        any = true;
+    }
+    Ok(any.then_some(settings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn annotations_give_the_settings() {
+        let s = resolve([(LIMIT, "64Mi"), (TOTAL_LIMIT, "1Gi"), ("io.kubernetes.pod", "x")], None).unwrap();
+        assert_eq!(
+            s,
+            Some(Settings { limits: Limits { process: Some(64 * MIB), total: Some(1024 * MIB) }, mode: Mode::Enforce })
+        );
+        let s = resolve([(MODE, "audit")], None).unwrap().unwrap();
+        assert_eq!(s.mode, Mode::Audit);
+        assert_eq!(resolve([("other", "1")], None).unwrap(), None, "no heapcap key: not ours");
+    }
+
+    #[test]
+    fn metadata_carries_the_same_keys_and_annotations_win() {
+        let s = resolve([], Some("heapcap.io/limit=32Mi, heapcap.io/mode=audit")).unwrap().unwrap();
+        assert_eq!((s.limits.process, s.mode), (Some(32 * MIB), Mode::Audit));
+        let s = resolve([(LIMIT, "64Mi")], Some(r#"{"heapcap.io/limit": "32Mi"}"#)).unwrap().unwrap();
+        assert_eq!(s.limits.process, Some(64 * MIB));
+        assert_eq!(resolve([], Some("owner=team-a")).unwrap(), None, "foreign metadata is ignored");
+    }
+
+    #[test]
+    fn bad_values_say_what_to_write() {
+        let e = resolve([(LIMIT, "lots")], None).unwrap_err();
+        assert!(e.to_string().starts_with("heapcap.io/limit: 'lots' is not a size"), "{e}");
+        assert!(matches!(resolve([(LIMIT, "-5Mi")], None), Err(SettingsError::Size { .. })));
+        assert!(matches!(resolve([(LIMIT, "0")], None), Err(SettingsError::Size { .. })));
+        let e = resolve([(MODE, "strict")], None).unwrap_err();
+        assert!(e.to_string().contains("enforce or audit"), "{e}");
+        let e = resolve([("heapcap.io/limits", "64Mi")], None).unwrap_err();
+        assert!(e.to_string().contains("heapcap.io/limit,"), "{e}");
+        assert!(matches!(resolve([], Some("heapcap.io/limit")), Err(SettingsError::Metadata(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(k in "heapcap\\.io/[a-z-]{0,12}", v in "\\PC{0,16}", m in "\\PC{0,40}") {
+            let _ = resolve([(k.as_str(), v.as_str())], Some(&m));
+        }
+    }
+}

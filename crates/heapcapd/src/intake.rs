@@ -1,0 +1,167 @@
+//! The OCI seccomp agent protocol: what runc and crun send to `linux.seccomp.listenerPath`
+//! (and what heapcap's own hook sends): one message per connection with the listener fd and
+//! the container process state as JSON.
+
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use heapcap_linux::fdpass::recv_fds;
+use heapcap_linux::notify::Listener;
+use heapcap_linux::pidfd::Pidfd;
+use heapcap_policy::ledger::{Limits, Mode};
+use heapcap_policy::settings::{self, Settings, SettingsError};
+use oci_spec::runtime::{ContainerProcessState, SECCOMP_FD_NAME};
+
+use crate::registry::Registry;
+use crate::sockets::peer_allowed;
+
+/// The largest state message taken (annotations included).
+const MAX_MESSAGE: usize = 1 << 20;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to do with a container whose heapcap settings are bad.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnBadSettings {
+    /// Refuse the container: it does not start, and says why on its stderr.
+    Refuse,
+    /// Run it unquota'd in audit mode, with a warning in heapcapd's log.
+    Audit,
+}
+
+/// Why a message was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("{0}")]
+    Peer(String),
+    #[error("cannot read the message: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("message larger than {MAX_MESSAGE} bytes")]
+    TooLarge,
+    #[error("the state is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the state names no \"{SECCOMP_FD_NAME}\" in \"fds\" ({0:?})")]
+    NoSeccompFd(Vec<String>),
+    #[error("the state names {names} fds but {got} came with the message")]
+    FdCount { names: usize, got: usize },
+    #[error("the fd sent as {SECCOMP_FD_NAME} is not a seccomp listener")]
+    NotAListener,
+    #[error("the state has no container id")]
+    NoId,
+    #[error("container {id}: {source}; it was refused (start heapcapd with --bad-settings audit to run such containers unquota'd)")]
+    Refused { id: String, source: SettingsError },
+    #[error("cannot start serving: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Accept connections until the listener fails.
+pub fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadSettings) {
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "agent socket accept failed");
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        let spawned = std::thread::Builder::new().name("intake".into()).spawn(move || {
+            if let Err(e) = handle(&stream, &registry, on_bad) {
+                tracing::warn!(error = %e, "agent message not taken");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a thread for an agent connection");
+        }
+    }
+}
+
+/// Read one message, until the peer closes (runc and crun close after sending) or the JSON ends.
+fn read_message(stream: &UnixStream) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedFd>), IntakeError> {
+    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(IntakeError::Read)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let first = recv_fds(stream.as_fd(), &mut buf).map_err(IntakeError::Read)?;
+    buf.truncate(first.len);
+    let mut data = buf;
+    let mut reader = stream;
+    let mut chunk = [0u8; 16 * 1024];
+    while serde_json::from_slice::<serde_json::Value>(&data).is_err() {
+        let n = reader.read(&mut chunk).map_err(IntakeError::Read)?;
+        if n == 0 {
+            break;
+        }
+        data.extend_from_slice(&chunk[..n]);
+        if data.len() > MAX_MESSAGE {
+            return Err(IntakeError::TooLarge);
+        }
+    }
+    Ok((data, first.fds))
+}
+
+pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettings) -> Result<(), IntakeError> {
+    let runtime = peer_allowed(stream).map_err(IntakeError::Peer)?;
+    let (data, mut fds) = read_message(stream)?;
+    let state: ContainerProcessState = serde_json::from_slice(&data)?;
+    let index = state
+        .fds()
+        .iter()
+        .position(|n| n == SECCOMP_FD_NAME)
+        .ok_or_else(|| IntakeError::NoSeccompFd(state.fds().clone()))?;
+    if fds.len() != state.fds().len() {
+        return Err(IntakeError::FdCount { names: state.fds().len(), got: fds.len() });
+    }
+    let listener = Listener::verify(fds.swap_remove(index)).map_err(|_| IntakeError::NotAListener)?;
+    drop(fds);
+    let container = state.state();
+    let id = container.id().clone();
+    if id.is_empty() {
+        return Err(IntakeError::NoId);
+    }
+    let annotations = container.annotations().clone().unwrap_or_default();
+    let pairs = annotations.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    let settings = match settings::resolve(pairs, state.metadata().as_deref()) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            tracing::info!(container = %id, "no heapcap settings: tracked without a quota");
+            Settings::default()
+        }
+        Err(source) => match on_bad {
+            OnBadSettings::Refuse => {
+                refuse(runtime, *state.pid(), &id, &source);
+                return Err(IntakeError::Refused { id, source });
+            }
+            OnBadSettings::Audit => {
+                tracing::warn!(container = %id, error = %source, "bad heapcap settings: running unquota'd in audit mode");
+                Settings { limits: Limits::default(), mode: Mode::Audit }
+            }
+        },
+    };
+    registry.attach(&id, settings, listener).map_err(IntakeError::Serve)
+}
+
+/// Stop a container whose settings are bad before it runs the user's program, and say why on
+/// the stderr of the runtime that sent it (what `runc run` prints and podman reports as the OCI
+/// runtime's error), or else of the container's init. The protocol has no answer channel.
+fn refuse(runtime: i32, init: i32, id: &str, why: &SettingsError) {
+    let message = format!("heapcapd: container {id} refused: {why}\n");
+    let told = [runtime, init].into_iter().any(|pid| tell(pid, &message));
+    if let Some(pidfd) = u32::try_from(init).ok().and_then(|p| Pidfd::open(p).ok()) {
+        let _ = pidfd.signal(nix::sys::signal::Signal::SIGKILL as i32);
+    }
+    tracing::error!(container = id, runtime, init, told, error = %why, "container refused");
+}
+
+/// Write `message` to the stderr of `pid`, if it is still that process.
+fn tell(pid: i32, message: &str) -> bool {
+    let Some(pidfd) = u32::try_from(pid).ok().filter(|p| *p > 0).and_then(|p| Pidfd::open(p).ok()) else {
+        return false;
+    };
+    // Append: reopening a log file through /proc starts at offset 0 and would overwrite it.
+    let Ok(mut stderr) = std::fs::OpenOptions::new().append(true).open(format!("/proc/{pid}/fd/2")) else {
+        return false;
+    };
+    // The pidfd was opened first: alive now means the file we opened was that process's stderr.
+    pidfd.is_alive() && std::io::Write::write_all(&mut stderr, message.as_bytes()).is_ok()
+}
