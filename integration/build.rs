@@ -1,8 +1,13 @@
-//! Compiles `fixtures/alloc.c` twice, natively and with `-m32`, and tells the
-//! tests where the binaries are (`HEAPCAP_ALLOC`, `HEAPCAP_ALLOC32`).
+//! Compiles `fixtures/alloc.c` three times, natively, with `-m32`, and
+//! natively with `-static`, and tells the tests where the binaries are
+//! (`HEAPCAP_ALLOC`, `HEAPCAP_ALLOC32`, `HEAPCAP_ALLOC_STATIC`).
 //!
-//! Both builds are required: a missing `gcc` or missing 32-bit support
-//! (`gcc-multilib`) fails the build instead of silently dropping tests.
+//! The static build is what the container tests copy into their busybox-only
+//! root filesystems (`/alloc`), where there is no dynamic loader or libc.
+//!
+//! All builds are required: a missing `gcc`, missing 32-bit support
+//! (`gcc-multilib`) or a missing static C library (`libc6-dev`'s `libc.a`)
+//! fails the build instead of silently dropping tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,8 +32,18 @@ fn main() {
         "install 32-bit support for gcc (Debian/Ubuntu: apt-get install gcc-multilib)",
     );
 
+    let alloc_static = out_dir.join("alloc-static");
+    compile(
+        &source,
+        &alloc_static,
+        &["-static"],
+        "install the static C library for gcc -static (Debian/Ubuntu: apt-get install libc6-dev, \
+         which ships libc.a; Fedora: dnf install glibc-static)",
+    );
+
     println!("cargo:rustc-env=HEAPCAP_ALLOC={}", alloc.display());
     println!("cargo:rustc-env=HEAPCAP_ALLOC32={}", alloc32.display());
+    println!("cargo:rustc-env=HEAPCAP_ALLOC_STATIC={}", alloc_static.display());
 }
 
 /// Runs `gcc [extra] -O1 -pthread -o output source`; panics with gcc's own

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --ci
+# Container runtimes and this machine's gotchas (crun on hybrid cgroups, podman ulimits).
+scripts/setup-runtimes.sh
 
 step() { echo "== $*" >&2; "$@"; }
 step cargo fmt --all -- --check

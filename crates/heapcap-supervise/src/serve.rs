@@ -372,7 +372,11 @@ impl Supervisor {
                 let mut s = lock(&shared);
                 if s.procs.get(&pid).is_some_and(|(g, _)| *g == generation) {
                     s.procs.remove(&pid);
+                    let audit = s.ledger.mode() == Mode::Audit;
                     if let Some(summary) = s.ledger.exit(pid) {
+                        if audit {
+                            tracing::info!(pid, command = %summary.command, peak = summary.peak, "process ended (audit)");
+                        }
                         if s.keep_finished {
                             s.finished.push(summary);
                         }
