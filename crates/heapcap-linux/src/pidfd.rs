@@ -45,6 +45,15 @@ impl Pidfd {
         rc == 0 || crate::last_error().raw_os_error() != Some(libc::ESRCH)
     }
 
+    /// The process has exited (a zombie counts: a pidfd polls readable once it exits, while
+    /// [`Pidfd::is_alive`] still succeeds on a zombie).
+    pub fn has_exited(&self) -> bool {
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        rc > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0
+    }
+
     /// Send a signal.
     pub fn signal(&self, sig: i32) -> io::Result<()> {
         // SAFETY: as above, with a real signal number; a null siginfo is allowed.

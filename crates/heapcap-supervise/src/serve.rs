@@ -57,6 +57,35 @@ pub struct Shared {
     pub keep_finished: bool,
 }
 
+impl Shared {
+    /// Process `pid` (the account opened as `generation`) has exited: close its account.
+    fn exited(&mut self, pid: u32, generation: u64) {
+        if self.procs.get(&pid).is_none_or(|(g, _)| *g != generation) {
+            return; // already closed, or the pid now belongs to a newer account
+        }
+        self.procs.remove(&pid);
+        let audit = self.ledger.mode() == Mode::Audit;
+        if let Some(summary) = self.ledger.exit(pid) {
+            if audit {
+                tracing::info!(pid, command = %summary.command, peak = summary.peak, "process ended (audit)");
+            }
+            if self.keep_finished {
+                self.finished.push(summary);
+            }
+        }
+    }
+
+    /// Close the accounts of processes that have exited (the exit watcher may not have run yet).
+    fn reap_dead(&mut self) {
+        let dead: Vec<(u32, u64)> =
+            self.procs.iter().filter(|(_, (_, pidfd))| pidfd.has_exited()).map(|(pid, (g, _))| (*pid, *g)).collect();
+        tracing::debug!(live = self.procs.len(), dead = dead.len(), "listener hung up");
+        for (pid, generation) in dead {
+            self.exited(pid, generation);
+        }
+    }
+}
+
 type DenialSink = Box<dyn Fn(&Denial) + Send + Sync>;
 
 /// How a notification was answered, for metrics.
@@ -180,7 +209,10 @@ impl Supervisor {
             let n = match listener.recv()? {
                 Recv::Notification(n) => n,
                 Recv::Interrupted => continue,
-                Recv::HungUp => return Ok(()),
+                Recv::HungUp => {
+                    lock(&self.shared).reap_dead();
+                    return Ok(());
+                }
             };
             self.stats.notifications.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
@@ -361,29 +393,16 @@ impl Supervisor {
         }
         let snap = self.proc.read_snapshot(opened, buf)?;
         let command = self.proc.command(pid);
+        tracing::debug!(pid, command = %command, heap = snap.maps.counted(), "new process");
         shared.ledger.admit(pid, command, &snap);
         let generation = shared.next_generation;
         shared.next_generation += 1;
         let pidfd = Arc::new(pidfd);
         shared.procs.insert(pid, (generation, pidfd.clone()));
-        let weak = Arc::downgrade(&self.shared);
-        let on_exit = Box::new(move || {
-            if let Some(shared) = weak.upgrade() {
-                let mut s = lock(&shared);
-                if s.procs.get(&pid).is_some_and(|(g, _)| *g == generation) {
-                    s.procs.remove(&pid);
-                    let audit = s.ledger.mode() == Mode::Audit;
-                    if let Some(summary) = s.ledger.exit(pid) {
-                        if audit {
-                            tracing::info!(pid, command = %summary.command, peak = summary.peak, "process ended (audit)");
-                        }
-                        if s.keep_finished {
-                            s.finished.push(summary);
-                        }
-                    }
-                }
-            }
-        });
+        let shared_for_exit = self.shared.clone();
+        // Strong: the accounts must outlive the listener (which can hang up while its last
+        // process is still inside exit) until the exit itself is seen.
+        let on_exit = Box::new(move || lock(&shared_for_exit).exited(pid, generation));
         if let Err(e) = self.exits.watch(watch, on_exit) {
             tracing::warn!(pid, error = %e, "cannot watch for the exit of a process");
         }

@@ -103,6 +103,10 @@ fn read_message(stream: &UnixStream) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedF
 pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettings) -> Result<(), IntakeError> {
     let runtime = peer_allowed(stream).map_err(IntakeError::Peer)?;
     let (data, mut fds) = read_message(stream)?;
+    if data.is_empty() && fds.is_empty() {
+        tracing::debug!("agent connection closed without a message");
+        return Ok(());
+    }
     let state: ContainerProcessState = serde_json::from_slice(&data)?;
     let index = state
         .fds()
