@@ -1,2 +1,23 @@
-//! heapcap OCI spec changes (being written).
+//! heapcap's changes to OCI runtime specs: its seccomp notify rules as `linux.seccomp` entries,
+//! a profile of its own, and a merge into an existing profile that never widens it.
+//!
+//! - [`condition`]: argument conditions as sets of calls, to split a rule exactly in two.
+//! - [`seccomp`]: the notify rules as OCI syscall entries ([`notify_syscalls`]), what they mean
+//!   on each ABI, and [`heapcap_profile`].
+//! - [`merge`]: [`merge_into`] an OCI `LinuxSeccomp`.
+//! - [`containers`]: the same merge for the profile format of podman, CRI-O and Docker
+//!   (`/usr/share/containers/seccomp.json`), which keeps its `archMap`, `includes` and `excludes`.
+//!
+//! No I/O: callers read and write the files.
 #![forbid(unsafe_code)]
+
+pub mod condition;
+pub mod containers;
+#[cfg(test)]
+mod eval;
+pub mod merge;
+pub mod seccomp;
+
+pub use containers::ContainersProfile;
+pub use merge::{merge_into, MergeError};
+pub use seccomp::{heapcap_profile, notify_syscalls};

@@ -37,20 +37,31 @@ pub fn ps(socket: &Path, json: bool) -> ExitCode {
     }
 }
 
+/// A container id as the table shows it: whole when short, else its first 12 characters (like
+/// docker; `set-limit` takes any unique prefix).
+fn short_id(id: &str) -> String {
+    if id.chars().count() > 20 {
+        id.chars().take(12).collect()
+    } else {
+        id.to_string()
+    }
+}
+
 fn print_ps(out: &mut impl Write, containers: &[ContainerView]) -> std::io::Result<()> {
     if containers.is_empty() {
         return writeln!(out, "no containers under heapcap");
     }
+    let w = containers.iter().map(|c| short_id(&c.id).len()).max().unwrap_or(0).max("CONTAINER".len());
     writeln!(
         out,
-        "{:<14} {:>8}  {:<28} {:>10} {:>10} {:>10} {:>7}",
+        "{:<w$} {:>8}  {:<28} {:>10} {:>10} {:>10} {:>7}",
         "CONTAINER", "PID", "COMMAND", "HEAP", "PEAK", "LIMIT", "DENIALS"
     )?;
     for c in containers {
-        let id: String = c.id.chars().take(14).collect();
         writeln!(
             out,
-            "{id:<14} {:>8}  {:<28} {:>10} {:>10} {:>10} {:>7}",
+            "{:<w$} {:>8}  {:<28} {:>10} {:>10} {:>10} {:>7}",
+            short_id(&c.id),
             "-",
             format!("({}, total limit {})", c.mode, quota(c.total_limit)),
             size(c.heap),
@@ -62,7 +73,7 @@ fn print_ps(out: &mut impl Write, containers: &[ContainerView]) -> std::io::Resu
             let cmd: String = p.command.chars().take(28).collect();
             writeln!(
                 out,
-                "{:<14} {:>8}  {cmd:<28} {:>10} {:>10} {:>10} {:>7}",
+                "{:<w$} {:>8}  {cmd:<28} {:>10} {:>10} {:>10} {:>7}",
                 "",
                 p.pid,
                 size(p.heap),

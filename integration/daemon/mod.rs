@@ -1,0 +1,156 @@
+//! A real heapcapd for tests: built once, started on private sockets, stopped on drop.
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Build `heapcap` and `heapcapd` once per test process; their directory.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
+        let status = Command::new(&cargo)
+            .args(["build", "-q", "-p", "heapcap", "-p", "heapcapd"])
+            .current_dir(&workspace)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p heapcap -p heapcapd failed");
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+        let dir = target.join("debug");
+        assert!(dir.join("heapcapd").exists(), "no heapcapd in {}", dir.display());
+        dir
+    })
+}
+
+pub fn heapcap() -> Command {
+    Command::new(bin_dir().join("heapcap"))
+}
+
+/// A running heapcapd.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub agent: PathBuf,
+    pub control: PathBuf,
+    pub metrics: String,
+    log: PathBuf,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    /// Start heapcapd with extra arguments; wait until both sockets answer.
+    pub fn start_with(extra: &[&str]) -> Daemon {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/hcd-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (agent, control, log) =
+            (dir.join("run/agent.sock"), dir.join("run/control.sock"), dir.join("heapcapd.log"));
+        fs::create_dir_all(&dir).expect("daemon dir");
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(bin_dir().join("heapcapd"))
+            .arg("--socket")
+            .arg(&agent)
+            .arg("--control-socket")
+            .arg(&control)
+            .args(["--metrics-addr", &metrics])
+            .args(extra)
+            .env("HEAPCAP_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start heapcapd");
+        let daemon = Daemon { child: Some(child), dir, agent, control, metrics, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(UnixStream::connect(&daemon.agent).is_ok() && UnixStream::connect(&daemon.control).is_ok()) {
+            assert!(Instant::now() < deadline, "heapcapd did not come up:\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// What heapcapd logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `heapcap ARGS --control-socket <ours>`.
+    pub fn heapcap(&self, args: &[&str]) -> Output {
+        let out = heapcap().args(args).env("HEAPCAP_CONTROL_SOCKET", &self.control).output().expect("run heapcap");
+        out
+    }
+
+    /// `heapcap ps --json`, parsed.
+    pub fn ps(&self) -> serde_json::Value {
+        let out = self.heapcap(&["ps", "--json"]);
+        assert!(out.status.success(), "heapcap ps failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("ps --json is JSON")
+    }
+
+    /// Open fds and threads of heapcapd now.
+    pub fn resources(&self) -> (usize, usize) {
+        let count = |sub: &str| fs::read_dir(format!("/proc/{}/{sub}", self.pid())).map(|d| d.count()).unwrap_or(0);
+        (count("fd"), count("task"))
+    }
+
+    /// GET /metrics.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.metrics).expect("connect to the metrics address");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read metrics");
+        body
+    }
+
+    /// The value of a metric line that starts with `prefix` (labels included), if any.
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        self.metrics().lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// Wait until `heapcap ps` lists no container.
+    pub fn wait_no_containers(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ps = self.ps();
+            if ps["containers"].as_array().is_some_and(|c| c.is_empty()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "containers still listed: {ps}\nlog:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+        if std::env::var_os("HEAPCAP_TEST_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
