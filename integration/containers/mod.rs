@@ -1149,58 +1149,7 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
 
 // ------------------------------------------------------------------ output
 
-/// A command's status and output, for assertion messages.
-pub fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}--- stderr ---\n{}--- end ---",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-pub fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-pub fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Parses one result line of the fixture, `allocated=N result=R` or
-/// `child allocated=N result=R`, into `(N, R)`.
-pub fn parse_allocated_line(line: &str) -> Option<(u64, String)> {
-    let line = line.trim();
-    let line = line.strip_prefix("child ").unwrap_or(line);
-    let rest = line.strip_prefix("allocated=")?;
-    let (bytes, result) = rest.split_once(" result=")?;
-    Some((bytes.parse().ok()?, result.to_string()))
-}
-
-/// The fixture's own (not a child's) result line in `stdout`; panics unless there is exactly one.
-pub fn parse_allocated(stdout: &str) -> (u64, String) {
-    let lines: Vec<&str> = stdout.lines().filter(|line| line.starts_with("allocated=")).collect();
-    match lines.as_slice() {
-        [line] => {
-            parse_allocated_line(line).unwrap_or_else(|| panic!("malformed result line {line:?} in stdout:\n{stdout}"))
-        }
-        _ => panic!("expected exactly one `allocated=... result=...` line, found {} in stdout:\n{stdout}", lines.len()),
-    }
-}
-
-/// Every `child allocated=... result=...` line in `stdout`.
-pub fn parse_children(stdout: &str) -> Vec<(u64, String)> {
-    stdout
-        .lines()
-        .filter(|line| line.starts_with("child "))
-        .map(|line| {
-            parse_allocated_line(line).unwrap_or_else(|| panic!("malformed child line {line:?} in stdout:\n{stdout}"))
-        })
-        .collect()
-}
-
-/// The command exited 0; returns the fixture's result line from its stdout.
-pub fn fixture_result(out: &Output) -> (u64, String) {
-    assert!(out.status.success(), "the container (or its runtime) failed:\n{}", show(out));
-    parse_allocated(&stdout(out))
-}
+#[path = "../fixture/mod.rs"]
+mod fixture;
+#[allow(unused_imports)] // each test file uses a different subset
+pub use fixture::{fixture_result, parse_allocated, parse_allocated_line, parse_children, show, stderr, stdout};

@@ -24,6 +24,10 @@
 //! Nothing is skipped: a missing tool (gcc, `-m32`, python3, the `heapcap`
 //! binary) makes the test panic with a message saying what is missing.
 
+#[path = "../fixture/mod.rs"]
+mod fixture;
+use fixture::{fixture_result, parse_allocated, parse_children, show, stderr, stdout};
+
 use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -219,56 +223,6 @@ fn wait_with_timeout(child: &mut Child) -> Option<std::process::ExitStatus> {
     }
 }
 
-/// Everything heapcap said, for assertion messages.
-fn show(out: &Output) -> String {
-    format!(
-        "heapcap {}\n--- stdout ---\n{}--- stderr ---\n{}--- end ---",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Parses one result line of the fixture, `allocated=N result=R` or
-/// `child allocated=N result=R`, into `(N, R)`.
-fn parse_allocated_line(line: &str) -> Option<(u64, String)> {
-    let line = line.trim();
-    let line = line.strip_prefix("child ").unwrap_or(line);
-    let rest = line.strip_prefix("allocated=")?;
-    let (bytes, result) = rest.split_once(" result=")?;
-    Some((bytes.parse().ok()?, result.to_string()))
-}
-
-/// The fixture's own (not a child's) result line in `stdout`.
-fn parse_allocated(stdout: &str) -> (u64, String) {
-    let lines: Vec<&str> = stdout.lines().filter(|line| line.starts_with("allocated=")).collect();
-    match lines.as_slice() {
-        [line] => {
-            parse_allocated_line(line).unwrap_or_else(|| panic!("malformed result line {line:?} in stdout:\n{stdout}"))
-        }
-        _ => panic!("expected exactly one `allocated=... result=...` line, found {} in stdout:\n{stdout}", lines.len()),
-    }
-}
-
-/// Every `child allocated=... result=...` line in `stdout`.
-fn parse_children(stdout: &str) -> Vec<(u64, String)> {
-    stdout
-        .lines()
-        .filter(|line| line.starts_with("child "))
-        .map(|line| {
-            parse_allocated_line(line).unwrap_or_else(|| panic!("malformed child line {line:?} in stdout:\n{stdout}"))
-        })
-        .collect()
-}
-
 /// `heapcap run OPTS... -- FIXTURE MODE NUMS...`
 fn run_fixture(opts: &[&str], fixture: &str, mode: &str, nums: &[u64]) -> Output {
     let nums: Vec<String> = nums.iter().map(u64::to_string).collect();
@@ -277,12 +231,6 @@ fn run_fixture(opts: &[&str], fixture: &str, mode: &str, nums: &[u64]) -> Output
     args.extend(["--", fixture, mode]);
     args.extend(nums.iter().map(String::as_str));
     run_heapcap(&args)
-}
-
-/// heapcap and the fixture exited 0; returns the fixture's result line.
-fn fixture_result(out: &Output) -> (u64, String) {
-    assert!(out.status.success(), "the fixture (or heapcap) failed:\n{}", show(out));
-    parse_allocated(&stdout(out))
 }
 
 fn mib(bytes: u64) -> String {

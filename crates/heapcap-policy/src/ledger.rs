@@ -393,6 +393,10 @@ impl Ledger {
     }
 
     /// Replace a process's bound with an exact figure (`states`: its threads with growth in flight).
+    ///
+    /// `states` must be read *before* `snap`: a thread seen past its allowed call then finished it
+    /// before the maps were read. Read after, a growth landing between the two reads would be in
+    /// neither figure.
     pub fn refresh(&mut self, pid: Pid, snap: &Snapshot, states: &[(Tid, ThreadState)]) {
         let page = self.page;
         let Some(acct) = self.accounts.get_mut(&pid) else { return };
@@ -414,6 +418,7 @@ impl Ledger {
     }
 
     /// The exact path: decide `req` of thread `tid` from a fresh snapshot of its process.
+    /// `states` must be read before `snap` (see [`Ledger::refresh`]).
     pub fn exact(
         &mut self,
         pid: Pid,

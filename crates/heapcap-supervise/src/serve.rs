@@ -301,6 +301,10 @@ impl Supervisor {
         if refresh_others {
             self.refresh_others(&mut shared, pid, buf);
         }
+        // Thread states first, maps second: a thread seen to have moved past its allowed call
+        // finished it before the maps were read, so its growth is in them. (The other order can
+        // miss a growth that lands between the two reads, and retire it: an under-count.)
+        let states = self.thread_states(&shared, pid, n.pid);
         let snap = match fresh {
             Some(s) => s,
             None => {
@@ -320,7 +324,6 @@ impl Supervisor {
         if settled {
             shared.ledger.set_command(pid, self.proc.command(pid));
         }
-        let states = self.thread_states(&shared, pid, n.pid);
         match shared.ledger.exact(pid, n.pid, &req, key, &snap, &states) {
             Decision::Allow => Answer::Allow,
             Decision::Deny { scope, usage, request, limit } => Answer::Deny(Denial {
@@ -419,6 +422,7 @@ impl Supervisor {
     fn refresh(&self, shared: &mut Shared, pids: Vec<u32>, buf: &mut String) {
         for other in pids {
             let Some((_, pidfd)) = shared.procs.get(&other).cloned() else { continue };
+            let states = self.thread_states(shared, other, 0); // before the maps: see decide()
             let snap = self.proc.snapshot(other, buf);
             // Read first, then check the process is still the one we account: a live pidfd
             // means the pid was not recycled, so the snapshot was of the right process.
@@ -426,7 +430,6 @@ impl Supervisor {
                 continue;
             }
             if let Ok(snap) = snap {
-                let states = self.thread_states(shared, other, 0);
                 shared.ledger.refresh(other, &snap, &states);
             }
         }
