@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --ci
 # Container runtimes and this machine's gotchas (crun on hybrid cgroups, podman ulimits).
 scripts/setup-runtimes.sh
+# containerd + ctr and dockerd for heapcap-runtime's tests (they start their own, on private paths).
+scripts/setup-engines.sh
 
 step() { echo "== $*" >&2; "$@"; }
 step cargo fmt --all -- --check

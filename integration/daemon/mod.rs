@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Build `heapcap` and `heapcapd` once per test process; their directory.
+/// Build `heapcap`, `heapcapd` and `heapcap-runtime` once per test process; their directory.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
         let status = Command::new(&cargo)
-            .args(["build", "-q", "-p", "heapcap", "-p", "heapcapd"])
+            .args(["build", "-q", "-p", "heapcap", "-p", "heapcapd", "-p", "heapcap-runtime"])
             .current_dir(&workspace)
             .status()
             .expect("run cargo build");

@@ -8,6 +8,9 @@
 //! - [`containers`]: the same merge for the profile format of podman, CRI-O and Docker
 //!   (`/usr/share/containers/seccomp.json`), which keeps its `archMap`, `includes` and `excludes`.
 //!
+//! - [`spec`]: the one change to a container's `config.json` (settings from annotations, env or
+//!   defaults, validated; the profile merged or added), shared by the runtime shim and the hook.
+//!
 //! No I/O: callers read and write the files.
 #![forbid(unsafe_code)]
 
@@ -17,7 +20,9 @@ pub mod containers;
 mod eval;
 pub mod merge;
 pub mod seccomp;
+pub mod spec;
 
 pub use containers::ContainersProfile;
 pub use merge::{merge_into, MergeError};
 pub use seccomp::{heapcap_profile, notify_syscalls};
+pub use spec::{apply_json, Defaults, Outcome, SpecError};

@@ -1,0 +1,127 @@
+//! The shim's configuration file: `/etc/heapcap/runtime.toml`, or the file named by
+//! `HEAPCAP_RUNTIME_CONFIG`. Every key is optional:
+//!
+//! ```toml
+//! # The runtime to wrap: a path, or a name looked up on PATH (never this shim itself).
+//! # Default: runc, then crun, on PATH.
+//! runtime = "/usr/sbin/runc"
+//! # heapcapd's agent socket, written as linux.seccomp.listenerPath.
+//! listener_path = "/run/heapcap/heapcapd.sock"
+//! # Read HEAPCAP_LIMIT, HEAPCAP_TOTAL_LIMIT, HEAPCAP_MODE from the container's environment
+//! # (for Docker, which cannot set OCI annotations). Default: true.
+//! env_fallback = true
+//!
+//! # Settings for every container run with this runtime; its env and annotations override them.
+//! # Default: none, so only containers that ask for heapcap are changed.
+//! [defaults]
+//! limit = "1Gi"
+//! total_limit = "4Gi"
+//! mode = "enforce"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use heapcap_oci::spec::{Defaults, DEFAULT_LISTENER_PATH};
+use heapcap_policy::settings::{LIMIT, MODE, TOTAL_LIMIT};
+use serde::Deserialize;
+
+/// The file read when `HEAPCAP_RUNTIME_CONFIG` is not set; a missing file means all defaults.
+pub const DEFAULT_PATH: &str = "/etc/heapcap/runtime.toml";
+/// Names the config file instead of [`DEFAULT_PATH`]; that file must exist.
+pub const ENV: &str = "HEAPCAP_RUNTIME_CONFIG";
+/// Runtimes looked up on PATH, in order, when the file names none.
+pub const DEFAULT_RUNTIMES: &[&str] = &["runc", "crun"];
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub runtime: Option<PathBuf>,
+    pub listener_path: Option<PathBuf>,
+    pub env_fallback: Option<bool>,
+    #[serde(default)]
+    pub defaults: DefaultSettings,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultSettings {
+    pub limit: Option<String>,
+    pub total_limit: Option<String>,
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "heapcap-runtime: cannot read its config file {path}: {source} (set {ENV} to a readable file, or unset it)"
+    )]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("heapcap-runtime: config file {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+}
+
+impl Config {
+    /// Read the config file: the one `HEAPCAP_RUNTIME_CONFIG` names, else [`DEFAULT_PATH`] if it exists.
+    pub fn load(env: Option<&std::ffi::OsStr>) -> Result<Config, ConfigError> {
+        let (path, required) = match env.filter(|v| !v.is_empty()) {
+            Some(p) => (PathBuf::from(p), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Config::parse(&text, &path),
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(e) })
+    }
+
+    /// What every container gets; the values are validated when a container is created (with
+    /// an error that names the config file's defaults as their source).
+    pub fn defaults(&self) -> Defaults {
+        let d = &self.defaults;
+        let settings = [(LIMIT, &d.limit), (TOTAL_LIMIT, &d.total_limit), (MODE, &d.mode)]
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
+            .collect();
+        Defaults {
+            listener_path: self.listener_path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_LISTENER_PATH)),
+            settings,
+            env_fallback: self.env_fallback.unwrap_or(true),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_example_parses() {
+        let doc: String = include_str!("config.rs")
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::parse(&doc, Path::new("doc")).unwrap();
+        assert_eq!(c.runtime, Some(PathBuf::from("/usr/sbin/runc")));
+        let d = c.defaults();
+        assert_eq!(d.listener_path, PathBuf::from(DEFAULT_LISTENER_PATH));
+        assert!(d.env_fallback);
+        assert_eq!(d.settings.len(), 3);
+    }
+
+    #[test]
+    fn empty_means_defaults_and_typos_are_errors() {
+        let d = Config::parse("", Path::new("x")).unwrap().defaults();
+        assert_eq!((d.settings.is_empty(), d.env_fallback), (true, true));
+        let e = Config::parse("[defaults]\nlimt = \"1Gi\"\n", Path::new("/etc/x.toml")).unwrap_err().to_string();
+        assert!(e.contains("/etc/x.toml") && e.contains("limt"), "{e}");
+        assert!(Config::load(Some("/nonexistent/heapcap.toml".as_ref())).is_err(), "a named file must exist");
+    }
+}

@@ -1,0 +1,554 @@
+//! `heapcap-runtime` in front of the real runtimes: runc and crun directly (quota enforced through a
+//! real heapcapd, unannotated containers byte-for-byte untouched, `exec` covered, every other
+//! subcommand exactly the runtime's own), podman `--runtime`, and containerd 1.6 with `ctr` and
+//! the runc v2 shim (the shim as its runc binary), and Docker 20.10 (`dockerd --add-runtime`, the limit
+//! from `docker run -e HEAPCAP_LIMIT=...`).
+
+// The harness re-exports fixture helpers this file does not use.
+#[allow(unused_imports)]
+#[path = "../containers/mod.rs"]
+mod containers;
+#[path = "../daemon/mod.rs"]
+mod daemon;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use containers::{fixture_result, run_captured, show, stderr, stdout, unique_id, Bundle, Runtime, TIMEOUT};
+use daemon::Daemon;
+
+const MIB: u64 = 1 << 20;
+const ALLOC_4M: &[&str] = &["/alloc", "mmap", "4194304", "0"];
+
+/// Build `heapcap-runtime` once per test process; its path.
+fn shim_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = daemon::bin_dir(); // builds heapcap and heapcapd into the same target dir
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace");
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "heapcap-runtime"])
+            .current_dir(workspace)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p heapcap-runtime failed");
+        let bin = dir.join("heapcap-runtime");
+        assert!(bin.exists(), "no {}", bin.display());
+        bin
+    })
+}
+
+/// A shim configuration for one test: its TOML file, and a wrapper script that runs the shim
+/// with `HEAPCAP_RUNTIME_CONFIG` set (for engines that start the runtime with their own env).
+struct Shim {
+    config: PathBuf,
+    wrapper: PathBuf,
+}
+
+impl Shim {
+    fn new(daemon: &Daemon, runtime: &str, extra: &str) -> Shim {
+        let tag = unique_id("shim");
+        let config = daemon.dir.join(format!("{tag}.toml"));
+        let text = format!("runtime = \"{runtime}\"\nlistener_path = \"{}\"\n{extra}", daemon.agent.display());
+        fs::write(&config, text).expect("write shim config");
+        let wrapper = daemon.dir.join(format!("{tag}.sh"));
+        let script = format!(
+            "#!/bin/sh\nexec env HEAPCAP_RUNTIME_CONFIG={} {} \"$@\"\n",
+            config.display(),
+            shim_binary().display()
+        );
+        fs::write(&wrapper, script).expect("write wrapper");
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
+        Shim { config, wrapper }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(shim_binary());
+        cmd.env("HEAPCAP_RUNTIME_CONFIG", &self.config);
+        cmd
+    }
+}
+
+fn assert_at_quota(what: &str, out: &Output, limit: u64, chunk: u64) {
+    let (allocated, result) = fixture_result(out);
+    assert_eq!(result, "ENOMEM", "{what}: the allocation loop must end with ENOMEM: {}", show(out));
+    assert!(allocated <= limit, "{what}: {allocated} bytes allocated, over the {limit}-byte quota");
+    assert!(allocated + MIB + chunk + 2 * MIB >= limit, "{what}: only {allocated} of {limit} bytes before ENOMEM");
+}
+
+/// `delete -f` with the real runtime when dropped.
+struct Cleanup(Runtime, String, Option<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let mut cmd = self.0.command();
+        if let Some(root) = &self.2 {
+            cmd.arg("--root").arg(root);
+        }
+        let _ = cmd.args(["delete", "-f", &self.1]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+fn bundle(annotations: &[(&str, &str)], args: &[&str]) -> Bundle {
+    let mut b = Bundle::new("shim");
+    b.args(args);
+    for (k, v) in annotations {
+        b.annotation(k, v);
+    }
+    b.write_config();
+    b
+}
+
+fn run(shim: &Shim, global: &[&str], b: &Bundle, id: &str) -> Output {
+    let mut cmd = shim.command();
+    cmd.args(global).arg("run").arg("--bundle").arg(b.dir()).arg(id);
+    run_captured(cmd, TIMEOUT)
+}
+
+#[test]
+fn runc_and_crun_behind_the_shim_enforce_the_annotation() {
+    let d = Daemon::start();
+    for rt in Runtime::ALL {
+        rt.ensure_works();
+        let shim = Shim::new(&d, rt.binary(), "");
+        let b = bundle(&[("heapcap.io/limit", "64Mi")], ALLOC_4M);
+        let id = unique_id("shim-quota");
+        let _c = Cleanup(rt, id.clone(), None);
+        let out = run(&shim, &[], &b, &id);
+        assert!(out.status.success(), "{rt:?}: {}\nheapcapd:\n{}", show(&out), d.log());
+        assert_at_quota(&format!("{rt:?} behind the shim"), &out, 64 * MIB, 4 * MIB);
+        let config: serde_json::Value = serde_json::from_slice(&fs::read(b.config_path()).unwrap()).unwrap();
+        let seccomp = &config["linux"]["seccomp"];
+        assert_eq!(seccomp["listenerPath"], d.agent.display().to_string());
+        assert_eq!(seccomp["listenerMetadata"], "heapcap.io/limit=64Mi");
+        assert_eq!(config["process"]["args"], serde_json::json!(ALLOC_4M), "the rest of the spec is kept");
+    }
+}
+
+#[test]
+fn env_fallback_and_default_limit_reach_heapcapd() {
+    let d = Daemon::start();
+    // Docker's way: no annotations, HEAPCAP_LIMIT in the container's environment.
+    let shim = Shim::new(&d, "runc", "");
+    let mut b = bundle(&[], ALLOC_4M);
+    b.env("HEAPCAP_LIMIT", "32Mi");
+    b.write_config();
+    let out = run(&shim, &[], &b, &unique_id("shim-env"));
+    assert_at_quota("HEAPCAP_LIMIT=32Mi", &out, 32 * MIB, 4 * MIB);
+
+    // A default limit for every container run with this runtime (crun this time).
+    let shim = Shim::new(&d, "crun", "[defaults]\nlimit = \"48Mi\"\n");
+    let b = bundle(&[], ALLOC_4M);
+    let out = run(&shim, &[], &b, &unique_id("shim-default"));
+    assert_at_quota("[defaults] limit = 48Mi", &out, 48 * MIB, 4 * MIB);
+    // The annotation overrides the default.
+    let b = bundle(&[("heapcap.io/limit", "24Mi")], ALLOC_4M);
+    let out = run(&shim, &[], &b, &unique_id("shim-override"));
+    assert_at_quota("annotation over the default", &out, 24 * MIB, 4 * MIB);
+}
+
+#[test]
+fn an_unannotated_container_is_byte_for_byte_untouched() {
+    let d = Daemon::start();
+    for rt in Runtime::ALL {
+        rt.ensure_works();
+        let shim = Shim::new(&d, rt.binary(), "");
+        let b = bundle(&[("org.example/other", "1")], &["/alloc", "mmap", "4194304", "419430400"]);
+        let before = fs::read(b.config_path()).unwrap();
+        let out = run(&shim, &[], &b, &unique_id("shim-plain"));
+        assert_eq!(fixture_result(&out), (400 * MIB, "ok".to_string()), "{rt:?}: {}", show(&out));
+        assert_eq!(fs::read(b.config_path()).unwrap(), before, "{rt:?}: config.json changed");
+        let names: Vec<_> = fs::read_dir(b.dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(!names.iter().any(|n| n.to_string_lossy().contains("heapcap")), "temp files left: {names:?}");
+    }
+}
+
+#[test]
+fn exec_through_the_shim_is_under_the_quota() {
+    let d = Daemon::start();
+    for (rt, bundle_flag) in [(Runtime::Runc, "-b"), (Runtime::Crun, "--bundle=")] {
+        rt.ensure_works();
+        let shim = Shim::new(&d, rt.binary(), "");
+        let b = bundle(&[("heapcap.io/limit", "64Mi")], &["/bin/sleep", "60"]);
+        let id = unique_id("shim-exec");
+        let _c = Cleanup(rt, id.clone(), None);
+        let mut create = shim.command();
+        let bundle_dir = b.dir().display().to_string();
+        if bundle_flag == "-b" {
+            create.args(["create", "-b", &bundle_dir, &id]);
+        } else {
+            create.args(["create", &format!("--bundle={bundle_dir}"), &id]);
+        }
+        let log = b.dir().join("create.log");
+        let status = create
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::create(b.dir().join("create.err")).unwrap())
+            .status()
+            .unwrap();
+        let said = fs::read_to_string(b.dir().join("create.err")).unwrap_or_default();
+        assert!(status.success(), "{rt:?}: create {bundle_flag}: {said}\n{}", d.log());
+        let mut start = shim.command();
+        start.args(["start", &id]);
+        let out = run_captured(start, TIMEOUT);
+        assert!(out.status.success(), "{rt:?}: {}", show(&out));
+        let mut exec = shim.command();
+        exec.args(["exec", &id]).args(ALLOC_4M);
+        let out = run_captured(exec, TIMEOUT);
+        assert_at_quota(&format!("{rt:?} exec through the shim"), &out, 64 * MIB, 4 * MIB);
+    }
+}
+
+/// Run the same command line through the shim and through the runtime.
+fn both(shim: &Shim, rt: Runtime, args: &[&str]) -> (Output, Output) {
+    let mut via = shim.command();
+    via.args(args);
+    let mut direct = rt.command();
+    direct.args(args);
+    (run_captured(via, TIMEOUT), run_captured(direct, TIMEOUT))
+}
+
+fn assert_same(what: &str, (via, direct): (Output, Output)) {
+    assert_eq!(
+        via.status.code(),
+        direct.status.code(),
+        "{what}: exit status\nshim: {}\nruntime: {}",
+        show(&via),
+        show(&direct)
+    );
+    assert_eq!(stdout(&via), stdout(&direct), "{what}: stdout");
+    assert_eq!(stderr(&via), stderr(&direct), "{what}: stderr");
+}
+
+#[test]
+fn other_subcommands_are_the_runtimes_own() {
+    let d = Daemon::start();
+    for rt in Runtime::ALL {
+        rt.ensure_works();
+        let shim = Shim::new(&d, rt.binary(), "");
+        let root = d.dir.join(unique_id("root"));
+        let root_s = root.display().to_string();
+        let g = |args: &[&str]| -> Vec<String> {
+            ["--root", root_s.as_str()].iter().chain(args).map(|s| s.to_string()).collect()
+        };
+        let both_g = |args: &[&str]| {
+            let a = g(args);
+            both(&shim, rt, &a.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        assert_same(&format!("{rt:?} --version"), both(&shim, rt, &["--version"]));
+        assert_same(&format!("{rt:?} frobnicate"), both_g(&["frobnicate", "x"]));
+        assert_same(&format!("{rt:?} state of nothing"), both_g(&["state", "no-such-container"]));
+        assert_same(&format!("{rt:?} list (empty)"), both_g(&["list"]));
+
+        let b = bundle(&[], &["/bin/sleep", "60"]);
+        let id = unique_id("shim-sub");
+        let _c = Cleanup(rt, id.clone(), Some(root.clone()));
+        let mut create = shim.command();
+        create.args(g(&["create", "--bundle", &b.dir().display().to_string(), &id]));
+        let status = create.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
+        assert!(status.success(), "{rt:?}: create through the shim failed");
+        assert_same(&format!("{rt:?} state"), both_g(&["state", &id]));
+        assert_same(&format!("{rt:?} list"), both_g(&["list"]));
+        let mut kill = shim.command();
+        kill.args(g(&["kill", &id, "KILL"]));
+        let out = run_captured(kill, TIMEOUT);
+        assert!(out.status.success(), "{rt:?} kill: {}", show(&out));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut state = rt.command();
+            state.args(g(&["state", &id]));
+            let out = run_captured(state, TIMEOUT);
+            if stdout(&out).contains("\"stopped\"") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{rt:?}: not stopped after kill: {}", show(&out));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut delete = shim.command();
+        delete.args(g(&["delete", &id]));
+        let out = run_captured(delete, TIMEOUT);
+        assert!(out.status.success(), "{rt:?} delete: {}", show(&out));
+        assert_same(&format!("{rt:?} delete again"), both_g(&["delete", &id]));
+    }
+}
+
+#[test]
+fn bad_settings_fail_create_with_the_reason() {
+    let d = Daemon::start();
+    for rt in Runtime::ALL {
+        let shim = Shim::new(&d, rt.binary(), "");
+        let b = bundle(&[("heapcap.io/limit", "lots")], ALLOC_4M);
+        let before = fs::read(b.config_path()).unwrap();
+        let log = b.dir().join("runtime-log.json");
+        let id = unique_id("shim-bad");
+        let _c = Cleanup(rt, id.clone(), None);
+        let mut cmd = shim.command();
+        cmd.arg("--log").arg(&log).args(["--log-format", "json", "create", "--bundle"]).arg(b.dir()).arg(&id);
+        let out = run_captured(cmd, TIMEOUT);
+        assert_eq!(out.status.code(), Some(1), "{rt:?}: {}", show(&out));
+        assert!(stderr(&out).contains("heapcap.io/limit: 'lots' is not a size"), "{rt:?}: {}", show(&out));
+        assert_eq!(fs::read(b.config_path()).unwrap(), before, "config.json untouched");
+        let logged = fs::read_to_string(&log).expect("the error is in the --log file");
+        let line: serde_json::Value = serde_json::from_str(logged.lines().last().unwrap()).unwrap();
+        assert_eq!(line["level"], "error");
+        assert!(line["msg"].as_str().unwrap().contains("'lots' is not a size"), "{logged}");
+    }
+    // An unreadable bundle.
+    let shim = Shim::new(&d, "runc", "");
+    let mut cmd = shim.command();
+    cmd.args(["create", "--bundle", "/nonexistent/bundle", "x"]);
+    let out = run_captured(cmd, TIMEOUT);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(stderr(&out).contains("/nonexistent/bundle/config.json"), "{}", show(&out));
+}
+
+#[test]
+fn podman_with_the_shim_as_its_runtime() {
+    let d = Daemon::start();
+    let shim = Shim::new(&d, "runc", "");
+    let wrapper = shim.wrapper.display().to_string();
+    let global = ["--runtime", wrapper.as_str()];
+    // podman's default seccomp profile is in config.json: the notify rules are merged into it.
+    let out = containers::podman_run_full(&global, &["--annotation", "heapcap.io/limit=64Mi"], None, ALLOC_4M, TIMEOUT);
+    assert_at_quota("podman --runtime heapcap-runtime", &out, 64 * MIB, 4 * MIB);
+    let out = containers::podman_run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "419430400"], TIMEOUT);
+    assert_eq!(fixture_result(&out), (400 * MIB, "ok".to_string()), "no annotation: {}", show(&out));
+    let out =
+        containers::podman_run_full(&global, &["--annotation", "heapcap.io/mode=strict"], None, &["true"], TIMEOUT);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(stderr(&out).contains("enforce or audit"), "podman shows the shim's reason: {}", show(&out));
+}
+
+// ------------------------------------------------------------------ containerd
+
+/// A containerd of our own: private root, state and socket; stopped on drop.
+struct Containerd {
+    child: std::process::Child,
+    dir: PathBuf,
+    address: PathBuf,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        let dir = PathBuf::from(format!("/tmp/hc-ctrd-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let address = dir.join("c.sock");
+        let config = dir.join("config.toml");
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{1}\"\n[ttrpc]\n  address = \"{1}.ttrpc\"\n\
+                 [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+                dir.display(),
+                address.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("containerd.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("the containerd tests need containerd (scripts/setup-engines.sh): {e}"));
+        let c = Containerd { child, dir, address };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&c.address).is_err() {
+            assert!(Instant::now() < deadline, "containerd did not come up:\n{}", c.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(&self.address).args(["--namespace", "heapcap-test"]);
+        cmd
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: kill only sends a signal to the containerd child this struct started.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn containerd_runs_the_shim_as_the_runc_binary() {
+    let d = Daemon::start();
+    let shim = Shim::new(&d, "runc", "");
+    let image = containers::podman_image();
+    let c = Containerd::start();
+    let archive = c.dir.join("image.tar");
+    let mut save = containers::podman_command();
+    save.args(["save", "--format", "docker-archive", "-o"]).arg(&archive).arg(image);
+    let out = run_captured(save, TIMEOUT);
+    assert!(out.status.success(), "podman save: {}", show(&out));
+    let mut import = c.ctr();
+    import.args(["images", "import", "--snapshotter", "native"]).arg(&archive);
+    let out = run_captured(import, TIMEOUT);
+    assert!(out.status.success(), "ctr images import: {}\n{}", show(&out), c.log());
+    let mut ls = c.ctr();
+    ls.args(["images", "ls", "-q"]);
+    let out = run_captured(ls, TIMEOUT);
+    let name = stdout(&out).lines().next().map(str::to_string).unwrap_or_else(|| panic!("no image: {}", show(&out)));
+
+    let wrapper = shim.wrapper.display().to_string();
+    let ctr_run = |extra: &[&str], args: &[&str]| {
+        let mut run = c.ctr();
+        run.args(["run", "--rm", "--snapshotter", "native", "--runc-binary", &wrapper]).args(extra);
+        run.args([name.as_str(), unique_id("ctr").as_str()]).args(args);
+        run_captured(run, TIMEOUT)
+    };
+    let out = ctr_run(&["--annotation", "heapcap.io/limit=64Mi"], ALLOC_4M);
+    assert!(out.status.success(), "{}\ncontainerd:\n{}\nheapcapd:\n{}", show(&out), c.log(), d.log());
+    assert_at_quota("ctr run --runc-binary heapcap-runtime", &out, 64 * MIB, 4 * MIB);
+    // containerd's own default seccomp profile (--seccomp): merged, still enforced.
+    let out = ctr_run(&["--seccomp", "--annotation", "heapcap.io/limit=32Mi"], ALLOC_4M);
+    assert_at_quota("ctr run --seccomp", &out, 32 * MIB, 4 * MIB);
+    // No annotation: no quota.
+    let out = ctr_run(&[], &["/alloc", "mmap", "4194304", "419430400"]);
+    assert_eq!(fixture_result(&out), (400 * MIB, "ok".to_string()), "{}", show(&out));
+    // A bad annotation fails the start with the shim's reason, as containerd reports it.
+    let out = ctr_run(&["--annotation", "heapcap.io/limit=lots"], &["true"]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(stderr(&out).contains("'lots' is not a size"), "ctr shows the reason: {}", show(&out));
+}
+
+#[test]
+fn containerd_loads_the_1x_example_config() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/containerd/config-1.x.toml");
+    let mut dump = Command::new("containerd");
+    dump.arg("--config").arg(&example).args(["config", "dump"]);
+    let out = run_captured(dump, TIMEOUT);
+    assert!(out.status.success(), "containerd config dump: {}", show(&out));
+    let text = stdout(&out);
+    let section = text
+        .split("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.heapcap]")
+        .nth(1)
+        .unwrap_or_else(|| panic!("containerd does not see the heapcap runtime: {text}"));
+    let section = section.split("untrusted_workload_runtime").next().unwrap();
+    for line in [
+        "pod_annotations = [\"heapcap.io/*\"]",
+        "runtime_type = \"io.containerd.runc.v2\"",
+        "BinaryName = \"/usr/local/bin/heapcap-runtime\"",
+    ] {
+        assert!(section.contains(line), "containerd's view lacks {line}: {section}");
+    }
+}
+
+// ------------------------------------------------------------------ Docker
+
+/// A dockerd of our own (Debian's docker.io, 20.10): private data root, exec root and socket, no
+/// networking, vfs storage, `--add-runtime heapcap=<shim>`; stopped on drop.
+struct Dockerd {
+    child: std::process::Child,
+    dir: PathBuf,
+    host: String,
+}
+
+impl Dockerd {
+    fn start(runtime: &Path) -> Dockerd {
+        let dir = PathBuf::from(format!("/tmp/hc-dockerd-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let host = format!("unix://{}/docker.sock", dir.display());
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .args(["-H", &host, "--bridge", "none", "--iptables=false", "--ip6tables=false", "--ip-masq=false"])
+            .args(["--storage-driver", "vfs", "--add-runtime"])
+            .arg(format!("heapcap={}", runtime.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("dockerd.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("the Docker test needs dockerd (scripts/setup-engines.sh): {e}"));
+        let d = Dockerd { child, dir, host };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = d.docker().args(["version", "--format", "{{.Server.Version}}"]).output().expect("docker client");
+            if out.status.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "dockerd did not come up:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    fn docker(&self) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.args(["-H", &self.host]);
+        cmd
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // SAFETY: kill only sends a signal to the dockerd child this struct started.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+        // dockerd bind-mounts its data root onto itself.
+        let _ = Command::new("umount").arg("-l").arg(self.dir.join("data")).stderr(Stdio::null()).status();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn docker_with_the_shim_as_a_runtime_reads_heapcap_limit() {
+    let d = Daemon::start();
+    let shim = Shim::new(&d, "runc", "");
+    let image = containers::podman_image();
+    let docker = Dockerd::start(&shim.wrapper);
+    let archive = docker.dir.join("image.tar");
+    let mut save = containers::podman_command();
+    save.args(["save", "--format", "docker-archive", "-o"]).arg(&archive).arg(image);
+    let out = run_captured(save, TIMEOUT);
+    assert!(out.status.success(), "podman save: {}", show(&out));
+    let mut load = docker.docker();
+    load.arg("load").arg("-i").arg(&archive);
+    let out = run_captured(load, TIMEOUT);
+    assert!(out.status.success(), "docker load: {}\n{}", show(&out), docker.log());
+
+    let docker_run = |opts: &[&str], args: &[&str]| {
+        let mut run = docker.docker();
+        run.args(["run", "--rm", "--network", "none", "--runtime", "heapcap"]).args(opts).arg(image).args(args);
+        run_captured(run, TIMEOUT)
+    };
+    // Docker's default seccomp profile is in config.json: the rules are merged into it.
+    let out = docker_run(&["-e", "HEAPCAP_LIMIT=64Mi"], ALLOC_4M);
+    assert!(out.status.success(), "{}\ndockerd:\n{}\nheapcapd:\n{}", show(&out), docker.log(), d.log());
+    assert_at_quota("docker run --runtime heapcap -e HEAPCAP_LIMIT=64Mi", &out, 64 * MIB, 4 * MIB);
+    let out = docker_run(&["-e", "HEAPCAP_LIMIT=32Mi", "--security-opt", "seccomp=unconfined"], ALLOC_4M);
+    assert_at_quota("docker, seccomp=unconfined", &out, 32 * MIB, 4 * MIB);
+    let out = docker_run(&[], &["/alloc", "mmap", "4194304", "419430400"]);
+    assert_eq!(fixture_result(&out), (400 * MIB, "ok".to_string()), "no HEAPCAP_LIMIT: {}", show(&out));
+    let out = docker_run(&["-e", "HEAPCAP_LIMIT=lots"], &["true"]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(stderr(&out).contains("HEAPCAP_LIMIT: heapcap.io/limit: 'lots' is not a size"), "{}", show(&out));
+}
