@@ -155,23 +155,8 @@ mod tests {
     use oci_spec::runtime::LinuxSeccomp;
     use serde_json::json;
 
-    /// podman 4.3's default profile (containers-common 0.50.1, Debian bookworm).
-    const PODMAN_DEFAULT: &str = include_str!("../data/containers-common-0.50.1-seccomp.json");
+    use crate::testdata::{PODMAN_CAPS, PODMAN_DEFAULT};
     const SOCK: &str = "/run/heapcap/heapcapd.sock";
-    /// podman's default capabilities.
-    const PODMAN_CAPS: &[&str] = &[
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_FOWNER",
-        "CAP_FSETID",
-        "CAP_KILL",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_SETFCAP",
-        "CAP_SETGID",
-        "CAP_SETPCAP",
-        "CAP_SETUID",
-        "CAP_SYS_CHROOT",
-    ];
     const ALL_CAPS: &[&str] = &["CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_AUDIT_WRITE", "CAP_DAC_READ_SEARCH"];
 
     fn podman_default() -> ContainersProfile {

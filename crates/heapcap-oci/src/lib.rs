@@ -21,6 +21,8 @@ mod eval;
 pub mod merge;
 pub mod seccomp;
 pub mod spec;
+#[cfg(test)]
+mod testdata;
 
 pub use containers::ContainersProfile;
 pub use merge::{merge_into, MergeError};

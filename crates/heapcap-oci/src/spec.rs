@@ -228,8 +228,7 @@ mod tests {
     use serde_json::json;
     use std::path::Path;
 
-    const RUNC_SPEC: &str = include_str!("../data/runc-1.1.5-spec.json");
-    const PODMAN_PROFILE: &str = include_str!("../data/containers-common-0.50.1-seccomp.json");
+    use crate::testdata::{PODMAN_CAPS as CAPS, PODMAN_DEFAULT as PODMAN_PROFILE, RUNC_SPEC};
     const MIB: u64 = 1 << 20;
 
     fn runc_spec() -> Value {
@@ -240,19 +239,6 @@ mod tests {
     /// podman's default capabilities (containers/common `setupSeccomp`): rules scoped to other
     /// arches or to capabilities it lacks dropped, `includes`/`excludes`/`comment` gone.
     fn podman_oci_profile() -> Value {
-        const CAPS: &[&str] = &[
-            "CAP_CHOWN",
-            "CAP_DAC_OVERRIDE",
-            "CAP_FOWNER",
-            "CAP_FSETID",
-            "CAP_KILL",
-            "CAP_NET_BIND_SERVICE",
-            "CAP_SETFCAP",
-            "CAP_SETGID",
-            "CAP_SETPCAP",
-            "CAP_SETUID",
-            "CAP_SYS_CHROOT",
-        ];
         let list = |v: &Value, key: &str| -> Vec<String> {
             v[key].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect()
         };
