@@ -1152,4 +1152,19 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
 #[path = "../fixture/mod.rs"]
 mod fixture;
 #[allow(unused_imports)] // each test file uses a different subset
-pub use fixture::{fixture_result, parse_allocated, parse_allocated_line, parse_children, show, stderr, stdout};
+pub use fixture::{
+    assert_at_quota, fixture_result, parse_allocated, parse_allocated_line, parse_children, quota_slack, show, stderr,
+    stdout, MIB,
+};
+
+/// podman's default seccomp profile answers `move_pages` with EPERM (an unconfined container gets
+/// 0: nothing to move). Runs that probe with python3 from the host's /usr under
+/// `podman GLOBAL run OPTS`, so a test can show a profile still holds podman's own rules.
+pub fn podman_move_pages(global: &[&str], opts: &[&str]) -> Output {
+    let script = "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); \
+                  r = libc.syscall(279, 0, 0, 0, 0, 0, 0); print('move_pages', r, os.strerror(ctypes.get_errno()) if r else 'ok')";
+    let volumes = podman_host_system_volumes();
+    let mut all: Vec<&str> = opts.to_vec();
+    all.extend(volumes.iter().map(String::as_str));
+    podman_run_full(global, &all, None, &["/usr/bin/python3", "-c", script], TIMEOUT)
+}

@@ -10,14 +10,11 @@ mod daemon;
 
 use std::time::{Duration, Instant};
 
-use containers::{fixture_result, parse_allocated, show, stderr, stdout, unique_id, Bundle, Runtime};
+use containers::{
+    assert_at_quota, fixture_result, parse_allocated, quota_slack, show, stderr, stdout, unique_id, Bundle, Runtime,
+    MIB,
+};
 use daemon::Daemon;
-
-const MIB: u64 = 1 << 20;
-/// What a process may fall short of its quota: 1 MiB, one request, and its own baseline.
-fn slack(chunk: u64) -> u64 {
-    MIB + chunk + 2 * MIB
-}
 
 fn profile(daemon: &Daemon) -> serde_json::Value {
     serde_json::to_value(heapcap_oci::heapcap_profile(&daemon.agent, None)).expect("profile as JSON")
@@ -31,12 +28,6 @@ fn bundle(daemon: &Daemon, annotations: &[(&str, &str)], args: &[&str]) -> Bundl
         b.annotation(k, v);
     }
     b
-}
-
-fn assert_at_quota(what: &str, allocated: u64, result: &str, limit: u64, chunk: u64) {
-    assert_eq!(result, "ENOMEM", "{what}: the allocation loop must end with ENOMEM");
-    assert!(allocated <= limit, "{what}: {allocated} bytes allocated, over the {limit}-byte quota");
-    assert!(allocated + slack(chunk) >= limit, "{what}: only {allocated} of {limit} bytes before ENOMEM");
 }
 
 #[test]
@@ -110,7 +101,7 @@ fn exec_joins_its_container_and_set_limit_applies_live() {
         assert_eq!(children.len(), 3, "{}", show(&out));
         let sum: u64 = children.iter().map(|(a, _)| a).sum();
         assert!(sum <= 24 * MIB, "{rt:?}: children hold {sum} bytes together, over the 24 MiB total");
-        assert!(sum + 3 * MIB + 4 * slack(MIB) >= 24 * MIB, "{rt:?}: children got only {sum} of 24 MiB");
+        assert!(sum + 3 * MIB + 4 * quota_slack(MIB) >= 24 * MIB, "{rt:?}: children got only {sum} of 24 MiB");
         assert!(children.iter().all(|(_, r)| r == "ENOMEM"), "{}", show(&out));
     }
 }
@@ -323,16 +314,9 @@ fn podman_with_the_example_profile_is_enforced_and_keeps_podmans_rules() {
 
     // podman's own rules still hold: its default profile answers move_pages with EPERM, where an
     // unconfined container gets 0 (nothing to move).
-    let script = "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); \
-                  r = libc.syscall(279, 0, 0, 0, 0, 0, 0); print('move_pages', r, os.strerror(ctypes.get_errno()) if r else 'ok')";
-    let volumes = containers::podman_host_system_volumes();
-    let mut with_host: Vec<&str> = opts.to_vec();
-    with_host.extend(volumes.iter().map(String::as_str));
-    let out = containers::podman_run(&with_host, &["/usr/bin/python3", "-c", script]);
+    let out = containers::podman_move_pages(&[], &opts);
     assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
-    let mut unconfined: Vec<&str> = vec!["--security-opt", "seccomp=unconfined"];
-    unconfined.extend(volumes.iter().map(String::as_str));
-    let out = containers::podman_run(&unconfined, &["/usr/bin/python3", "-c", script]);
+    let out = containers::podman_move_pages(&[], &["--security-opt", "seccomp=unconfined"]);
     assert!(stdout(&out).contains("move_pages 0 ok"), "the contrast: {}", show(&out));
 
     // `podman exec` is covered: the exec'd process joins the container's accounting.

@@ -14,21 +14,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use containers::{fixture_result, show, stderr, stdout, unique_id, Bundle, Runtime};
+use containers::{assert_at_quota, fixture_result, show, stderr, stdout, unique_id, Bundle, Runtime, MIB};
 use daemon::Daemon;
 use serde_json::{json, Value};
-
-const MIB: u64 = 1 << 20;
-
-fn slack(chunk: u64) -> u64 {
-    MIB + chunk + 2 * MIB
-}
-
-fn assert_at_quota(what: &str, allocated: u64, result: &str, limit: u64, chunk: u64) {
-    assert_eq!(result, "ENOMEM", "{what}: the allocation loop must end with ENOMEM");
-    assert!(allocated <= limit, "{what}: {allocated} bytes allocated, over the {limit}-byte quota");
-    assert!(allocated + slack(chunk) >= limit, "{what}: only {allocated} of {limit} bytes before ENOMEM");
-}
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
@@ -259,13 +247,11 @@ fn podman_with_the_hooks_d_file_is_enforced_and_keeps_podmans_rules() {
     assert!(ps["containers"].as_array().is_some_and(|c| c.len() <= 1), "{ps}");
 
     // podman's own default profile still holds: move_pages answers EPERM (0 when unconfined).
-    let script = "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); \
-                  r = libc.syscall(279, 0, 0, 0, 0, 0, 0); print('move_pages', r, os.strerror(ctypes.get_errno()) if r else 'ok')";
+    let out = containers::podman_move_pages(&global, &quota);
+    assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
     let volumes = containers::podman_host_system_volumes();
     let mut opts: Vec<&str> = quota.to_vec();
     opts.extend(volumes.iter().map(String::as_str));
-    let out = containers::podman_run_full(&global, &opts, None, &["/usr/bin/python3", "-c", script], t);
-    assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
     let out =
         containers::podman_run_full(&global, &opts, None, &["/usr/bin/python3", "-c", "x = bytearray(200 * 2**20)"], t);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
@@ -312,12 +298,7 @@ fn podman_precreate_changes_the_spec_and_covers_exec() {
     assert_eq!(fixture_result(&out), (128 * MIB, "ok".to_string()), "{}", show(&out));
 
     // podman's own default profile still holds (merged, not replaced).
-    let script = "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); \
-                  r = libc.syscall(279, 0, 0, 0, 0, 0, 0); print('move_pages', r, os.strerror(ctypes.get_errno()) if r else 'ok')";
-    let volumes = containers::podman_host_system_volumes();
-    let mut opts: Vec<&str> = quota.to_vec();
-    opts.extend(volumes.iter().map(String::as_str));
-    let out = containers::podman_run_full(&global, &opts, None, &["/usr/bin/python3", "-c", script], t);
+    let out = containers::podman_move_pages(&global, &quota);
     assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
 
     // `podman exec` is covered: the runtime sends heapcapd the exec'd process's listener too.

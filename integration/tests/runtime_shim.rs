@@ -76,9 +76,7 @@ impl Shim {
 
 fn assert_at_quota(what: &str, out: &Output, limit: u64, chunk: u64) {
     let (allocated, result) = fixture_result(out);
-    assert_eq!(result, "ENOMEM", "{what}: the allocation loop must end with ENOMEM: {}", show(out));
-    assert!(allocated <= limit, "{what}: {allocated} bytes allocated, over the {limit}-byte quota");
-    assert!(allocated + MIB + chunk + 2 * MIB >= limit, "{what}: only {allocated} of {limit} bytes before ENOMEM");
+    containers::assert_at_quota(&format!("{what}: {}", show(out)), allocated, &result, limit, chunk);
 }
 
 /// `delete -f` with the real runtime when dropped.
