@@ -462,6 +462,14 @@ impl Bundle {
         self
     }
 
+    /// Several annotations at once.
+    pub fn annotations(&mut self, pairs: &[(&str, &str)]) -> &mut Self {
+        for (key, value) in pairs {
+            self.annotation(key, value);
+        }
+        self
+    }
+
     /// `linux.seccomp`: a whole OCI seccomp profile (`defaultAction`,
     /// `syscalls`, `listenerPath`, ...), e.g. the one heapcap generates.
     pub fn seccomp(&mut self, profile: Value) -> &mut Self {

@@ -23,10 +23,7 @@ fn profile(daemon: &Daemon) -> serde_json::Value {
 /// A busybox bundle whose filter reports to `daemon`, with `annotations`, running `args`.
 fn bundle(daemon: &Daemon, annotations: &[(&str, &str)], args: &[&str]) -> Bundle {
     let mut b = Bundle::new("heapcapd");
-    b.args(args).seccomp(profile(daemon));
-    for (k, v) in annotations {
-        b.annotation(k, v);
-    }
+    b.args(args).seccomp(profile(daemon)).annotations(annotations);
     b
 }
 

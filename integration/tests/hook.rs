@@ -54,10 +54,7 @@ fn prestart_hook(agent: &Path, env: &[&str]) -> Value {
 
 fn bundle(agent: &Path, annotations: &[(&str, &str)], args: &[&str]) -> Bundle {
     let mut b = Bundle::new("hook");
-    b.args(args).hook("prestart", prestart_hook(agent, &[]));
-    for (k, v) in annotations {
-        b.annotation(k, v);
-    }
+    b.args(args).hook("prestart", prestart_hook(agent, &[])).annotations(annotations);
     b
 }
 

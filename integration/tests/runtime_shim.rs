@@ -94,10 +94,7 @@ impl Drop for Cleanup {
 
 fn bundle(annotations: &[(&str, &str)], args: &[&str]) -> Bundle {
     let mut b = Bundle::new("shim");
-    b.args(args);
-    for (k, v) in annotations {
-        b.annotation(k, v);
-    }
+    b.args(args).annotations(annotations);
     b.write_config();
     b
 }
