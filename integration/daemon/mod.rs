@@ -17,7 +17,7 @@ pub fn bin_dir() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
         let status = Command::new(&cargo)
-            .args(["build", "-q", "-p", "heapcap", "-p", "heapcapd", "-p", "heapcap-runtime"])
+            .args(["build", "-q", "-p", "heapcap", "-p", "heapcapd", "-p", "heapcap-holder", "-p", "heapcap-runtime"])
             .current_dir(&workspace)
             .status()
             .expect("run cargo build");
@@ -34,14 +34,16 @@ pub fn heapcap() -> Command {
     Command::new(bin_dir().join("heapcap"))
 }
 
-/// A running heapcapd.
+/// A running heapcapd (and the fd holder it starts).
 pub struct Daemon {
     child: Option<Child>,
     pub dir: PathBuf,
     pub agent: PathBuf,
     pub control: PathBuf,
+    pub holder: PathBuf,
     pub metrics: String,
     log: PathBuf,
+    extra: Vec<String>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -60,30 +62,83 @@ impl Daemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("/tmp/hcd-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let (agent, control, log) =
-            (dir.join("run/agent.sock"), dir.join("run/control.sock"), dir.join("heapcapd.log"));
+        let (agent, control, holder, log) = (
+            dir.join("run/agent.sock"),
+            dir.join("run/control.sock"),
+            dir.join("run/holder.sock"),
+            dir.join("heapcapd.log"),
+        );
         fs::create_dir_all(&dir).expect("daemon dir");
         let metrics = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(bin_dir().join("heapcapd"))
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut daemon = Daemon { child: None, dir, agent, control, holder, metrics, log, extra };
+        daemon.launch(&bin_dir().join("heapcapd"));
+        daemon
+    }
+
+    /// Start `binary` as this daemon (same sockets, same log); wait until both sockets answer.
+    fn launch(&mut self, binary: &Path) {
+        assert!(self.child.is_none(), "heapcapd is already running");
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(binary)
             .arg("--socket")
-            .arg(&agent)
+            .arg(&self.agent)
             .arg("--control-socket")
-            .arg(&control)
-            .args(["--metrics-addr", &metrics])
-            .args(extra)
+            .arg(&self.control)
+            .arg("--holder-socket")
+            .arg(&self.holder)
+            .arg("--holder")
+            .arg(bin_dir().join("heapcap-holder"))
+            .args(["--metrics-addr", &self.metrics])
+            .args(&self.extra)
             .env("HEAPCAP_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("log file"))
+            .stderr(log)
             .spawn()
             .expect("start heapcapd");
-        let daemon = Daemon { child: Some(child), dir, agent, control, metrics, log };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !(UnixStream::connect(&daemon.agent).is_ok() && UnixStream::connect(&daemon.control).is_ok()) {
-            assert!(Instant::now() < deadline, "heapcapd did not come up:\n{}", daemon.log());
+        while !(UnixStream::connect(&self.agent).is_ok() && UnixStream::connect(&self.control).is_ok()) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("heapcapd exited at start ({status}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "heapcapd did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        daemon
+    }
+
+    /// `kill -9` heapcapd (the holder stays).
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("heapcapd running");
+        child.kill().expect("kill -9 heapcapd");
+        child.wait().expect("reap heapcapd");
+    }
+
+    /// Stop heapcapd as a service manager does (SIGTERM), and wait for it to exit.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("heapcapd running");
+        let _ = Command::new("kill").arg(child.id().to_string()).status();
+        child.wait().expect("reap heapcapd");
+    }
+
+    /// Start heapcapd again after [`Daemon::kill9`] or [`Daemon::stop`], from `binary` (an upgrade)
+    /// or the same one.
+    pub fn restart(&mut self, binary: Option<&Path>) {
+        let default = bin_dir().join("heapcapd");
+        self.launch(binary.unwrap_or(&default));
+    }
+
+    /// The pid of the holder serving this daemon's holder socket, if one runs.
+    pub fn holder_pid(&self) -> Option<u32> {
+        let needle = self.holder.to_str()?.as_bytes().to_vec();
+        fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+            let mut args = cmdline.split(|b| *b == 0);
+            let exe = args.next()?;
+            (exe.ends_with(b"heapcap-holder") && args.any(|a| a == needle.as_slice())).then_some(pid)
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -148,6 +203,11 @@ impl Drop for Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill").arg(child.id().to_string()).status();
             let _ = child.wait();
+        }
+        // The holder would outlive the test holding nothing; it exits by itself when its
+        // listeners are gone, but a test that ends with containers running must not leave it.
+        if let Some(pid) = self.holder_pid() {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
         }
         if std::env::var_os("HEAPCAP_TEST_KEEP").is_none() {
             let _ = fs::remove_dir_all(&self.dir);

@@ -13,24 +13,38 @@ const _: () = assert!(std::mem::size_of::<libc::cmsghdr>() + MAX_FDS * 4 <= 64);
 
 /// Send `data` with one fd. Async-signal-safe (no allocation): usable between fork and exec.
 pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
+    send_fds(sock, &[fd], data)
+}
+
+/// Send `data` with up to 8 fds (none is fine). Async-signal-safe (no allocation).
+pub fn send_fds(sock: BorrowedFd<'_>, fds: &[BorrowedFd<'_>], data: &[u8]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many fds for one message"));
+    }
     let mut cmsg_buf = CmsgBuf([0; 64]);
     let mut iov = libc::iovec { iov_base: data.as_ptr().cast_mut().cast(), iov_len: data.len() };
     // SAFETY: msghdr is plain data; all-zero is valid, and the fields are filled in below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = cmsg_buf.0.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    // SAFETY: msg_control points at a buffer of at least msg_controllen bytes, aligned for
-    // cmsghdr, so CMSG_FIRSTHDR returns a valid, non-null header inside it, and CMSG_DATA
-    // points at room for one RawFd within that buffer.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd.as_raw_fd());
+    if !fds.is_empty() {
+        let payload = (fds.len() * std::mem::size_of::<RawFd>()) as u32;
+        msg.msg_control = cmsg_buf.0.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as usize;
+        // SAFETY: msg_control points at a buffer of at least msg_controllen bytes (checked by
+        // the const assertion on CmsgBuf for MAX_FDS fds), aligned for cmsghdr, so CMSG_FIRSTHDR
+        // returns a valid, non-null header inside it, and CMSG_DATA points at room for
+        // fds.len() RawFds within that buffer.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
+            for (i, fd) in fds.iter().enumerate() {
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>().add(i), fd.as_raw_fd());
+            }
+        }
     }
     // SAFETY: msg and everything it points to live until sendmsg returns.
     let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
@@ -39,6 +53,18 @@ pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>, data: &[u8]) -> io::Res
     } else {
         Ok(())
     }
+}
+
+/// Accept a connection on a listening socket of any type (std only knows stream sockets),
+/// close-on-exec.
+pub fn accept(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: plain accept4 on a valid fd, without address buffers.
+    let fd = unsafe { libc::accept4(sock.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    if fd < 0 {
+        return Err(crate::last_error());
+    }
+    // SAFETY: accept4 just returned this fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// One message received: its bytes and every fd that came with it (close-on-exec).

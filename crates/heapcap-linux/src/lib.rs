@@ -1,6 +1,7 @@
 //! heapcap's Linux layer: thin safe wrappers over the kernel objects heapcap uses.
 //!
 //! - [`filter`]: the heap-notify seccomp program (built with libseccomp) and loading it.
+//! - [`journal`]: shared memory where the supervisor notes each call it is deciding, for its successor.
 //! - [`inject`]: installing the filter into another process with ptrace (x86_64), for OCI hooks.
 //! - [`notify`]: the seccomp listener fd: receive, answer, check a notification is still valid.
 //! - [`pidfd`]: process and thread handles that cannot be fooled by pid reuse.
@@ -13,6 +14,7 @@
 pub mod fdpass;
 pub mod filter;
 pub mod inject;
+pub mod journal;
 pub mod notify;
 pub mod pidfd;
 pub mod procfs;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
+use heapcap_linux::journal::{Orphan, Slot};
 use heapcap_linux::notify::{Errno, Listener, Notification, Recv};
 use heapcap_linux::pidfd::Pidfd;
 use heapcap_linux::procfs::{ProcError, ProcFs};
@@ -200,6 +201,12 @@ impl Supervisor {
 
     /// Answer `listener` until every process under its filter is gone.
     pub fn serve(&self, listener: &Listener) -> io::Result<()> {
+        self.serve_journaled(listener, None)
+    }
+
+    /// [`Supervisor::serve`], noting each call in `slot` before deciding it, so that a successor
+    /// can answer it if this process dies first (see [`Supervisor::resume`]).
+    pub fn serve_journaled(&self, listener: &Listener, slot: Option<&Slot>) -> io::Result<()> {
         if let Err(e) = listener.set_sync_wakeup() {
             tracing::debug!(error = %e, "no synchronous wake-up");
         }
@@ -214,37 +221,117 @@ impl Supervisor {
                     return Ok(());
                 }
             };
-            self.stats.notifications.fetch_add(1, Ordering::Relaxed);
-            let started = Instant::now();
-            let answer = self.decide(listener, &mut threads, &mut buf, &n);
-            let mut outcome = Outcome::Allowed;
-            let sent = match answer {
-                Answer::Allow => listener.allow(n.id),
-                Answer::Deny(d) => {
-                    outcome = Outcome::Denied;
-                    self.stats.denied.fetch_add(1, Ordering::Relaxed);
-                    let sent = match d.brk_return {
-                        Some(brk) => listener.return_value(n.id, brk as i64),
-                        None => listener.fail(n.id, Errno::NoMem),
-                    };
-                    (self.on_denial)(&d);
-                    sent
-                }
-                Answer::Drop => Ok(heapcap_linux::notify::Answered::Gone),
-            };
-            match sent {
-                Ok(heapcap_linux::notify::Answered::Yes) => {}
-                Ok(heapcap_linux::notify::Answered::Gone) => {
-                    outcome = Outcome::Gone;
-                    self.stats.gone.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => return Err(e),
+            if let Some(slot) = slot {
+                slot.record(&n);
             }
-            if let Some(observer) = &self.observer {
-                let syscall = MemCall::decode(n.arch, n.nr, n.args).map_or("other", |c| c.name());
-                observer.decided(syscall, outcome, started.elapsed().as_secs_f64());
+            self.answer(listener, &mut threads, &mut buf, &n)?;
+        }
+    }
+
+    /// Answer the call a previous supervisor of `listener` took but never answered (it died), so
+    /// that its caller does not wait forever. A noted call is decided like any other. One taken
+    /// in the instant before it could be noted (a supervisor killed while it waits for calls
+    /// wakes, takes one and dies) is known by id only: if exactly one thread of `pids` sits in a
+    /// call heapcap decides, that is its caller and the call is decided from what `/proc` shows;
+    /// otherwise it is let through. Returns whether there was one.
+    pub fn resume(&self, listener: &Listener, slot: &Slot, pids: &[u32]) -> io::Result<bool> {
+        let n = match slot.orphan(listener) {
+            None => return Ok(false),
+            Some(Orphan::Noted(n)) => n,
+            Some(Orphan::Unnoted(id)) => match self.sole_caller(id, pids) {
+                Some(n) => n,
+                None => {
+                    tracing::warn!(id, "letting through a call the previous supervisor took but did not note");
+                    listener.allow(id)?;
+                    return Ok(true);
+                }
+            },
+        };
+        tracing::info!(id = n.id, tid = n.pid, "answering the call the previous supervisor left");
+        self.answer(listener, &mut Threads::default(), &mut String::new(), &n)?;
+        Ok(true)
+    }
+
+    /// The one thread of `pids` inside a call heapcap decides, as notification `id`; `None` if
+    /// there are several (or none).
+    fn sole_caller(&self, id: u64, pids: &[u32]) -> Option<Notification> {
+        let arch = if cfg!(target_arch = "x86_64") {
+            heapcap_policy::syscall::AUDIT_ARCH_X86_64
+        } else if cfg!(target_arch = "aarch64") {
+            heapcap_policy::syscall::AUDIT_ARCH_AARCH64
+        } else {
+            return None;
+        };
+        let mut found = None;
+        for pid in pids {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+            for tid in tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok()) {
+                let ThreadState::InCall(key) = self.proc.thread_state(tid) else { continue };
+                let Ok(nr) = i32::try_from(key.nr) else { continue };
+                if MemCall::decode(arch, nr, key.args).is_none() {
+                    continue;
+                }
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(Notification { id, pid: tid, arch, nr, args: key.args });
             }
         }
+        found
+    }
+
+    /// Open accounts for processes already under the filter (a supervisor taking over from one
+    /// that died), so totals count them before they next grow. Pids that are gone, or already
+    /// known, are skipped.
+    pub fn adopt(&self, pids: &[u32]) {
+        let mut shared = lock(&self.shared);
+        let mut buf = String::new();
+        for &pid in pids {
+            if shared.ledger.contains(pid) {
+                continue;
+            }
+            let Ok(pidfd) = Pidfd::open(pid) else { continue };
+            let snap = self.proc.snapshot(pid, &mut buf);
+            // Read first, then check: a live pidfd opened before the read means the pid was not
+            // recycled in between, so the figures are that process's.
+            let (Ok(snap), true) = (snap, pidfd.is_alive()) else { continue };
+            let Ok(watch) = pidfd.try_clone() else { continue };
+            self.open_account(&mut shared, pid, pidfd, watch, &snap);
+        }
+    }
+
+    fn answer(&self, listener: &Listener, threads: &mut Threads, buf: &mut String, n: &Notification) -> io::Result<()> {
+        self.stats.notifications.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let answer = self.decide(listener, threads, buf, n);
+        let mut outcome = Outcome::Allowed;
+        let sent = match answer {
+            Answer::Allow => listener.allow(n.id),
+            Answer::Deny(d) => {
+                outcome = Outcome::Denied;
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                let sent = match d.brk_return {
+                    Some(brk) => listener.return_value(n.id, brk as i64),
+                    None => listener.fail(n.id, Errno::NoMem),
+                };
+                (self.on_denial)(&d);
+                sent
+            }
+            Answer::Drop => Ok(heapcap_linux::notify::Answered::Gone),
+        };
+        match sent {
+            Ok(heapcap_linux::notify::Answered::Yes) => {}
+            Ok(heapcap_linux::notify::Answered::Gone) => {
+                outcome = Outcome::Gone;
+                self.stats.gone.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e),
+        }
+        if let Some(observer) = &self.observer {
+            let syscall = MemCall::decode(n.arch, n.nr, n.args).map_or("other", |c| c.name());
+            observer.decided(syscall, outcome, started.elapsed().as_secs_f64());
+        }
+        Ok(())
     }
 
     fn decide(&self, listener: &Listener, threads: &mut Threads, buf: &mut String, n: &Notification) -> Answer {
@@ -395,13 +482,18 @@ impl Supervisor {
             return Ok(None);
         }
         let snap = self.proc.read_snapshot(opened, buf)?;
+        self.open_account(shared, pid, pidfd, watch, &snap);
+        Ok(Some(snap))
+    }
+
+    /// Open the account of `pid`, measured as `snap`, and watch for its exit.
+    fn open_account(&self, shared: &mut Shared, pid: u32, pidfd: Pidfd, watch: Pidfd, snap: &Snapshot) {
         let command = self.proc.command(pid);
         tracing::debug!(pid, command = %command, heap = snap.maps.counted(), "new process");
-        shared.ledger.admit(pid, command, &snap);
+        shared.ledger.admit(pid, command, snap);
         let generation = shared.next_generation;
         shared.next_generation += 1;
-        let pidfd = Arc::new(pidfd);
-        shared.procs.insert(pid, (generation, pidfd.clone()));
+        shared.procs.insert(pid, (generation, Arc::new(pidfd)));
         let shared_for_exit = self.shared.clone();
         // Strong: the accounts must outlive the listener (which can hang up while its last
         // process is still inside exit) until the exit itself is seen.
@@ -409,7 +501,6 @@ impl Supervisor {
         if let Err(e) = self.exits.watch(watch, on_exit) {
             tracing::warn!(pid, error = %e, "cannot watch for the exit of a process");
         }
-        Ok(Some(snap))
     }
 
     /// Bring the other processes' bounds to exact figures (the total quota is in question).

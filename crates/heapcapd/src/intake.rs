@@ -142,7 +142,8 @@ pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettin
             }
         },
     };
-    registry.attach(&id, settings, listener).map_err(IntakeError::Serve)
+    let pid = u32::try_from(*state.pid()).ok().filter(|p| *p > 0);
+    registry.attach_process(&id, settings, listener, pid).map_err(IntakeError::Serve)
 }
 
 /// Stop a container whose settings are bad before it runs the user's program, and say why on

@@ -18,6 +18,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use heapcap_control::{DEFAULT_AGENT_SOCKET, DEFAULT_CONTROL_SOCKET};
+
+const DEFAULT_HOLDER_SOCKET: &str = "/run/heapcap/holder.sock";
 use heapcap_supervise::{ExitWatcher, Observer};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -42,6 +44,18 @@ struct Args {
     /// Where `heapcap ps`, `set-limit` and `events` connect (root only).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
     control_socket: PathBuf,
+    /// Where the fd holder listens: it keeps every container's listener fd while heapcapd
+    /// restarts (heapcapd starts it if it is not running). Root only.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_HOLDER_SOCKET)]
+    holder_socket: PathBuf,
+    /// The holder program (default: `heapcap-holder` beside heapcapd, else on PATH).
+    #[arg(long, value_name = "PATH")]
+    holder: Option<PathBuf>,
+    /// When heapcapd is gone for this long, the holder lets containers' heap growth through
+    /// unquota'd (until heapcapd is back) rather than keep it waiting. Used when heapcapd
+    /// starts the holder.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    holder_grace: std::time::Duration,
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -89,12 +103,25 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let events = Arc::new(events::Events::default());
     let metrics = args.metrics_addr.map(|_| metrics::Metrics::new());
     let observer = metrics.clone().map(|m| m as Arc<dyn Observer>);
-    let registry = registry::Registry::new(exits, events.clone(), observer);
 
     let agent =
         sockets::bind_private(&args.socket).with_context(|| format!("cannot listen on {}", args.socket.display()))?;
     let control = sockets::bind_private(&args.control_socket)
         .with_context(|| format!("cannot listen on {}", args.control_socket.display()))?;
+    // After the sockets: a second heapcapd has already stopped above, before touching the holder.
+    let binary = args.holder.clone().unwrap_or_else(heapcap_holder::default_binary);
+    let (holder, held) = heapcap_holder::connect_or_start(&args.holder_socket, &binary, args.holder_grace)
+        .with_context(|| format!("cannot reach the fd holder at {}", args.holder_socket.display()))?;
+    let registry = registry::Registry::new(exits, events.clone(), observer, Some(holder));
+    if !held.is_empty() {
+        tracing::info!(listeners = held.len(), "taking back what the holder kept");
+    }
+    for h in held {
+        let container = h.container.clone();
+        if let Err(e) = registry.restore(h) {
+            tracing::error!(%container, error = %e, "cannot serve a listener taken back from the holder");
+        }
+    }
     if let (Some(addr), Some(m)) = (args.metrics_addr, &metrics) {
         metrics::serve(addr, m.clone(), registry.clone()).with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!(%addr, "metrics at /metrics");

@@ -1,11 +1,17 @@
 //! The containers heapcapd supervises: one ledger per container, one serving thread per
 //! listener fd (the container's init, and each `runc exec`), dropped when all hang up.
+//!
+//! Each listener is handed to the holder before it is served, with the container's *record*
+//! (what a successor needs: quotas and mode); a heapcapd that starts takes the held listeners
+//! back and picks up where the last one left off.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use heapcap_control::{ContainerView, Event, ProcessView};
+use heapcap_holder::{Client, Held};
+use heapcap_linux::journal::Slot;
 use heapcap_linux::notify::Listener;
 use heapcap_policy::ledger::{Limits, Mode, Scope};
 use heapcap_policy::settings::Settings;
@@ -18,6 +24,40 @@ use crate::events::Events;
 pub struct Container {
     pub id: String,
     pub supervisor: Supervisor,
+    holder: Option<Arc<Client>>,
+}
+
+/// What the holder keeps for a container, so the next heapcapd enforces what this one did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Record {
+    limit: Option<u64>,
+    total_limit: Option<u64>,
+    audit: bool,
+    /// Quotas set for single processes (`heapcap set-limit --pid`).
+    #[serde(default)]
+    process_limits: Vec<(u32, Option<u64>)>,
+}
+
+impl Record {
+    fn new(settings: &Settings) -> Record {
+        Record {
+            limit: settings.limits.process,
+            total_limit: settings.limits.total,
+            audit: settings.mode == Mode::Audit,
+            process_limits: Vec::new(),
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            limits: Limits { process: self.limit, total: self.total_limit },
+            mode: if self.audit { Mode::Audit } else { Mode::Enforce },
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
 }
 
 /// A container and how many listener fds are being served for it.
@@ -41,6 +81,7 @@ pub enum ControlError {
 /// Every container being supervised.
 pub struct Registry {
     containers: Mutex<HashMap<String, Entry>>,
+    holder: Option<Arc<Client>>,
     exits: Arc<ExitWatcher>,
     events: Arc<Events>,
     observer: Option<Arc<dyn Observer>>,
@@ -75,8 +116,14 @@ fn event(container: &str, d: &Denial) -> Event {
 }
 
 impl Registry {
-    pub fn new(exits: Arc<ExitWatcher>, events: Arc<Events>, observer: Option<Arc<dyn Observer>>) -> Arc<Registry> {
-        Arc::new(Registry { containers: Mutex::new(HashMap::new()), exits, events, observer })
+    pub fn new(
+        exits: Arc<ExitWatcher>,
+        events: Arc<Events>,
+        observer: Option<Arc<dyn Observer>>,
+        holder: Option<Client>,
+    ) -> Arc<Registry> {
+        let holder = holder.map(Arc::new);
+        Arc::new(Registry { containers: Mutex::new(HashMap::new()), holder, exits, events, observer })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
@@ -84,35 +131,92 @@ impl Registry {
     }
 
     /// Serve a listener fd of container `id`: a new container, or one more process of a known one
-    /// (`runc exec`), which joins its accounting, totals included.
-    pub fn attach(self: &Arc<Self>, id: &str, settings: Settings, listener: Listener) -> std::io::Result<()> {
-        let container = {
-            let mut containers = self.lock();
-            let entry = containers.entry(id.to_string()).or_insert_with(|| {
-                let events = self.events.clone();
-                let cid = id.to_string();
-                let sink = Box::new(move |d: &Denial| events.push(event(&cid, d)));
-                let ledger = Ledger::new(settings.limits, settings.mode, heapcap_linux::page_size());
-                let mut supervisor = Supervisor::new(ledger, self.exits.clone(), sink);
-                if let Some(o) = &self.observer {
-                    supervisor = supervisor.with_observer(o.clone());
+    /// (`runc exec`), which joins its accounting, totals included. `pid` is the process the
+    /// runtime made the listener for, if known (a successor adopts it and its descendants).
+    pub fn attach_process(
+        self: &Arc<Self>,
+        id: &str,
+        settings: Settings,
+        listener: Listener,
+        pid: Option<u32>,
+    ) -> std::io::Result<()> {
+        let container = self.entry(id, settings);
+        // Held before served: from the first call on, a crash of heapcapd loses nothing.
+        let record = Record::new(&settings).to_json();
+        let slot = match &self.holder {
+            Some(h) => match h.hold(id, pid.unwrap_or(0), record, std::os::fd::AsFd::as_fd(&listener)) {
+                Ok(slot) => Some(slot),
+                Err(e) => {
+                    tracing::error!(container = id, error = %e, "the holder did not take the listener: a heapcapd crash would break this container");
+                    None
                 }
-                supervisor.keep_finished(false);
-                tracing::info!(container = id, limit = ?settings.limits.process, total = ?settings.limits.total, mode = ?settings.mode, "supervising");
-                Entry { container: Arc::new(Container { id: id.to_string(), supervisor }), listeners: 0 }
-            });
-            entry.listeners += 1;
-            entry.container.clone()
+            },
+            None => None,
         };
+        self.serve(container, listener, slot, None)
+    }
+
+    /// Take back a listener the holder kept while heapcapd was away.
+    pub fn restore(self: &Arc<Self>, held: Held) -> std::io::Result<()> {
+        let record: Record = match serde_json::from_value(held.record.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                // Never drop a listener: its programs would fail. Serve it unquota'd, loudly.
+                tracing::error!(container = %held.container, error = %e, record = %held.record, "unreadable record: supervising in audit mode");
+                Record { limit: None, total_limit: None, audit: true, process_limits: Vec::new() }
+            }
+        };
+        let container = self.entry(&held.container, record.settings());
+        tracing::info!(container = %held.container, pid = held.pid, "taken back from the holder");
+        let resume = Resume { pid: held.pid, process_limits: record.process_limits };
+        self.serve(container, Listener::new(held.listener), Some(held.slot), Some(resume))
+    }
+
+    /// The container `id`, made with `settings` if new; counts one more listener for it.
+    fn entry(self: &Arc<Self>, id: &str, settings: Settings) -> Arc<Container> {
+        let mut containers = self.lock();
+        let entry = containers.entry(id.to_string()).or_insert_with(|| {
+            let events = self.events.clone();
+            let cid = id.to_string();
+            let sink = Box::new(move |d: &Denial| events.push(event(&cid, d)));
+            let ledger = Ledger::new(settings.limits, settings.mode, heapcap_linux::page_size());
+            let mut supervisor = Supervisor::new(ledger, self.exits.clone(), sink);
+            if let Some(o) = &self.observer {
+                supervisor = supervisor.with_observer(o.clone());
+            }
+            supervisor.keep_finished(false);
+            tracing::info!(container = id, limit = ?settings.limits.process, total = ?settings.limits.total, mode = ?settings.mode, "supervising");
+            let container = Container { id: id.to_string(), supervisor, holder: self.holder.clone() };
+            Entry { container: Arc::new(container), listeners: 0 }
+        });
+        entry.listeners += 1;
+        entry.container.clone()
+    }
+
+    fn serve(
+        self: &Arc<Self>,
+        container: Arc<Container>,
+        listener: Listener,
+        slot: Option<Slot>,
+        resume: Option<Resume>,
+    ) -> std::io::Result<()> {
         let registry = self.clone();
-        let id = id.to_string();
-        std::thread::Builder::new().name(format!("ctr-{}", &id[..id.len().min(11)])).spawn(move || {
-            if let Err(e) = container.supervisor.serve(&listener) {
+        let id = container.id.clone();
+        let id_for_error = id.clone();
+        let spawned = std::thread::Builder::new().name(format!("ctr-{}", &id[..id.len().min(11)])).spawn(move || {
+            if let (Some(resume), Some(slot)) = (resume, &slot) {
+                container.resume(&listener, slot, resume);
+            }
+            if let Err(e) = container.supervisor.serve_journaled(&listener, slot.as_ref()) {
                 tracing::error!(container = %id, error = %e, "serving failed");
             }
             drop(listener);
             registry.detach(&id);
-        })?;
+        });
+        if let Err(e) = spawned {
+            self.detach(&id_for_error);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -149,7 +253,59 @@ impl Registry {
     }
 }
 
+/// What a heapcapd taking over a listener must do before serving it.
+#[derive(Debug)]
+struct Resume {
+    /// The process the listener was made for (0: unknown).
+    pid: u32,
+    process_limits: Vec<(u32, Option<u64>)>,
+}
+
 impl Container {
+    /// Pick up a listener from a heapcapd that is gone: answer the call it left, then open
+    /// accounts for every process already under the filter (the process the listener was made
+    /// for and its descendants), with the quotas set for single processes.
+    fn resume(&self, listener: &Listener, slot: &Slot, resume: Resume) {
+        let pids = if resume.pid != 0 { descendants(resume.pid) } else { Vec::new() };
+        if let Err(e) = self.supervisor.resume(listener, slot, &pids) {
+            tracing::warn!(container = %self.id, error = %e, "cannot answer the call left by the last heapcapd");
+        }
+        if !pids.is_empty() {
+            self.supervisor.adopt(&pids);
+            tracing::info!(container = %self.id, processes = pids.len(), "accounts rebuilt from /proc");
+        }
+        if !resume.process_limits.is_empty() {
+            let shared = self.supervisor.shared();
+            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            for (pid, limit) in resume.process_limits {
+                s.ledger.set_process_limit(pid, limit);
+            }
+        }
+    }
+
+    /// Tell the holder the container's quotas now.
+    fn save(&self) {
+        let Some(holder) = &self.holder else { return };
+        let record = {
+            let shared = self.supervisor.shared();
+            let s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            let limits = s.ledger.limits();
+            let settings = Settings { limits, mode: s.ledger.mode() };
+            let mut record = Record::new(&settings);
+            record.process_limits = s
+                .ledger
+                .summaries()
+                .into_iter()
+                .filter(|p| p.limit != limits.process)
+                .map(|p| (p.pid, p.limit))
+                .collect();
+            record
+        };
+        if let Err(e) = holder.update(&self.id, record.to_json()) {
+            tracing::warn!(container = %self.id, error = %e, "cannot tell the holder the new quotas");
+        }
+    }
+
     /// The container's figures, measured exactly now.
     pub fn view(&self) -> ContainerView {
         self.supervisor.measure();
@@ -206,6 +362,31 @@ impl Container {
             let l = s.ledger.limits();
             s.ledger.set_limits(Limits { total, ..l });
         }
+        drop(s);
+        self.save();
         Ok(())
     }
+}
+
+/// `pid` and every process descended from it, from `/proc/<pid>/task/*/children`. Orphans in a
+/// container are re-parented to its init, so from the init this is every process of it.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() && out.len() < 1 << 16 {
+        let p = out[i];
+        i += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for task in tasks.flatten() {
+            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else { continue };
+            out.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok())
+                    .filter(|c| !out.contains(c))
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
+    out
 }

@@ -1,0 +1,294 @@
+//! The holder process: one thread, one epoll set (its socket, heapcapd's connection, and every
+//! listener it holds, watched for hang-up). Deliberately small: it parses one kind of message
+//! and never looks inside a record.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use heapcap_linux::journal::{Journal, Orphan, Slot};
+use heapcap_linux::notify::{Listener, Recv};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{self, sockopt::PeerCredentials};
+
+use crate::{seqpacket, FromHolder, ToHolder, VERSION};
+
+/// How the holder runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    /// How long the listeners wait for a heapcapd before the holder lets their calls through.
+    pub grace: Duration,
+    /// How many listeners it can hold.
+    pub slots: usize,
+    /// Exit if no heapcapd connects this soon after start.
+    pub first_contact: Duration,
+}
+
+const LISTEN: u64 = u64::MAX;
+const DAEMON: u64 = u64::MAX - 1;
+
+struct Entry {
+    listener: Listener,
+    container: String,
+    pid: u32,
+    record: serde_json::Value,
+}
+
+struct Holder {
+    config: Config,
+    epoll: Epoll,
+    listen: OwnedFd,
+    journal: Arc<Journal>,
+    entries: HashMap<usize, Entry>,
+    daemon: Option<OwnedFd>,
+    /// When the last heapcapd left (or the holder started), if none is connected.
+    alone_since: Option<Instant>,
+    ever_connected: bool,
+    /// Letting calls through: no heapcapd came back within the grace period.
+    failing_open: bool,
+}
+
+fn log(message: std::fmt::Arguments<'_>) {
+    eprintln!("heapcap-holder[{}]: {message}", std::process::id());
+}
+
+/// Hold listeners until there is nothing left to hold.
+pub fn run(config: Config) -> io::Result<()> {
+    let listen = seqpacket::listen(&config.socket)?;
+    let journal = Arc::new(Journal::create(config.slots)?);
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    epoll.add(&listen, EpollEvent::new(EpollFlags::EPOLLIN, LISTEN))?;
+    let mut h = Holder {
+        config,
+        epoll,
+        listen,
+        journal,
+        entries: HashMap::new(),
+        daemon: None,
+        alone_since: Some(Instant::now()),
+        ever_connected: false,
+        failing_open: false,
+    };
+    log(format_args!("holding for heapcapd on {}", h.config.socket.display()));
+    let result = h.run();
+    let _ = std::fs::remove_file(&h.config.socket);
+    result
+}
+
+impl Holder {
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = vec![EpollEvent::empty(); 64];
+        loop {
+            if let Some(since) = self.alone_since {
+                let limit = if self.ever_connected { Duration::ZERO } else { self.config.first_contact };
+                if self.entries.is_empty() && since.elapsed() >= limit {
+                    log(format_args!("nothing to hold and no heapcapd: exiting"));
+                    return Ok(());
+                }
+                if !self.failing_open && !self.entries.is_empty() && since.elapsed() >= self.config.grace {
+                    self.fail_open(true)?;
+                }
+            }
+            let n = match self.epoll.wait(&mut events, self.timeout()) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    LISTEN => self.accept(),
+                    DAEMON => self.daemon_message(),
+                    slot => self.listener_event(slot as usize, ev.events()),
+                }
+            }
+        }
+    }
+
+    fn timeout(&self) -> EpollTimeout {
+        let Some(since) = self.alone_since else { return EpollTimeout::NONE };
+        let until = if self.entries.is_empty() {
+            if self.ever_connected {
+                Duration::ZERO
+            } else {
+                self.config.first_contact
+            }
+        } else if self.failing_open {
+            return EpollTimeout::NONE;
+        } else {
+            self.config.grace
+        };
+        let left = until.saturating_sub(since.elapsed()).as_millis().clamp(1, 60_000) as u32;
+        EpollTimeout::try_from(left).unwrap_or(EpollTimeout::NONE)
+    }
+
+    /// Start (or stop) letting the held listeners' calls through.
+    fn fail_open(&mut self, on: bool) -> io::Result<()> {
+        if on {
+            log(format_args!(
+                "no heapcapd for {}: letting calls of {} listener(s) through until one connects",
+                humantime::format_duration(self.config.grace),
+                self.entries.len()
+            ));
+        }
+        self.failing_open = on;
+        let flags = if on { EpollFlags::EPOLLIN } else { EpollFlags::empty() };
+        for (slot, e) in &self.entries {
+            self.epoll.modify(e.listener.as_fd(), &mut EpollEvent::new(flags, *slot as u64))?;
+            if on {
+                // The call the last heapcapd took and never answered: nobody else will.
+                let journal_slot = Slot::new(self.journal.clone(), *slot).expect("slot in range");
+                match journal_slot.orphan(&e.listener) {
+                    Some(Orphan::Noted(n)) => drop(e.listener.allow(n.id)),
+                    Some(Orphan::Unnoted(id)) => drop(e.listener.allow(id)),
+                    None => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self) {
+        let conn = match heapcap_linux::fdpass::accept(self.listen.as_fd()) {
+            Ok(fd) => fd,
+            Err(e) => return log(format_args!("accept failed: {e}")),
+        };
+        if let Err(why) = peer_allowed(conn.as_fd()) {
+            log(format_args!("refused a connection: {why}"));
+            let _ = seqpacket::send(conn.as_fd(), &FromHolder::Error { message: why }, &[]);
+            return;
+        }
+        if self.daemon.is_some() {
+            let message = "another heapcapd is connected to this holder".to_string();
+            let _ = seqpacket::send(conn.as_fd(), &FromHolder::Error { message }, &[]);
+            return;
+        }
+        if let Err(e) = self.epoll.add(&conn, EpollEvent::new(EpollFlags::EPOLLIN, DAEMON)) {
+            return log(format_args!("cannot watch a connection: {e}"));
+        }
+        self.daemon = Some(conn);
+    }
+
+    fn daemon_gone(&mut self, why: &str) {
+        if let Some(conn) = self.daemon.take() {
+            let _ = self.epoll.delete(&conn);
+            if self.ever_connected {
+                log(format_args!("heapcapd left ({why}); holding {} listener(s)", self.entries.len()));
+            }
+            self.alone_since = Some(Instant::now());
+        }
+    }
+
+    fn daemon_message(&mut self) {
+        let Some(conn) = self.daemon.as_ref().map(|c| c.as_fd().try_clone_to_owned()) else { return };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => return self.daemon_gone(&e.to_string()),
+        };
+        let (message, mut fds) = match seqpacket::recv::<ToHolder>(conn.as_fd()) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let _ = seqpacket::send(conn.as_fd(), &FromHolder::Error { message: e.to_string() }, &[]);
+                return;
+            }
+            Err(e) => return self.daemon_gone(&e.to_string()),
+        };
+        let reply = match message {
+            ToHolder::Hello { version } => return self.hello(conn.as_fd(), version),
+            ToHolder::Hold { container, pid, record } => match (fds.pop(), fds.is_empty()) {
+                (Some(fd), true) => self.hold(container, pid, record, fd),
+                _ => Err("send exactly one listener fd with hold".to_string()),
+            },
+            ToHolder::Update { container, record } => {
+                for e in self.entries.values_mut().filter(|e| e.container == container) {
+                    e.record = record.clone();
+                }
+                return;
+            }
+        };
+        let reply = reply.unwrap_or_else(|message| FromHolder::Error { message });
+        if let Err(e) = seqpacket::send(conn.as_fd(), &reply, &[]) {
+            self.daemon_gone(&e.to_string());
+        }
+    }
+
+    fn hello(&mut self, conn: BorrowedFd<'_>, version: u32) {
+        if version != VERSION {
+            let message = format!("this holder speaks version {VERSION}, heapcapd {version}: stop the holder's containers or run a matching heapcapd");
+            let _ = seqpacket::send(conn, &FromHolder::Error { message }, &[]);
+            return self.daemon_gone("version mismatch");
+        }
+        if self.failing_open {
+            if let Err(e) = self.fail_open(false) {
+                log(format_args!("cannot stop letting calls through: {e}"));
+            }
+            log(format_args!("heapcapd is back: it answers from now on"));
+        }
+        self.ever_connected = true;
+        self.alone_since = None;
+        let welcome = FromHolder::Welcome { version: VERSION, held: self.entries.len() };
+        let mut sent = seqpacket::send(conn, &welcome, &[self.journal.as_fd()]);
+        for (slot, e) in &self.entries {
+            if sent.is_err() {
+                break;
+            }
+            let held =
+                FromHolder::Held { slot: *slot, container: e.container.clone(), pid: e.pid, record: e.record.clone() };
+            sent = seqpacket::send(conn, &held, &[e.listener.as_fd()]);
+        }
+        match sent {
+            Ok(()) if !self.entries.is_empty() => {
+                log(format_args!("handed {} listener(s) back to heapcapd", self.entries.len()))
+            }
+            Ok(()) => {}
+            Err(e) => self.daemon_gone(&e.to_string()),
+        }
+    }
+
+    fn hold(
+        &mut self,
+        container: String,
+        pid: u32,
+        record: serde_json::Value,
+        fd: OwnedFd,
+    ) -> Result<FromHolder, String> {
+        let listener =
+            Listener::verify(fd).map_err(|_| "the fd sent with hold is not a seccomp listener".to_string())?;
+        let slot = (0..self.journal.slots())
+            .find(|s| !self.entries.contains_key(s))
+            .ok_or_else(|| format!("the holder is full ({} listeners)", self.journal.slots()))?;
+        Slot::new(self.journal.clone(), slot).expect("slot in range").clear();
+        let flags = if self.failing_open { EpollFlags::EPOLLIN } else { EpollFlags::empty() };
+        self.epoll.add(listener.as_fd(), EpollEvent::new(flags, slot as u64)).map_err(|e| e.to_string())?;
+        self.entries.insert(slot, Entry { listener, container, pid, record });
+        Ok(FromHolder::Holding { slot })
+    }
+
+    fn listener_event(&mut self, slot: usize, flags: EpollFlags) {
+        let Some(e) = self.entries.get(&slot) else { return };
+        if flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+            let _ = self.epoll.delete(e.listener.as_fd());
+            self.entries.remove(&slot);
+            return;
+        }
+        if self.failing_open && flags.contains(EpollFlags::EPOLLIN) {
+            if let Ok(Recv::Notification(n)) = e.listener.recv() {
+                let _ = e.listener.allow(n.id);
+            }
+        }
+    }
+}
+
+/// Only root, or the holder's own user, may talk to it.
+fn peer_allowed(conn: BorrowedFd<'_>) -> Result<(), String> {
+    let cred = socket::getsockopt(&conn, PeerCredentials).map_err(|e| format!("cannot read peer credentials: {e}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() == 0 || cred.uid() == me {
+        Ok(())
+    } else {
+        Err(format!("peer pid {} uid {} is not allowed (root only)", cred.pid(), cred.uid()))
+    }
+}

@@ -1,0 +1,46 @@
+//! `heapcap-holder`: keeps heapcapd's listener fds (and its journal) alive while heapcapd
+//! restarts. heapcapd starts it; it exits by itself when it holds nothing and no heapcapd is
+//! connected. See the crate docs of `heapcap_holder`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use nix::sys::signal::SigSet;
+
+/// Holds heapcapd's seccomp listener fds across heapcapd crashes and upgrades.
+#[derive(Debug, Parser)]
+#[command(name = "heapcap-holder", version)]
+struct Args {
+    /// Where heapcapd connects (root only).
+    #[arg(long, value_name = "PATH", default_value = "/run/heapcap/holder.sock")]
+    socket: PathBuf,
+    /// How long containers' heap growth waits for heapcapd to come back before it is let through
+    /// unquota'd (until heapcapd returns).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// How many listeners (containers plus `exec`s) it can hold.
+    #[arg(long, value_name = "N", default_value_t = 65536)]
+    slots: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // Started by heapcapd, which blocks SIGTERM/SIGINT for itself: signals end us normally.
+    let _ = SigSet::all().thread_unblock();
+    let config = heapcap_holder::holder::Config {
+        socket: args.socket,
+        grace: args.grace,
+        slots: args.slots.max(1),
+        first_contact: Duration::from_secs(30),
+    };
+    match heapcap_holder::holder::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("heapcap-holder: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
