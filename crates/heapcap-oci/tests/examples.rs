@@ -121,6 +121,7 @@ fn systemd_unit_runs_heapcapd_with_what_it_needs() {
     assert_eq!(get("RuntimeDirectory"), ["heapcap"], "the listenerPath is /run/heapcap/heapcapd.sock");
     assert_eq!(get("RuntimeDirectoryMode"), ["0700"]);
     assert_eq!(get("Restart"), ["on-failure"]);
+    assert_eq!(get("KillMode"), ["process"], "a restart must not kill heapcap-holder, which keeps the listener fds");
     let caps = get("CapabilityBoundingSet").join(" ");
     for cap in ["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"] {
         assert!(caps.split_whitespace().any(|c| c == cap), "{cap} missing: heapcapd reads other processes' /proc");
