@@ -158,13 +158,10 @@ impl Holder {
         };
         if let Err(why) = peer_allowed(conn.as_fd()) {
             log(format_args!("refused a connection: {why}"));
-            let _ = seqpacket::send(conn.as_fd(), &FromHolder::Error { message: why }, &[]);
-            return;
+            return refuse(conn, why);
         }
         if self.daemon.is_some() {
-            let message = "another heapcapd is connected to this holder".to_string();
-            let _ = seqpacket::send(conn.as_fd(), &FromHolder::Error { message }, &[]);
-            return;
+            return refuse(conn, "another heapcapd is connected to this holder".to_string());
         }
         if let Err(e) = self.epoll.add(&conn, EpollEvent::new(EpollFlags::EPOLLIN, DAEMON)) {
             return log(format_args!("cannot watch a connection: {e}"));
@@ -280,6 +277,15 @@ impl Holder {
             }
         }
     }
+}
+
+/// Say why, then close. The peer's hello is read first (for at most a moment): closing a UNIX
+/// socket with unread data makes the peer see ECONNRESET instead of the reason.
+fn refuse(conn: OwnedFd, message: String) {
+    let timeout = nix::sys::time::TimeVal::new(0, 200_000);
+    let _ = socket::setsockopt(&conn, socket::sockopt::ReceiveTimeout, &timeout);
+    let _ = seqpacket::recv::<serde_json::Value>(conn.as_fd());
+    let _ = seqpacket::send(conn.as_fd(), &FromHolder::Error { message }, &[]);
 }
 
 /// Only root, or the holder's own user, may talk to it.

@@ -1,0 +1,47 @@
+//! The holder's own socket: one heapcapd at a time, only listener fds are held, and it goes away
+//! when it holds nothing and its heapcapd left.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use heapcap_holder::holder::{run, Config};
+use heapcap_holder::Client;
+
+#[test]
+fn one_heapcapd_at_a_time_only_listeners_and_gone_when_empty() {
+    let dir = std::env::temp_dir().join(format!("heapcap-holder-test-{}", std::process::id()));
+    let socket = dir.join("holder.sock");
+    let config = Config {
+        socket: socket.clone(),
+        grace: Duration::from_secs(1),
+        slots: 8,
+        first_contact: Duration::from_secs(20),
+    };
+    let holder = std::thread::spawn(move || run(config));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (client, held) = loop {
+        match Client::connect(&socket) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "holder did not come up: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    assert!(held.is_empty());
+
+    let second = Client::connect(&socket).expect_err("a second heapcapd must be refused");
+    assert!(second.to_string().contains("another heapcapd is connected"), "{second}");
+
+    let (r, _w) = std::io::pipe().expect("pipe");
+    let refused = client.hold("c1", 1, serde_json::json!({}), r.as_fd()).expect_err("a pipe is not a listener");
+    assert!(refused.to_string().contains("not a seccomp listener"), "{refused}");
+    // Still serving after the bad request.
+    client.update("c1", serde_json::json!({"limit": 1})).expect("update");
+
+    drop(client);
+    let ended = holder.join().expect("holder thread");
+    assert!(ended.is_ok(), "{ended:?}");
+    assert!(!socket.exists(), "the holder left its socket behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
