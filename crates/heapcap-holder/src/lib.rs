@@ -24,7 +24,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use heapcap_linux::journal::{Journal, Slot};
@@ -84,10 +84,11 @@ pub struct Held {
     pub slot: Slot,
 }
 
-/// heapcapd's connection to the holder.
+/// heapcapd's connection to the holder. Requests from several threads are serialised, so each
+/// gets its own answer.
 #[derive(Debug)]
 pub struct Client {
-    sock: OwnedFd,
+    sock: Mutex<OwnedFd>,
     journal: Arc<Journal>,
 }
 
@@ -99,6 +100,9 @@ impl Client {
     /// Connect, and take back everything the holder holds.
     pub fn connect(path: &Path) -> io::Result<(Client, Vec<Held>)> {
         let sock = seqpacket::connect(path)?;
+        // A holder that stops answering must not hang container starts.
+        let timeout = nix::sys::time::TimeVal::new(5, 0);
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
         seqpacket::send(sock.as_fd(), &ToHolder::Hello { version: VERSION }, &[])?;
         let (welcome, mut fds) = seqpacket::recv::<FromHolder>(sock.as_fd())?;
         let held = match welcome {
@@ -121,7 +125,7 @@ impl Client {
             let slot = Slot::new(journal.clone(), slot).ok_or_else(|| protocol(format!("no journal slot {slot}")))?;
             out.push(Held { container, pid, record, listener, slot });
         }
-        Ok((Client { sock, journal }, out))
+        Ok((Client { sock: Mutex::new(sock), journal }, out))
     }
 
     /// Hand a copy of `listener` to the holder; returns its journal slot.
@@ -133,8 +137,9 @@ impl Client {
         listener: BorrowedFd<'_>,
     ) -> io::Result<Slot> {
         let message = ToHolder::Hold { container: container.to_string(), pid, record };
-        seqpacket::send(self.sock.as_fd(), &message, &[listener])?;
-        match seqpacket::recv::<FromHolder>(self.sock.as_fd())?.0 {
+        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        seqpacket::send(sock.as_fd(), &message, &[listener])?;
+        match seqpacket::recv::<FromHolder>(sock.as_fd())?.0 {
             FromHolder::Holding { slot } => {
                 Slot::new(self.journal.clone(), slot).ok_or_else(|| protocol(format!("no journal slot {slot}")))
             }
@@ -145,7 +150,8 @@ impl Client {
 
     /// Replace the record of every listener of `container`.
     pub fn update(&self, container: &str, record: serde_json::Value) -> io::Result<()> {
-        seqpacket::send(self.sock.as_fd(), &ToHolder::Update { container: container.to_string(), record }, &[])
+        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        seqpacket::send(sock.as_fd(), &ToHolder::Update { container: container.to_string(), record }, &[])
     }
 }
 
