@@ -1,6 +1,7 @@
 //! heapcap's changes to OCI runtime specs: its seccomp notify rules as `linux.seccomp` entries,
 //! a profile of its own, and a merge into an existing profile that never widens it.
 //!
+//! - [`agent`]: the OCI seccomp agent message runtimes send to heapcapd, parsed ([`agent::parse`]).
 //! - [`condition`]: argument conditions as sets of calls, to split a rule exactly in two.
 //! - [`seccomp`]: the notify rules as OCI syscall entries ([`notify_syscalls`]), what they mean
 //!   on each ABI, and [`heapcap_profile`].
@@ -14,6 +15,7 @@
 //! No I/O: callers read and write the files.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod condition;
 pub mod containers;
 #[cfg(test)]

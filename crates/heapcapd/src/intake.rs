@@ -11,15 +11,14 @@ use std::time::Duration;
 use heapcap_linux::fdpass::recv_fds;
 use heapcap_linux::notify::Listener;
 use heapcap_linux::pidfd::Pidfd;
+use heapcap_oci::agent::{self, AgentError, AgentMessage, MAX_MESSAGE};
 use heapcap_policy::ledger::{Limits, Mode};
-use heapcap_policy::settings::{self, Settings, SettingsError};
-use oci_spec::runtime::{ContainerProcessState, SECCOMP_FD_NAME};
+use heapcap_policy::settings::{Settings, SettingsError};
+use oci_spec::runtime::SECCOMP_FD_NAME;
 
 use crate::registry::Registry;
 use crate::sockets::peer_allowed;
 
-/// The largest state message taken (annotations included).
-const MAX_MESSAGE: usize = 1 << 20;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What to do with a container whose heapcap settings are bad.
@@ -40,16 +39,10 @@ pub enum IntakeError {
     Read(#[source] std::io::Error),
     #[error("message larger than {MAX_MESSAGE} bytes")]
     TooLarge,
-    #[error("the state is not valid JSON: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("the state names no \"{SECCOMP_FD_NAME}\" in \"fds\" ({0:?})")]
-    NoSeccompFd(Vec<String>),
-    #[error("the state names {names} fds but {got} came with the message")]
-    FdCount { names: usize, got: usize },
+    #[error(transparent)]
+    Message(#[from] AgentError),
     #[error("the fd sent as {SECCOMP_FD_NAME} is not a seccomp listener")]
     NotAListener,
-    #[error("the state has no container id")]
-    NoId,
     #[error("container {id}: {source}; it was refused (start heapcapd with --bad-settings audit to run such containers unquota'd)")]
     Refused { id: String, source: SettingsError },
     #[error("cannot start serving: {0}")]
@@ -107,25 +100,12 @@ pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettin
         tracing::debug!("agent connection closed without a message");
         return Ok(());
     }
-    let state: ContainerProcessState = serde_json::from_slice(&data)?;
-    let index = state
-        .fds()
-        .iter()
-        .position(|n| n == SECCOMP_FD_NAME)
-        .ok_or_else(|| IntakeError::NoSeccompFd(state.fds().clone()))?;
-    if fds.len() != state.fds().len() {
-        return Err(IntakeError::FdCount { names: state.fds().len(), got: fds.len() });
-    }
-    let listener = Listener::verify(fds.swap_remove(index)).map_err(|_| IntakeError::NotAListener)?;
+    // Every fd received is closed on return but the listener, whatever the message says.
+    let message = agent::parse(&data, fds.len())?;
+    let listener = Listener::verify(fds.swap_remove(message.seccomp_fd)).map_err(|_| IntakeError::NotAListener)?;
     drop(fds);
-    let container = state.state();
-    let id = container.id().clone();
-    if id.is_empty() {
-        return Err(IntakeError::NoId);
-    }
-    let annotations = container.annotations().clone().unwrap_or_default();
-    let pairs = annotations.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-    let settings = match settings::resolve(pairs, state.metadata().as_deref()) {
+    let AgentMessage { id, pid, settings, .. } = message;
+    let settings = match settings {
         Ok(Some(s)) => s,
         Ok(None) => {
             tracing::info!(container = %id, "no heapcap settings: tracked without a quota");
@@ -133,7 +113,7 @@ pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettin
         }
         Err(source) => match on_bad {
             OnBadSettings::Refuse => {
-                refuse(runtime, *state.pid(), &id, &source);
+                refuse(runtime, pid, &id, &source);
                 return Err(IntakeError::Refused { id, source });
             }
             OnBadSettings::Audit => {
@@ -142,20 +122,20 @@ pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettin
             }
         },
     };
-    let pid = u32::try_from(*state.pid()).ok().filter(|p| *p > 0);
     registry.attach_process(&id, settings, listener, pid).map_err(IntakeError::Serve)
 }
 
 /// Stop a container whose settings are bad before it runs the user's program, and say why on
 /// the stderr of the runtime that sent it (what `runc run` prints and podman reports as the OCI
 /// runtime's error), or else of the container's init. The protocol has no answer channel.
-fn refuse(runtime: i32, init: i32, id: &str, why: &SettingsError) {
+fn refuse(runtime: i32, init: Option<u32>, id: &str, why: &SettingsError) {
     let message = format!("heapcapd: container {id} refused: {why}\n");
-    let told = [runtime, init].into_iter().any(|pid| tell(pid, &message));
-    if let Some(pidfd) = u32::try_from(init).ok().and_then(|p| Pidfd::open(p).ok()) {
+    let init_pid = init.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+    let told = [runtime, init_pid].into_iter().any(|pid| tell(pid, &message));
+    if let Some(pidfd) = init.and_then(|p| Pidfd::open(p).ok()) {
         let _ = pidfd.signal(nix::sys::signal::Signal::SIGKILL as i32);
     }
-    tracing::error!(container = id, runtime, init, told, error = %why, "container refused");
+    tracing::error!(container = id, runtime, init = init_pid, told, error = %why, "container refused");
 }
 
 /// Write `message` to the stderr of `pid`, if it is still that process.

@@ -1,0 +1,205 @@
+//! The OCI seccomp agent message: what runc and crun send to `linux.seccomp.listenerPath` (and
+//! what heapcap's own hook sends), parsed without I/O. One message per connection: the container
+//! process state as JSON, with the fds it names in `fds` passed alongside as `SCM_RIGHTS`.
+//!
+//! [`parse`] takes the bytes read and how many fds came with them; the caller (heapcapd's intake)
+//! owns the fds, keeps the one at [`AgentMessage::seccomp_fd`] and closes the rest.
+
+use heapcap_policy::settings::{self, Settings, SettingsError};
+use oci_spec::runtime::{ContainerProcessState, SECCOMP_FD_NAME};
+
+/// The largest message taken, annotations included.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// Everything heapcapd needs from one agent message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentMessage {
+    /// The container id (`state.id`), never empty.
+    pub id: String,
+    /// The container's init as the runtime sees it (`pid`), if the state gives one (> 0).
+    pub pid: Option<u32>,
+    /// Index of the seccomp listener among the fds received (`fds` names it `seccompFd`).
+    pub seccomp_fd: usize,
+    /// The container's heapcap settings from its annotations and `listenerMetadata`:
+    /// `Ok(None)` when it asks for none, `Err` with what to write instead when they are bad.
+    /// The message itself is fine either way: what to do with bad settings is the caller's policy.
+    pub settings: Result<Option<Settings>, SettingsError>,
+}
+
+/// Why a message cannot be taken. Each says what the sender got wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    #[error("empty message: no state and no fds")]
+    Empty,
+    #[error("message of {0} bytes is larger than {MAX_MESSAGE} bytes")]
+    TooLarge(usize),
+    #[error("the state is not a JSON container process state: {0}")]
+    Json(String),
+    #[error("the state names no \"{SECCOMP_FD_NAME}\" in \"fds\" ({0:?})")]
+    NoSeccompFd(Vec<String>),
+    #[error("the state names {names} fds but {got} came with the message")]
+    FdCount { names: usize, got: usize },
+    #[error("the state has no container id")]
+    NoId,
+}
+
+/// Parse one agent message: `data` is everything read from the connection, `fds_received` how
+/// many fds came with it.
+pub fn parse(data: &[u8], fds_received: usize) -> Result<AgentMessage, AgentError> {
+    if data.len() > MAX_MESSAGE {
+        return Err(AgentError::TooLarge(data.len()));
+    }
+    if data.iter().all(u8::is_ascii_whitespace) {
+        if fds_received == 0 {
+            return Err(AgentError::Empty);
+        }
+        return Err(AgentError::Json(format!("{fds_received} fds came with no state")));
+    }
+    // serde takes a struct from a JSON array too (`[]` would be a state of defaults): only an object is a state.
+    if data.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(AgentError::Json("expected a JSON object".into()));
+    }
+    let state: ContainerProcessState = serde_json::from_slice(data).map_err(|e| AgentError::Json(e.to_string()))?;
+    let names = state.fds();
+    let seccomp_fd =
+        names.iter().position(|n| n == SECCOMP_FD_NAME).ok_or_else(|| AgentError::NoSeccompFd(names.clone()))?;
+    if fds_received != names.len() {
+        return Err(AgentError::FdCount { names: names.len(), got: fds_received });
+    }
+    let container = state.state();
+    let id = container.id().clone();
+    if id.is_empty() {
+        return Err(AgentError::NoId);
+    }
+    let annotations = container.annotations().as_ref();
+    let pairs = annotations.into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_str()));
+    let settings = settings::resolve(pairs, state.metadata().as_deref());
+    let pid = u32::try_from(*state.pid()).ok().filter(|p| *p > 0);
+    Ok(AgentMessage { id, pid, seccomp_fd, settings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use heapcap_policy::ledger::Mode;
+    use serde_json::json;
+
+    fn state(fds: &[&str], id: &str, annotations: serde_json::Value, metadata: Option<&str>) -> Vec<u8> {
+        let mut v = json!({
+            "ociVersion": "1.2.0",
+            "fds": fds,
+            "pid": 4242,
+            "state": {"ociVersion": "1.2.0", "id": id, "status": "creating", "pid": 4242, "bundle": "/b",
+                      "annotations": annotations},
+        });
+        if let Some(m) = metadata {
+            v["metadata"] = json!(m);
+        }
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn takes_a_runc_message() {
+        let data = state(&["seccompFd"], "c1", json!({"heapcap.io/limit": "64Mi"}), None);
+        let m = parse(&data, 1).unwrap();
+        assert_eq!(m.id, "c1");
+        assert_eq!(m.pid, Some(4242));
+        assert_eq!(m.seccomp_fd, 0);
+        let s = m.settings.unwrap().unwrap();
+        assert_eq!(s.limits.process, Some(64 << 20));
+        assert_eq!(s.mode, Mode::Enforce);
+    }
+
+    #[test]
+    fn finds_the_seccomp_fd_among_others() {
+        let data = state(&["pidFd", "seccompFd"], "c1", json!({}), None);
+        assert_eq!(parse(&data, 2).unwrap().seccomp_fd, 1);
+    }
+
+    #[test]
+    fn no_settings_is_none() {
+        let data = state(&["seccompFd"], "c1", json!({"other.io/x": "1"}), None);
+        assert_eq!(parse(&data, 1).unwrap().settings, Ok(None));
+        let mut v: serde_json::Value = serde_json::from_slice(&data).unwrap();
+        v["state"].as_object_mut().unwrap().remove("annotations");
+        assert_eq!(parse(&serde_json::to_vec(&v).unwrap(), 1).unwrap().settings, Ok(None));
+    }
+
+    #[test]
+    fn metadata_settings_and_annotations_win() {
+        let data = state(&["seccompFd"], "c1", json!({"heapcap.io/mode": "audit"}), Some("heapcap.io/limit=1Mi"));
+        let s = parse(&data, 1).unwrap().settings.unwrap().unwrap();
+        assert_eq!(s.limits.process, Some(1 << 20));
+        assert_eq!(s.mode, Mode::Audit);
+    }
+
+    #[test]
+    fn bad_settings_parse_with_the_reason() {
+        for (k, v, says) in [
+            ("heapcap.io/limit", "lots", "heapcap.io/limit"),
+            ("heapcap.io/limit", "-1", "heapcap.io/limit"),
+            ("heapcap.io/total-limit", "", "heapcap.io/total-limit"),
+            ("heapcap.io/mode", "strict", "write enforce or audit"),
+            ("heapcap.io/limt", "1Mi", "unknown setting 'heapcap.io/limt'"),
+        ] {
+            let data = state(&["seccompFd"], "c1", json!({k: v}), None);
+            let m = parse(&data, 1).unwrap();
+            let err = m.settings.expect_err(k).to_string();
+            assert!(err.contains(says), "{k}={v}: {err}");
+        }
+        let data = state(&["seccompFd"], "c1", json!({}), Some("{{{"));
+        assert!(matches!(parse(&data, 1).unwrap().settings, Err(SettingsError::Metadata(_))));
+    }
+
+    #[test]
+    fn empty_and_whitespace() {
+        assert_eq!(parse(b"", 0), Err(AgentError::Empty));
+        assert_eq!(parse(b" \n", 0), Err(AgentError::Empty));
+        assert!(matches!(parse(b"", 1), Err(AgentError::Json(_))));
+    }
+
+    #[test]
+    fn not_json_or_wrong_schema() {
+        for data in [&b"hello"[..], b"{", b"{\"fds\": 3}", b"[]", b"\xff\xfe", b"{\"pid\": \"x\"}", b"null"] {
+            assert!(matches!(parse(data, 1), Err(AgentError::Json(_))), "{:?}", String::from_utf8_lossy(data));
+        }
+        let mut data = state(&["seccompFd"], "c1", json!({}), None);
+        data.extend_from_slice(b"{}");
+        assert!(matches!(parse(&data, 1), Err(AgentError::Json(_))), "trailing data");
+        let data = state(&["seccompFd"], "c1", json!({}), None);
+        assert!(matches!(parse(&data[..data.len() - 3], 1), Err(AgentError::Json(_))), "truncated");
+    }
+
+    #[test]
+    fn fd_names_and_counts() {
+        let data = state(&[], "c1", json!({}), None);
+        assert_eq!(parse(&data, 0), Err(AgentError::NoSeccompFd(vec![])));
+        let data = state(&["pidFd"], "c1", json!({}), None);
+        assert_eq!(parse(&data, 1), Err(AgentError::NoSeccompFd(vec!["pidFd".into()])));
+        let data = state(&["seccompFd"], "c1", json!({}), None);
+        assert_eq!(parse(&data, 0), Err(AgentError::FdCount { names: 1, got: 0 }));
+        assert_eq!(parse(&data, 3), Err(AgentError::FdCount { names: 1, got: 3 }));
+    }
+
+    #[test]
+    fn no_id() {
+        let data = state(&["seccompFd"], "", json!({}), None);
+        assert_eq!(parse(&data, 1), Err(AgentError::NoId));
+    }
+
+    #[test]
+    fn pid_zero_or_negative_is_none() {
+        for pid in [0, -5] {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&state(&["seccompFd"], "c1", json!({}), None)).unwrap();
+            v["pid"] = json!(pid);
+            assert_eq!(parse(&serde_json::to_vec(&v).unwrap(), 1).unwrap().pid, None);
+        }
+    }
+
+    #[test]
+    fn too_large() {
+        let data = vec![b' '; MAX_MESSAGE + 1];
+        assert_eq!(parse(&data, 1), Err(AgentError::TooLarge(MAX_MESSAGE + 1)));
+    }
+}
