@@ -29,3 +29,10 @@ if [ "${1:-}" = "--ci" ] && ! command -v cargo-deny >/dev/null 2>&1; then
   echo "setup: installing cargo-deny" >&2
   cargo install --locked --quiet cargo-deny
 fi
+
+# scripts/fuzz.sh: cargo-fuzz at a pinned version (replacing any other version).
+cargo_fuzz_version=0.13.2
+if [ "${1:-}" = "--ci" ] && [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $cargo_fuzz_version" ]; then
+  echo "setup: installing cargo-fuzz $cargo_fuzz_version" >&2
+  cargo install --locked --quiet --force cargo-fuzz --version "$cargo_fuzz_version"
+fi

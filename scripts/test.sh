@@ -15,5 +15,6 @@ step env RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked --quie
 # Advisories need the RustSec database from GitHub, which is out of reach here (see deny.toml).
 step cargo deny --log-level error check bans licenses sources
 step cargo test --workspace --locked
+step scripts/fuzz.sh  # every parser fuzzed for 20 s (fuzz/, cargo-fuzz on stable with RUSTC_BOOTSTRAP=1)
 # The benchmark harness still runs (a tiny configuration; benchmarks never fail on a number).
 step scripts/bench.sh --tiny

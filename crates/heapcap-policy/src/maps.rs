@@ -99,7 +99,7 @@ impl Maps {
 
     /// Counted heap bytes.
     pub fn counted(&self) -> u64 {
-        self.vmas.iter().filter(|v| v.counted()).map(Vma::len).sum()
+        saturating_sum(self.vmas.iter().filter(|v| v.counted()).map(Vma::len))
     }
 
     /// End of the `[heap]` mapping: the page-aligned program break, if the heap was ever grown.
@@ -114,19 +114,27 @@ impl Maps {
 
     /// Counted bytes inside `[start, end)`.
     pub fn counted_in(&self, start: u64, end: u64) -> u64 {
-        self.overlapping(start, end).filter(|v| v.counted()).map(|v| v.overlap(start, end)).sum()
+        saturating_sum(self.overlapping(start, end).filter(|v| v.counted()).map(|v| v.overlap(start, end)))
     }
 
     /// Bytes inside `[start, end)` that are anonymous private but not writable: what an
     /// `mprotect(PROT_WRITE)` of that range would add to the heap.
     pub fn protect_growth(&self, start: u64, end: u64) -> u64 {
-        self.overlapping(start, end).filter(|v| v.anon_private && !v.writable).map(|v| v.overlap(start, end)).sum()
+        saturating_sum(
+            self.overlapping(start, end).filter(|v| v.anon_private && !v.writable).map(|v| v.overlap(start, end)),
+        )
     }
 
     /// The mapping that contains `addr`.
     pub fn containing(&self, addr: u64) -> Option<&Vma> {
         self.overlapping(addr, addr.saturating_add(1)).next()
     }
+}
+
+/// A sum that stops at `u64::MAX`: lines that overlap (text not from one consistent read of the
+/// kernel's list) must not overflow it.
+fn saturating_sum(values: impl Iterator<Item = u64>) -> u64 {
+    values.fold(0, u64::saturating_add)
 }
 
 #[cfg(test)]
@@ -173,6 +181,16 @@ mod tests {
         assert!(Maps::parse("hello world\n").is_err());
         assert!(Maps::parse("2000-1000 rw-p 0 0 0\n").is_err());
         assert_eq!(Maps::parse("").unwrap().counted(), 0);
+    }
+
+    #[test]
+    fn overlapping_lines_do_not_overflow() {
+        // An input for the `maps` fuzz target: `sum()` overflowed (a panic with overflow checks on).
+        let text = "0-ffffffffffffffff rw-p 00000000 00:00 0\n0-ffffffffffffffff r--p 00000000 00:00 0\n";
+        let m = Maps::parse(&text.repeat(2)).unwrap();
+        assert_eq!(m.counted(), u64::MAX);
+        assert_eq!(m.counted_in(0, u64::MAX), u64::MAX);
+        assert_eq!(m.protect_growth(0, u64::MAX), u64::MAX);
     }
 
     proptest! {

@@ -90,7 +90,10 @@ pub fn resolve<'a>(
     let mut settings = Settings::default();
     let mut any = false;
     let meta = metadata.map(metadata_pairs).transpose()?.unwrap_or_default();
-    let ann: Vec<(&str, &str)> = annotations.into_iter().filter(|(k, _)| k.starts_with(PREFIX)).collect();
+    let mut ann: Vec<(&str, &str)> = annotations.into_iter().filter(|(k, _)| k.starts_with(PREFIX)).collect();
+    // Annotations come from hash maps: in key order, the error named for several bad keys is
+    // the same on every run.
+    ann.sort_unstable();
     for (k, v) in meta.iter().filter(|(k, _)| !ann.iter().any(|(a, _)| a == k)) {
         apply(&mut settings, k, v)?;
         any = true;
@@ -119,6 +122,16 @@ mod tests {
         let s = resolve([(MODE, "audit")], None).unwrap().unwrap();
         assert_eq!(s.mode, Mode::Audit);
         assert_eq!(resolve([("other", "1")], None).unwrap(), None, "no heapcap key: not ours");
+    }
+
+    #[test]
+    fn several_bad_keys_name_the_same_one_whatever_the_order() {
+        let pairs = [(MODE, "strict"), (LIMIT, "lots"), ("heapcap.io/zzz", "1")];
+        let first = resolve(pairs, None).unwrap_err();
+        let mut reversed = pairs;
+        reversed.reverse();
+        assert_eq!(resolve(reversed, None).unwrap_err(), first);
+        assert!(first.to_string().contains(LIMIT), "{first}");
     }
 
     #[test]
