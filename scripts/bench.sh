@@ -19,6 +19,6 @@ for a in "$@"; do
         profile=dev
     fi
 done
-cargo build --profile "$profile" --locked -q -p heapcap -p heapcapd -p heapcap-bench
+cargo build --profile "$profile" --locked -q -p heapcap -p heapcapd -p heapcap-holder -p heapcap-bench
 dir=target/$([ "$profile" = dev ] && echo debug || echo release)
 exec "$dir/heapcap-bench" --bin-dir "$dir" --out "$out" --command-line "$(echo scripts/bench.sh "$@")" "$@"

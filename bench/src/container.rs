@@ -34,6 +34,9 @@ impl Daemon {
             .arg(&agent)
             .arg("--control-socket")
             .arg(dir.join("control.sock"))
+            // Its own fd holder (started by heapcapd from beside it; it exits once idle).
+            .arg("--holder-socket")
+            .arg(dir.join("holder.sock"))
             .args(["--metrics-addr", &metrics])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

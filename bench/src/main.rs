@@ -24,7 +24,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(version)]
 pub struct Args {
-    /// Where `heapcap` and `heapcapd` (release builds) are.
+    /// Where `heapcap`, `heapcapd` and `heapcap-holder` (release builds) are.
     #[arg(long, default_value = "target/release")]
     pub bin_dir: PathBuf,
     /// Where the fixtures' C sources are.
@@ -66,6 +66,9 @@ impl Args {
     pub fn heapcapd(&self) -> PathBuf {
         self.bin_dir.join("heapcapd")
     }
+    pub fn holder(&self) -> PathBuf {
+        self.bin_dir.join("heapcap-holder")
+    }
 }
 
 /// One measurement's part of the results file, and what broke in it.
@@ -92,10 +95,10 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<usize> {
     let started = Instant::now();
-    for bin in [args.heapcap(), args.heapcapd()] {
+    for bin in [args.heapcap(), args.heapcapd(), args.holder()] {
         anyhow::ensure!(
             bin.exists(),
-            "no {} (build with `cargo build --release -p heapcap -p heapcapd`)",
+            "no {} (build with `cargo build --release -p heapcap -p heapcapd -p heapcap-holder`)",
             bin.display()
         );
     }

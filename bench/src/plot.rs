@@ -84,8 +84,9 @@ pub fn lines(
     xs: &[f64],
     series: &[(String, Vec<f64>)],
 ) -> Result<()> {
-    let ymax =
-        series.iter().flat_map(|s| s.1.iter().copied()).filter(|v| v.is_finite()).fold(0.0, f64::max) * 1.1 + 1e-9;
+    let finite = || series.iter().flat_map(|s| s.1.iter().copied()).filter(|v| v.is_finite() && *v > 0.0);
+    let ymax = finite().fold(0.0, f64::max) * 1.3 + 1e-9;
+    let ymin = finite().fold(f64::INFINITY, f64::min).min(ymax) * 0.7;
     let xmin = xs.iter().copied().fold(f64::INFINITY, f64::min) * 0.8;
     let xmax = xs.iter().copied().fold(0.0, f64::max) * 1.25;
     let root = SVGBackend::new(path, (800, 450)).into_drawing_area();
@@ -95,12 +96,13 @@ pub fn lines(
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((xmin..xmax).log_scale(), 0f64..ymax)
+        .build_cartesian_2d((xmin..xmax).log_scale(), (ymin.max(1e-9)..ymax).log_scale())
         .map_err(e)?;
-    chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).draw().map_err(e)?;
+    chart.configure_mesh().x_desc(x_desc).y_desc(format!("{y_desc} (log scale)")).draw().map_err(e)?;
     for (i, (name, ys)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> = xs.iter().copied().zip(ys.iter().copied()).filter(|p| p.1.is_finite()).collect();
+        let pts: Vec<(f64, f64)> =
+            xs.iter().copied().zip(ys.iter().copied()).filter(|p| p.1.is_finite() && p.1 > 0.0).collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(e)?

@@ -5,7 +5,8 @@
 //! - [`inject`]: installing the filter into another process with ptrace (x86_64), for OCI hooks.
 //! - [`notify`]: the seccomp listener fd: receive, answer, check a notification is still valid.
 //! - [`pidfd`]: process and thread handles that cannot be fooled by pid reuse.
-//! - [`procfs`]: `/proc/<pid>` readers (maps, stat, status, syscall, mem).
+//! - [`procfs`]: `/proc/<pid>` readers (maps, stat, statm, status, syscall, mem).
+//! - [`procmap`]: `PROCMAP_QUERY` (6.11+), the mappings without the text of `/proc/<pid>/maps`.
 //! - [`fdpass`]: passing fds over UNIX sockets (`SCM_RIGHTS`).
 //! - [`spawn`]: starting a command under the filter.
 //!
@@ -18,6 +19,7 @@ pub mod journal;
 pub mod notify;
 pub mod pidfd;
 pub mod procfs;
+pub mod procmap;
 pub mod spawn;
 
 /// The system page size.

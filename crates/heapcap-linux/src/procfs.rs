@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use heapcap_policy::ledger::{CallKey, Snapshot, ThreadState};
 use heapcap_policy::maps::{Maps, MapsError};
 
+use crate::procmap;
+
 /// Why a `/proc` read failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
@@ -35,15 +37,26 @@ impl ProcError {
     }
 }
 
+/// How the mappings are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MapsReader {
+    /// `PROCMAP_QUERY` where the kernel has it (6.11+), the text otherwise.
+    #[default]
+    Auto,
+    /// Always the text of `/proc/<pid>/maps` (fixture trees; benchmarks).
+    Text,
+}
+
 /// A `/proc` mount (the real one, or a fixture directory in tests).
 #[derive(Debug, Clone)]
 pub struct ProcFs {
     root: PathBuf,
+    maps: MapsReader,
 }
 
 impl Default for ProcFs {
     fn default() -> Self {
-        ProcFs { root: PathBuf::from("/proc") }
+        ProcFs { root: PathBuf::from("/proc"), maps: MapsReader::Auto }
     }
 }
 
@@ -59,8 +72,15 @@ pub struct Opened {
 }
 
 impl ProcFs {
+    /// A fixture tree: its `maps` are text files, read as text.
     pub fn with_root(root: impl Into<PathBuf>) -> ProcFs {
-        ProcFs { root: root.into() }
+        ProcFs { root: root.into(), maps: MapsReader::Text }
+    }
+
+    /// The same mount, reading the mappings as `maps` says.
+    pub fn with_maps_reader(mut self, maps: MapsReader) -> ProcFs {
+        self.maps = maps;
+        self
     }
 
     fn path(&self, pid: u32, file: &str) -> PathBuf {
@@ -85,16 +105,35 @@ impl ProcFs {
         Ok(Opened { maps: self.open(pid, "maps")?, stat: self.open(pid, "stat")? })
     }
 
-    /// Read and parse a snapshot opened with [`ProcFs::open_snapshot`].
+    /// Read and parse a snapshot opened with [`ProcFs::open_snapshot`]: the counted heap and the
+    /// program break (what admitting and refreshing need).
     pub fn read_snapshot(&self, opened: Opened, buf: &mut String) -> Result<Snapshot, ProcError> {
+        self.read_snapshot_for(opened, buf, None)
+    }
+
+    /// [`ProcFs::read_snapshot`], plus every mapping overlapping `range` (`[start, end)`), which
+    /// a request that looks at memory not yet counted (`mprotect`) needs.
+    pub fn read_snapshot_for(
+        &self,
+        opened: Opened,
+        buf: &mut String,
+        range: Option<(u64, u64)>,
+    ) -> Result<Snapshot, ProcError> {
+        let (path, mut stat) = opened.stat;
+        let mut text = String::with_capacity(1024); // one read: the line is a few hundred bytes
+        stat.read_to_string(&mut text).map_err(io_err(&path))?;
+        let start_brk = parse_stat_start_brk(&text).ok_or(ProcError::Format { path, text })?;
         let (path, mut maps) = opened.maps;
+        if self.maps == MapsReader::Auto && procmap::supported() {
+            match procmap::walk(&maps, range, Some(start_brk)) {
+                Ok(vmas) => return Ok(Snapshot { maps: Maps::from_vmas(vmas), start_brk: Some(start_brk) }),
+                Err(procmap::WalkError::Io(source)) => return Err(ProcError::Io { path, source }),
+                Err(procmap::WalkError::Unsupported) => {} // the text, from the same fd
+            }
+        }
         buf.clear();
         maps.read_to_string(buf).map_err(io_err(&path))?;
         let maps = Maps::parse(buf)?;
-        let (path, mut stat) = opened.stat;
-        let mut text = String::new();
-        stat.read_to_string(&mut text).map_err(io_err(&path))?;
-        let start_brk = parse_stat_start_brk(&text).ok_or(ProcError::Format { path, text })?;
         Ok(Snapshot { maps, start_brk: Some(start_brk) })
     }
 
@@ -102,6 +141,23 @@ impl ProcFs {
     pub fn snapshot(&self, pid: u32, buf: &mut String) -> Result<Snapshot, ProcError> {
         let opened = self.open_snapshot(pid)?;
         self.read_snapshot(opened, buf)
+    }
+
+    /// Open `statm`, for an upper figure of the counted heap ([`ProcFs::read_upper`]) read after
+    /// the notification check.
+    pub fn open_statm(&self, pid: u32) -> Result<(PathBuf, File), ProcError> {
+        self.open(pid, "statm")
+    }
+
+    /// From an opened `statm`: the kernel's count of private writable memory plus the stacks
+    /// (`data`: `data_vm + stack_vm`, in pages), in bytes. Never below the counted heap (every
+    /// private, writable, anonymous mapping is in one of the two), whatever the number of
+    /// mappings: one short line, no walk of the maps.
+    pub fn read_upper(&self, opened: (PathBuf, File), page: u64) -> Result<u64, ProcError> {
+        let (path, mut f) = opened;
+        let mut s = String::with_capacity(64);
+        f.read_to_string(&mut s).map_err(io_err(&path))?;
+        parse_statm_data(&s).map(|pages| pages.saturating_mul(page)).ok_or(ProcError::Format { path, text: s })
     }
 
     /// Open `status` (to learn a thread's process) for reading after the notification check.
@@ -178,6 +234,11 @@ pub fn parse_status_tgid(text: &str) -> Option<u32> {
     text.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
 }
 
+/// `data` (the 6th field, pages) from `/proc/<pid>/statm`.
+pub fn parse_statm_data(text: &str) -> Option<u64> {
+    text.split_ascii_whitespace().nth(5)?.parse().ok()
+}
+
 /// `start_brk` (field 47) from `/proc/<pid>/stat`. The command name (field 2) may hold spaces
 /// and parentheses, so fields are counted from the last `)`.
 pub fn parse_stat_start_brk(text: &str) -> Option<u64> {
@@ -217,6 +278,8 @@ mod tests {
         }
         assert_eq!(parse_stat_start_brk(&stat), Some(94090892935168));
         assert_eq!(parse_stat_start_brk("garbage"), None);
+        assert_eq!(parse_statm_data("2894 1154 706 2 0 1931 0\n"), Some(1931));
+        assert_eq!(parse_statm_data("1 2 3"), None);
         assert_eq!(parse_syscall("running\n"), Some(ThreadState::Busy));
         assert_eq!(parse_syscall("-1 0x7ffd 0x7fe1\n"), Some(ThreadState::Idle));
         let key = CallKey { nr: 9, args: [0, 0x100000, 3, 0x22, 0xffffffffffffffff, 0] };
@@ -258,6 +321,57 @@ mod tests {
         let snap = proc.snapshot(me, &mut String::new()).unwrap();
         assert!(snap.maps.counted() > 0);
         assert!(snap.start_brk.is_some());
+        let page = crate::page_size();
+        let upper = proc.read_upper(proc.open_statm(me).unwrap(), page).unwrap();
+        let counted = proc.snapshot(me, &mut String::new()).unwrap().maps.counted();
+        assert!(upper >= counted, "statm {upper} below the counted heap {counted}");
         assert!(matches!(proc.thread_state(me), ThreadState::Busy | ThreadState::Idle | ThreadState::InCall(_)));
+    }
+
+    #[test]
+    fn the_query_and_the_text_agree() {
+        let page = crate::page_size() as usize;
+        let pages = 64;
+        // SAFETY: a fresh private anonymous mapping nobody else knows of; unmapped below.
+        let region = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * page,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(region, libc::MAP_FAILED);
+        for i in (0..pages).step_by(2) {
+            // SAFETY: inside the region mapped above.
+            let rc = unsafe {
+                libc::mprotect(region.cast::<u8>().add(i * page).cast(), page, libc::PROT_READ | libc::PROT_WRITE)
+            };
+            assert_eq!(rc, 0);
+        }
+        let (lo, hi) = (region as u64, region as u64 + (pages * page) as u64);
+        let me = std::process::id();
+        let text = ProcFs::default().with_maps_reader(MapsReader::Text);
+        let query = ProcFs::default();
+        // Other tests map and unmap concurrently in this process: retry until two reads agree.
+        let mut agreed = false;
+        for _ in 0..20 {
+            let t =
+                text.read_snapshot_for(text.open_snapshot(me).unwrap(), &mut String::new(), Some((lo, hi))).unwrap();
+            let q =
+                query.read_snapshot_for(query.open_snapshot(me).unwrap(), &mut String::new(), Some((lo, hi))).unwrap();
+            if t.maps.counted() == q.maps.counted() && t.brk(page as u64) == q.brk(page as u64) {
+                assert_eq!(q.maps.protect_growth(lo, hi), (pages / 2 * page) as u64);
+                assert_eq!(t.maps.protect_growth(lo, hi), q.maps.protect_growth(lo, hi));
+                assert_eq!(t.maps.counted_in(lo, hi), q.maps.counted_in(lo, hi));
+                agreed = true;
+                break;
+            }
+        }
+        // SAFETY: the region mapped above, no longer used.
+        unsafe { libc::munmap(region, pages * page) };
+        assert!(agreed, "PROCMAP_QUERY and the text never agreed (supported: {})", procmap::supported());
     }
 }

@@ -373,6 +373,62 @@ impl Ledger {
         Fast::Allow
     }
 
+    /// Whether [`Ledger::coarse`] can settle this request: the fast path refused it because of a
+    /// quota (not to measure a new peak, which needs the exact figure), and its growth is known
+    /// without the maps.
+    pub fn coarse_useful(&self, pid: Pid, req: &Request) -> bool {
+        let Some(acct) = self.accounts.get(&pid) else { return false };
+        if self.mode != Mode::Enforce || acct.new_image {
+            return false;
+        }
+        let Some(growth) = self.upper_growth(acct, req) else { return false };
+        self.process_limit(acct).is_some_and(|l| acct.bound.saturating_add(growth) > l)
+            || self.limits.total.is_some_and(|t| self.total_bound.saturating_add(growth) > t)
+    }
+
+    /// Near the quota, decide from an *upper* figure of the counted heap that is cheap to read
+    /// whatever the number of mappings (the kernel's private writable total plus the stacks,
+    /// `/proc/<pid>/statm`: it also holds private writable file mappings and the main stack, so
+    /// it is never below the counted heap). `states` must be read before `upper`, as for
+    /// [`Ledger::refresh`]. Returns true when the request fits even so: it is let through and
+    /// charged. False: read the exact figure ([`Ledger::exact`]); nothing is lost either way
+    /// (growth seen landed before `upper` was read is retired, and the bound only tightens).
+    pub fn coarse(
+        &mut self,
+        pid: Pid,
+        tid: Tid,
+        req: &Request,
+        key: CallKey,
+        upper: u64,
+        states: &[(Tid, ThreadState)],
+    ) -> bool {
+        let page = self.page;
+        let (limit, total) = (self.limits.process, self.limits.total);
+        let Some(acct) = self.accounts.get_mut(&pid) else { return false };
+        acct.retire(states);
+        let usage = acct.bound.min(upper.saturating_add(acct.in_flight()));
+        self.total_bound = self.total_bound - acct.bound + usage;
+        acct.bound = usage;
+        let acct = &self.accounts[&pid];
+        if self.mode != Mode::Enforce || acct.new_image {
+            return false;
+        }
+        let Some(growth) = self.upper_growth(acct, req) else { return false };
+        let within = |bound: u64, cap: Option<u64>| cap.is_none_or(|c| bound.saturating_add(growth) <= c);
+        if !within(usage, acct.limit.or(limit)) || !within(self.total_bound, total) {
+            return false;
+        }
+        // Past the peak mark the peak must be measured: that needs the exact figure.
+        if usage.saturating_add(growth) > peak_mark(acct.measured) {
+            return false;
+        }
+        let missable = Self::missable(req, growth);
+        let acct = self.accounts.get_mut(&pid).expect("checked above");
+        Self::track(acct, req, page, tid, key, growth, missable);
+        self.total_bound += growth;
+        true
+    }
+
     /// Exact growth and the bytes a concurrent read could miss, from a snapshot.
     fn exact_growth(&self, req: &Request, snap: &Snapshot) -> (u64, u64) {
         let growth = match *req {

@@ -392,6 +392,15 @@ impl Supervisor {
         // finished it before the maps were read, so its growth is in them. (The other order can
         // miss a growth that lands between the two reads, and retire it: an under-count.)
         let states = self.thread_states(&shared, pid, n.pid);
+        // Near the quota, an upper figure that costs the same whatever the number of mappings
+        // settles most requests that fit; the maps are read for the rest (and for every denial).
+        if fresh.is_none() && !settled && shared.ledger.coarse_useful(pid, &req) {
+            match self.upper_figure(listener, pid, n) {
+                Ok(Some(upper)) if shared.ledger.coarse(pid, n.pid, &req, key, upper, &states) => return Answer::Allow,
+                Ok(None) => return Answer::Drop,
+                _ => {}
+            }
+        }
         let snap = match fresh {
             Some(s) => s,
             None => {
@@ -402,7 +411,12 @@ impl Supervisor {
                 if !listener.id_valid(n.id) {
                     return Answer::Drop;
                 }
-                match self.proc.read_snapshot(opened, buf) {
+                // An mprotect looks at memory not counted yet: the query reads that range too.
+                let range = match req {
+                    Request::Protect { addr, len } => Some((addr, addr.saturating_add(len))),
+                    _ => None,
+                };
+                match self.proc.read_snapshot_for(opened, buf, range) {
                     Ok(s) => s,
                     Err(e) => return self.unreadable(n, "process maps", &e),
                 }
@@ -430,6 +444,15 @@ impl Supervisor {
 
     fn thread_states(&self, shared: &Shared, pid: u32, tid: u32) -> Vec<(u32, ThreadState)> {
         shared.ledger.pending_threads(pid, tid).into_iter().map(|t| (t, self.proc.thread_state(t))).collect()
+    }
+
+    /// `statm`'s upper figure of the caller's process heap, opened before the validity check.
+    fn upper_figure(&self, listener: &Listener, pid: u32, n: &Notification) -> Result<Option<u64>, ProcError> {
+        let opened = self.proc.open_statm(pid)?;
+        if !listener.id_valid(n.id) {
+            return Ok(None);
+        }
+        self.proc.read_upper(opened, self.page).map(Some)
     }
 
     /// i386 `old_mmap`: read its argument block from the caller, after the validity check.
