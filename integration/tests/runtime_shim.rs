@@ -2,7 +2,8 @@
 //! real heapcapd, unannotated containers byte-for-byte untouched, `exec` covered, every other
 //! subcommand exactly the runtime's own), podman `--runtime`, and containerd 1.6 with `ctr` and
 //! the runc v2 shim (the shim as its runc binary), and Docker 20.10 (`dockerd --add-runtime`, the limit
-//! from `docker run -e HEAPCAP_LIMIT=...`).
+//! from `docker run -e HEAPCAP_LIMIT=...`). With heapcapd down or wedged, a start fails with how to
+//! fix it, or runs unquota'd with `allow_unsupervised`.
 
 // The harness re-exports fixture helpers this file does not use.
 #[allow(unused_imports)]
@@ -300,6 +301,139 @@ fn bad_settings_fail_create_with_the_reason() {
     let out = run_captured(cmd, TIMEOUT);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(stderr(&out).contains("/nonexistent/bundle/config.json"), "{}", show(&out));
+}
+
+/// Runs `RUNTIME(shim) --log LOG --log-format json run` of a container that asks for 64Mi and
+/// would allocate 128 MiB; the output and what the shim logged.
+fn run_asking_for_64mi(shim: &Shim, rt: Runtime, allow_env: bool) -> (Output, Bundle, Vec<u8>, String) {
+    let b = bundle(&[("heapcap.io/limit", "64Mi")], &["/alloc", "mmap", "4194304", "134217728"]);
+    let before = fs::read(b.config_path()).unwrap();
+    let log = b.dir().join("runtime-log.json");
+    let id = unique_id("shim-down");
+    let _c = Cleanup(rt, id.clone(), None);
+    let mut cmd = shim.command();
+    cmd.env_remove("HEAPCAP_ALLOW_UNSUPERVISED");
+    if allow_env {
+        cmd.env("HEAPCAP_ALLOW_UNSUPERVISED", "1");
+    }
+    cmd.arg("--log").arg(&log).args(["--log-format", "json", "run", "--bundle"]).arg(b.dir()).arg(&id);
+    // The harness's deadline: a start that hangs fails the test.
+    let out = run_captured(cmd, TIMEOUT);
+    (out, b, before, fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// The start failed before the container's program ran, with how to fix it on stderr and in the
+/// runtime's `--log`, and config.json was not touched.
+fn assert_refused(what: &str, (out, b, before, log): &(Output, Bundle, Vec<u8>, String), agent: &Path, why: &str) {
+    assert_eq!(out.status.code(), Some(1), "{what}: {}", show(out));
+    assert!(!stdout(out).contains("allocated="), "{what}: the container's program ran: {}", show(out));
+    let said = stderr(out);
+    let unreachable = format!("heapcapd is not reachable at {} ({why}", agent.display());
+    for needle in [unreachable.as_str(), "start heapcapd", "allow_unsupervised = true", "HEAPCAP_ALLOW_UNSUPERVISED=1"]
+    {
+        assert!(said.contains(needle), "{what}: no {needle:?} on stderr: {}", show(out));
+    }
+    let line: serde_json::Value = serde_json::from_str(log.lines().last().unwrap_or_else(|| panic!("{what}: no log")))
+        .unwrap_or_else(|e| panic!("{what}: {e}: {log}"));
+    assert_eq!(line["level"], "error", "{what}: {log}");
+    assert!(line["msg"].as_str().unwrap_or_default().contains(&unreachable), "{what}: {log}");
+    assert_eq!(&fs::read(b.config_path()).unwrap(), before, "{what}: config.json changed");
+}
+
+/// Started anyway, without a quota (128 MiB past the 64Mi it asked for), with the warning, from
+/// the untouched config.json.
+fn assert_unquotad(what: &str, (out, b, before, log): &(Output, Bundle, Vec<u8>, String), agent: &Path) {
+    assert!(out.status.success(), "{what}: {}", show(out));
+    assert_eq!(fixture_result(out), (128 * MIB, "ok".to_string()), "{what}: unquota'd: {}", show(out));
+    let warning =
+        format!("WITHOUT a heap quota (heapcap.io/limit=64Mi): heapcapd is not reachable at {}", agent.display());
+    assert!(stderr(out).contains(&warning), "{what}: no warning: {}", show(out));
+    assert!(log.contains("\"level\":\"warning\"") && log.contains("WITHOUT a heap quota"), "{what}: {log}");
+    assert_eq!(&fs::read(b.config_path()).unwrap(), before, "{what}: config.json changed");
+}
+
+/// A listener on `path` that accepts nothing, its backlog full: a wedged heapcapd (crun's own
+/// `connect` to it blocks for as long as it stays so). Killed on drop.
+struct Wedged(std::process::Child);
+
+impl Wedged {
+    fn at(path: &Path) -> Wedged {
+        use std::io::BufRead;
+        const SCRIPT: &str = "import os, socket, sys, time\n\
+            p = sys.argv[1]\n\
+            os.path.exists(p) and os.unlink(p)\n\
+            s = socket.socket(socket.AF_UNIX); s.bind(p); s.listen(0)\n\
+            held = []\n\
+            while True:\n    \
+                c = socket.socket(socket.AF_UNIX); c.setblocking(False)\n    \
+                try: c.connect(p)\n    \
+                except BlockingIOError: break\n    \
+                held.append(c)\n\
+            print('ready', len(held), flush=True)\n\
+            time.sleep(600)\n";
+        let mut child = Command::new("python3")
+            .args(["-c", SCRIPT])
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("this test runs python3 as a wedged heapcapd (scripts/setup.sh): {e}"));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("ready"), "the wedged listener did not come up: {line:?}");
+        Wedged(child)
+    }
+}
+
+impl Drop for Wedged {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn heapcapd_down_fails_the_start_unless_allowed() {
+    let mut d = Daemon::start();
+    // heapcapd stopped as a service manager stops it: the shims' listener_path takes no connection.
+    d.stop();
+    assert!(std::os::unix::net::UnixStream::connect(&d.agent).is_err(), "heapcapd still answers");
+    for rt in Runtime::ALL {
+        rt.ensure_works();
+        let strict = Shim::new(&d, rt.binary(), "");
+        let allowing = Shim::new(&d, rt.binary(), "allow_unsupervised = true\n");
+        assert_refused(&format!("{rt:?}, heapcapd down"), &run_asking_for_64mi(&strict, rt, false), &d.agent, "");
+        let out = run_asking_for_64mi(&allowing, rt, false);
+        assert_unquotad(&format!("{rt:?}, allow_unsupervised = true"), &out, &d.agent);
+        let out = run_asking_for_64mi(&strict, rt, true);
+        assert_unquotad(&format!("{rt:?}, HEAPCAP_ALLOW_UNSUPERVISED=1"), &out, &d.agent);
+        // A container that asks for nothing does not need heapcapd.
+        let b = bundle(&[], &["/alloc", "mmap", "4194304", "134217728"]);
+        let out = run(&strict, &[], &b, &unique_id("shim-down-plain"));
+        assert_eq!(fixture_result(&out), (128 * MIB, "ok".to_string()), "{rt:?}: {}", show(&out));
+        assert!(!stderr(&out).contains("heapcap"), "{rt:?}: {}", show(&out));
+    }
+
+    // A heapcapd that accepts nothing (backlog full): the shim gives up after its connect
+    // timeout instead of letting the runtime hang (crun blocks in connect).
+    let wedged = Wedged::at(&d.agent);
+    for rt in Runtime::ALL {
+        let strict = Shim::new(&d, rt.binary(), "");
+        let allowing = Shim::new(&d, rt.binary(), "allow_unsupervised = true\n");
+        let why = "it accepted no connection within 5 s";
+        assert_refused(&format!("{rt:?}, heapcapd wedged"), &run_asking_for_64mi(&strict, rt, false), &d.agent, why);
+        let out = run_asking_for_64mi(&allowing, rt, false);
+        assert_unquotad(&format!("{rt:?}, heapcapd wedged, allow_unsupervised = true"), &out, &d.agent);
+    }
+    drop(wedged);
+
+    // heapcapd back: the same shim config enforces again.
+    d.restart(None);
+    let shim = Shim::new(&d, "crun", "allow_unsupervised = true\n");
+    let b = bundle(&[("heapcap.io/limit", "64Mi")], ALLOC_4M);
+    let out = run(&shim, &[], &b, &unique_id("shim-back"));
+    assert_at_quota("heapcapd back, allow_unsupervised = true", &out, 64 * MIB, 4 * MIB);
+    assert!(!stderr(&out).contains("WITHOUT"), "{}", show(&out));
 }
 
 #[test]

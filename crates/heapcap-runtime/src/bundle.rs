@@ -19,20 +19,44 @@ pub enum BundleError {
     Write { path: PathBuf, source: std::io::Error },
 }
 
-/// Apply heapcap's spec change to `<bundle>/config.json`; the file is rewritten only when it changes.
-pub fn prepare(bundle: &Path, defaults: &Defaults) -> Result<Outcome, BundleError> {
+/// A bundle's `config.json`, read and, if the container asks for heapcap, changed in memory only:
+/// nothing is written until [`Plan::write`].
+#[derive(Debug)]
+pub struct Plan {
+    path: PathBuf,
+    /// What heapcap's spec change does to this container.
+    pub outcome: Outcome,
+    /// The file's `linux.seccomp.listenerPath` as read (before any change), if it names one.
+    pub listener_path: Option<PathBuf>,
+    changed: Option<Vec<u8>>,
+}
+
+/// Read `<bundle>/config.json` and apply heapcap's spec change to it in memory.
+pub fn plan(bundle: &Path, defaults: &Defaults) -> Result<Plan, BundleError> {
     let path = bundle.join("config.json");
     let bytes = fs::read(&path).map_err(|source| BundleError::Read { path: path.clone(), source })?;
     let mut config: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|source| BundleError::Json { path: path.clone(), source })?;
+    let listener_path =
+        config["linux"]["seccomp"]["listenerPath"].as_str().filter(|p| !p.is_empty()).map(PathBuf::from);
     let outcome =
         spec::apply_json(&mut config, defaults).map_err(|source| BundleError::Spec { path: path.clone(), source })?;
-    if let Outcome::Changed { .. } = outcome {
+    let changed = matches!(outcome, Outcome::Changed { .. }).then(|| {
         let mut text = serde_json::to_vec(&config).expect("a JSON value serializes");
         text.push(b'\n');
-        replace(&path, &text).map_err(|source| BundleError::Write { path: path.clone(), source })?;
+        text
+    });
+    Ok(Plan { path, outcome, listener_path, changed })
+}
+
+impl Plan {
+    /// Write the changed `config.json` (atomically); an unchanged one is not touched.
+    pub fn write(self) -> Result<Outcome, BundleError> {
+        if let Some(text) = &self.changed {
+            replace(&self.path, text).map_err(|source| BundleError::Write { path: self.path.clone(), source })?;
+        }
+        Ok(self.outcome)
     }
-    Ok(outcome)
 }
 
 /// Replace `path` with `contents`: a temp file in the same directory with the same mode, written
@@ -60,6 +84,10 @@ fn replace(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    fn prepare(bundle: &Path, defaults: &Defaults) -> Result<Outcome, BundleError> {
+        plan(bundle, defaults)?.write()
+    }
+
     fn tempdir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("heapcap-runtime-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -83,6 +111,21 @@ mod tests {
         assert_eq!(v["process"]["args"][0], "sh");
         assert_eq!(fs::metadata(dir.join("config.json")).unwrap().permissions().mode() & 0o777, 0o640);
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temp file left");
+        let again = plan(&dir, &d).unwrap();
+        assert_eq!(again.outcome, Outcome::Unchanged, "already heapcap's listener");
+        assert_eq!(again.listener_path, Some(PathBuf::from("/run/heapcap/heapcapd.sock")));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_plan_is_written_only_when_asked() {
+        let dir = tempdir("plan");
+        let original = "{\"annotations\": {\"heapcap.io/limit\": \"64Mi\"}}";
+        fs::write(dir.join("config.json"), original).unwrap();
+        let p = plan(&dir, &Defaults::default()).unwrap();
+        assert!(matches!(p.outcome, Outcome::Changed { .. }) && p.listener_path.is_none(), "{p:?}");
+        drop(p);
+        assert_eq!(fs::read_to_string(dir.join("config.json")).unwrap(), original, "planning writes nothing");
         fs::remove_dir_all(&dir).unwrap();
     }
 

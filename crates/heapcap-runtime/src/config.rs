@@ -10,6 +10,10 @@
 //! # Read HEAPCAP_LIMIT, HEAPCAP_TOTAL_LIMIT, HEAPCAP_MODE from the container's environment
 //! # (for Docker, which cannot set OCI annotations). Default: true.
 //! env_fallback = true
+//! # When heapcapd is not reachable, start containers that ask for a quota without one (a warning
+//! # on stderr and in the runtime's log, config.json untouched) instead of failing their start.
+//! # Also HEAPCAP_ALLOW_UNSUPERVISED=1 in the runtime's environment. Default: false.
+//! allow_unsupervised = false
 //!
 //! # Settings for every container run with this runtime; its env and annotations override them.
 //! # Default: none, so only containers that ask for heapcap are changed.
@@ -19,6 +23,7 @@
 //! mode = "enforce"
 //! ```
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use heapcap_oci::spec::{Defaults, DEFAULT_LISTENER_PATH};
@@ -31,6 +36,9 @@ pub const DEFAULT_PATH: &str = "/etc/heapcap/runtime.toml";
 pub const ENV: &str = "HEAPCAP_RUNTIME_CONFIG";
 /// Runtimes looked up on PATH, in order, when the file names none.
 pub const DEFAULT_RUNTIMES: &[&str] = &["runc", "crun"];
+/// `1`, `true`, `yes` or `on` here does what `allow_unsupervised = true` does (as
+/// `HEAPCAP_HOOK_ALLOW_UNSUPERVISED` does for heapcap-hook).
+pub const ALLOW_UNSUPERVISED_ENV: &str = "HEAPCAP_ALLOW_UNSUPERVISED";
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +46,7 @@ pub struct Config {
     pub runtime: Option<PathBuf>,
     pub listener_path: Option<PathBuf>,
     pub env_fallback: Option<bool>,
+    pub allow_unsupervised: Option<bool>,
     #[serde(default)]
     pub defaults: DefaultSettings,
 }
@@ -61,12 +70,15 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The config file: the one `HEAPCAP_RUNTIME_CONFIG` (`env`) names, else [`DEFAULT_PATH`].
+    pub fn path(env: Option<&OsStr>) -> PathBuf {
+        env.filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from(DEFAULT_PATH), PathBuf::from)
+    }
+
     /// Read the config file: the one `HEAPCAP_RUNTIME_CONFIG` names, else [`DEFAULT_PATH`] if it exists.
-    pub fn load(env: Option<&std::ffi::OsStr>) -> Result<Config, ConfigError> {
-        let (path, required) = match env.filter(|v| !v.is_empty()) {
-            Some(p) => (PathBuf::from(p), true),
-            None => (PathBuf::from(DEFAULT_PATH), false),
-        };
+    pub fn load(env: Option<&OsStr>) -> Result<Config, ConfigError> {
+        let path = Config::path(env);
+        let required = env.is_some_and(|v| !v.is_empty());
         match std::fs::read_to_string(&path) {
             Ok(text) => Config::parse(&text, &path),
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
@@ -76,6 +88,15 @@ impl Config {
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(e) })
+    }
+
+    /// Whether a container that asks for a quota starts without one when heapcapd is not
+    /// reachable: `allow_unsupervised = true`, or a yes in [`ALLOW_UNSUPERVISED_ENV`] (`env`).
+    pub fn allow_unsupervised(&self, env: Option<&OsStr>) -> bool {
+        let yes = env
+            .and_then(OsStr::to_str)
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
+        self.allow_unsupervised.unwrap_or(false) || yes
     }
 
     /// What every container gets; the values are validated when a container is created (with
@@ -114,6 +135,27 @@ mod tests {
         assert_eq!(d.listener_path, PathBuf::from(DEFAULT_LISTENER_PATH));
         assert!(d.env_fallback);
         assert_eq!(d.settings.len(), 3);
+        assert_eq!(c.allow_unsupervised, Some(false));
+    }
+
+    #[test]
+    fn allow_unsupervised_from_the_file_or_the_environment() {
+        let off = Config::parse("", Path::new("x")).unwrap();
+        let on = Config::parse("allow_unsupervised = true\n", Path::new("x")).unwrap();
+        assert!(!off.allow_unsupervised(None), "off unless asked for");
+        assert!(on.allow_unsupervised(None));
+        for yes in ["1", "true", "YES", " on "] {
+            assert!(off.allow_unsupervised(Some(yes.as_ref())), "{yes:?}");
+        }
+        for no in ["", "0", "false", "off", "2"] {
+            assert!(!off.allow_unsupervised(Some(no.as_ref())), "{no:?}");
+        }
+        assert!(on.allow_unsupervised(Some("0".as_ref())), "the env adds, as for heapcap-hook");
+        let e = Config::parse("allow_unsupervised = \"yes\"\n", Path::new("/etc/r.toml")).unwrap_err().to_string();
+        assert!(e.contains("/etc/r.toml") && e.contains("allow_unsupervised"), "{e}");
+        assert_eq!(Config::path(None), PathBuf::from(DEFAULT_PATH));
+        assert_eq!(Config::path(Some("".as_ref())), PathBuf::from(DEFAULT_PATH));
+        assert_eq!(Config::path(Some("/x.toml".as_ref())), PathBuf::from("/x.toml"));
     }
 
     #[test]

@@ -10,8 +10,15 @@
 //! An error of the shim itself (unreadable bundle, bad settings, a profile heapcap cannot merge
 //! into) fails the command with exit status 1, a message on stderr, and the same message in the
 //! runtime's `--log` file (in `--log-format`), where containerd looks for a runtime's last error.
+//!
+//! A container that asks for heapcap is created only if heapcapd takes connections on its agent
+//! socket ([`agent_socket::probe`]); otherwise the `create` fails before `config.json` is touched,
+//! saying how to start heapcapd, or, with `allow_unsupervised` ([`config`]), the runtime runs the
+//! container from its untouched `config.json`, without a quota, after a warning on stderr and in
+//! the `--log` file.
 #![forbid(unsafe_code)]
 
+mod agent_socket;
 mod args;
 mod bundle;
 mod config;
@@ -24,8 +31,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::anyhow;
+use heapcap_oci::spec::Outcome;
 
+use crate::agent_socket::Unreachable;
 use crate::args::Invocation;
+use crate::bundle::Plan;
 use crate::config::Config;
 
 fn main() -> ExitCode {
@@ -36,7 +46,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let message = e.to_string();
             eprintln!("{message}");
-            log_error(&invocation, &message);
+            log_line(&invocation, "error", &message);
             ExitCode::FAILURE
         }
     }
@@ -44,14 +54,77 @@ fn main() -> ExitCode {
 
 /// Prepare the bundle if this creates a container, then become the real runtime.
 fn run(args: &[OsString], invocation: &Invocation) -> anyhow::Result<std::convert::Infallible> {
-    let config = Config::load(std::env::var_os(config::ENV).as_deref())?;
+    let config_env = std::env::var_os(config::ENV);
+    let config = Config::load(config_env.as_deref())?;
     let runtime = find_runtime(&config)?;
     if invocation.creates() {
         let bundle = invocation.bundle.as_deref().unwrap_or(Path::new("."));
-        bundle::prepare(bundle, &config.defaults())?;
+        let defaults = config.defaults();
+        let plan = bundle::plan(bundle, &defaults)?;
+        let allow = config.allow_unsupervised(std::env::var_os(config::ALLOW_UNSUPERVISED_ENV).as_deref());
+        match check_heapcapd(&plan, &defaults.listener_path, allow, &Config::path(config_env.as_deref()))? {
+            Supervision::Supervised => {
+                plan.write()?;
+            }
+            Supervision::Unsupervised(warning) => {
+                eprintln!("{warning}");
+                log_line(invocation, "warning", &warning);
+            }
+        }
     }
     let err = Command::new(&runtime).args(args).exec();
     Err(anyhow!("heapcap-runtime: cannot run {}: {err}", runtime.display()))
+}
+
+/// How a container that [`check_heapcapd`] lets through is created.
+#[derive(Debug)]
+enum Supervision {
+    /// As planned: heapcapd is reachable, or the container does not need it.
+    Supervised,
+    /// From the untouched `config.json`, without a quota; the warning to give.
+    Unsupervised(String),
+}
+
+/// When the container needs heapcapd (it asks for heapcap, or its `config.json` already names
+/// heapcapd's socket as its listener), whether heapcapd takes connections, and what to do if not:
+/// an error saying how to fix it, or with `allow` (and a container the shim would change) a
+/// start without a quota.
+fn check_heapcapd(plan: &Plan, socket: &Path, allow: bool, config_file: &Path) -> anyhow::Result<Supervision> {
+    let asks = match &plan.outcome {
+        Outcome::Changed { metadata, .. } => Some(metadata),
+        Outcome::Unchanged => None,
+    };
+    let listens_already = plan.listener_path.as_deref() == Some(socket);
+    if asks.is_none() && !listens_already {
+        return Ok(Supervision::Supervised);
+    }
+    let why: Unreachable = match agent_socket::probe(socket, agent_socket::CONNECT_TIMEOUT) {
+        Ok(()) => return Ok(Supervision::Supervised),
+        Err(why) => why,
+    };
+    let socket = socket.display();
+    let start = "start heapcapd (`systemctl start heapcapd`, or run `heapcapd` as root)";
+    let config_file = config_file.display();
+    match asks {
+        Some(metadata) if allow => Ok(Supervision::Unsupervised(format!(
+            "heapcap-runtime: warning: the container runs WITHOUT a heap quota ({metadata}): heapcapd is not reachable \
+             at {socket} ({why}), and allow_unsupervised (in {config_file} or {}) starts such containers unquota'd; \
+             {start} to put the next ones under their quotas",
+            config::ALLOW_UNSUPERVISED_ENV
+        ))),
+        Some(_) => Err(anyhow!(
+            "heapcap-runtime: the container asks for a heap quota, but heapcapd is not reachable at {socket} ({why}): \
+             {start}, or if it listens elsewhere set `listener_path` in {config_file}; or set \
+             `allow_unsupervised = true` in {config_file} (or {}=1 in the runtime's environment) to start such \
+             containers without a quota",
+            config::ALLOW_UNSUPERVISED_ENV
+        )),
+        None => Err(anyhow!(
+            "heapcap-runtime: the container's config.json names heapcapd's socket {socket} as its seccomp listener \
+             (linux.seccomp.listenerPath), but heapcapd is not reachable there ({why}): {start}; the runtime cannot \
+             start this container without that listener (also not with allow_unsupervised)"
+        )),
+    }
 }
 
 /// The runtime to exec: the config's (a path, or a name on PATH), else runc, then crun, on PATH;
@@ -82,7 +155,7 @@ fn find_runtime(config: &Config) -> anyhow::Result<PathBuf> {
         "heapcap-runtime: no OCI runtime found ({} on PATH {}): install runc or crun, or set `runtime = \"/path/to/runc\"` in {}",
         names.join(", "),
         path.to_string_lossy(),
-        std::env::var_os(config::ENV).map(|p| p.to_string_lossy().into_owned()).unwrap_or(config::DEFAULT_PATH.into()),
+        Config::path(std::env::var_os(config::ENV).as_deref()).display(),
     ))
 }
 
@@ -90,13 +163,13 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
 }
 
-/// Append `message` to the runtime's `--log` file, as runc would log an error.
-fn log_error(invocation: &Invocation, message: &str) {
+/// Append `message` to the runtime's `--log` file at `level` (`error`, `warning`), as runc logs.
+fn log_line(invocation: &Invocation, level: &str, message: &str) {
     let Some(log) = &invocation.log else { return };
     let line = if invocation.log_json {
-        serde_json::json!({"level": "error", "msg": message}).to_string()
+        serde_json::json!({"level": level, "msg": message}).to_string()
     } else {
-        format!("level=error msg={}", serde_json::Value::from(message))
+        format!("level={level} msg={}", serde_json::Value::from(message))
     };
     if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
         let _ = writeln!(file, "{line}");

@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -169,7 +170,10 @@ fn arguments_and_exit_status_pass_through() {
     let dir = temp("passthrough");
     let fake = fake_runtime(&dir);
     let config = dir.join("runtime.toml");
-    fs::write(&config, format!("runtime = \"{}\"\n", fake.display())).unwrap();
+    // heapcapd's agent socket: a container that asks for heapcap is created only if it is reachable.
+    let agent = dir.join("agent.sock");
+    let _listener = UnixListener::bind(&agent).unwrap();
+    fs::write(&config, format!("runtime = \"{}\"\nlistener_path = \"{}\"\n", fake.display(), agent.display())).unwrap();
     fs::create_dir_all(dir.join("bundle")).unwrap();
     fs::write(dir.join("bundle/config.json"), "{\"annotations\": {\"heapcap.io/limit\": \"64Mi\"}}").unwrap();
     let bundle = dir.join("bundle").display().to_string();
@@ -200,6 +204,82 @@ fn arguments_and_exit_status_pass_through() {
     }
     let changed: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("bundle/config.json")).unwrap()).unwrap();
-    assert_eq!(changed["linux"]["seccomp"]["listenerPath"], "/run/heapcap/heapcapd.sock");
+    assert_eq!(changed["linux"]["seccomp"]["listenerPath"], agent.display().to_string());
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// With heapcapd not reachable, `create` of a container that asks for heapcap fails before the
+/// runtime runs and before config.json is touched, saying how to fix it (stderr and `--log`);
+/// `allow_unsupervised` (file or env) runs the runtime on the untouched file, with a warning.
+/// The real runtimes: integration/tests/runtime_shim.rs.
+#[test]
+fn heapcapd_unreachable_fails_create_unless_allowed() {
+    let dir = temp("unreachable");
+    let fake = fake_runtime(&dir);
+    let agent = dir.join("agent.sock");
+    let toml = |extra: &str| {
+        let path = dir.join(format!("runtime-{}.toml", extra.len()));
+        let text = format!("runtime = \"{}\"\nlistener_path = \"{}\"\n{extra}", fake.display(), agent.display());
+        fs::write(&path, text).unwrap();
+        path
+    };
+    let bundle = dir.join("bundle");
+    fs::create_dir_all(&bundle).unwrap();
+    let asks = "{\"annotations\": {\"heapcap.io/limit\": \"64Mi\"}}";
+    fs::write(bundle.join("config.json"), asks).unwrap();
+    let log = dir.join("log.json");
+    let create = |config: &Path, env: &[(&str, &str)]| {
+        let _ = fs::remove_file(&log);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_heapcap-runtime"));
+        cmd.env("HEAPCAP_RUNTIME_CONFIG", config).env_remove("HEAPCAP_ALLOW_UNSUPERVISED").envs(env.iter().copied());
+        cmd.arg("--log").arg(&log).args(["--log-format", "json", "create", "--bundle"]).arg(&bundle).arg("id");
+        cmd.output().unwrap()
+    };
+    let logged = || -> serde_json::Value {
+        let text = fs::read_to_string(&log).expect("a --log line");
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+    let untouched = || assert_eq!(fs::read_to_string(bundle.join("config.json")).unwrap(), asks, "config.json changed");
+
+    let strict = toml("");
+    let out = create(&strict, &[]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(out.stdout.is_empty(), "the runtime ran: {}", String::from_utf8_lossy(&out.stdout));
+    let reachable = format!("heapcapd is not reachable at {}", agent.display());
+    for needle in [reachable.as_str(), "start heapcapd", "allow_unsupervised = true", "HEAPCAP_ALLOW_UNSUPERVISED=1"] {
+        assert!(said.contains(needle), "no {needle:?} in: {said}");
+    }
+    assert_eq!(logged()["level"], "error");
+    assert!(logged()["msg"].as_str().unwrap().contains(&reachable), "{}", logged());
+    untouched();
+    // A container that asks for nothing does not need heapcapd.
+    fs::write(bundle.join("config.json"), "{}").unwrap();
+    assert_eq!(create(&strict, &[]).status.code(), Some(7), "the runtime runs");
+    fs::write(bundle.join("config.json"), asks).unwrap();
+
+    for (config, env) in
+        [(toml("allow_unsupervised = true\n"), vec![]), (strict.clone(), vec![("HEAPCAP_ALLOW_UNSUPERVISED", "1")])]
+    {
+        let out = create(&config, &env);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(7), "{env:?}: the runtime runs: {said}");
+        assert!(said.contains("WITHOUT a heap quota") && said.contains(&reachable), "{env:?}: {said}");
+        assert_eq!(logged()["level"], "warning");
+        untouched();
+    }
+
+    // heapcapd back: the container is changed and created.
+    let listener = UnixListener::bind(&agent).unwrap();
+    let out = create(&strict, &[]);
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    let changed: serde_json::Value = serde_json::from_slice(&fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    assert_eq!(changed["linux"]["seccomp"]["listenerPath"], agent.display().to_string());
+    drop(listener);
+    // A config.json that already names heapcapd's socket needs heapcapd too, also when allowed.
+    let out = create(&toml("allow_unsupervised = true\n"), &[]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("names heapcapd's socket") && said.contains("start heapcapd"), "{said}");
     fs::remove_dir_all(&dir).unwrap();
 }

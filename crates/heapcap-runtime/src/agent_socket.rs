@@ -1,0 +1,68 @@
+//! Whether heapcapd takes connections on its agent socket, asked before a container that needs it
+//! is created: the runtimes' own failure is a bare connect error (runc), or a start that hangs for
+//! as long as heapcapd accepts nothing while its backlog is full (crun blocks in `connect`).
+//!
+//! The probe is a connect and a close: heapcapd's intake takes a connection closed without a
+//! message as nothing (logged at debug).
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long heapcapd has to accept the probe; a wedged heapcapd fails the start after this.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why heapcapd is not reachable.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreachable {
+    #[error("{0}")]
+    Connect(#[source] std::io::Error),
+    #[error("it accepted no connection within {} s", .0.as_secs_f64())]
+    Timeout(Duration),
+}
+
+/// Connect to `path` and close again, waiting at most `timeout`.
+///
+/// A blocking connect to a Unix socket whose backlog is full waits until there is room, so it runs
+/// on its own thread; one still waiting when this returns ends with the process (which exits or
+/// execs the runtime next).
+pub fn probe(path: &Path, timeout: Duration) -> Result<(), Unreachable> {
+    let (tx, rx) = mpsc::channel();
+    let target = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("probe".into())
+        .spawn(move || {
+            let _ = tx.send(UnixStream::connect(&target).map(drop));
+        })
+        .map_err(Unreachable::Connect)?;
+    match rx.recv_timeout(timeout) {
+        Ok(result) => result.map_err(Unreachable::Connect),
+        Err(_) => Err(Unreachable::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn a_listening_socket_is_reachable_and_others_are_not() {
+        let dir = std::env::temp_dir().join(format!("heapcap-runtime-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let e = probe(&path, CONNECT_TIMEOUT).unwrap_err();
+        assert!(matches!(&e, Unreachable::Connect(io) if io.kind() == std::io::ErrorKind::NotFound), "{e:?}");
+
+        let listener = UnixListener::bind(&path).unwrap();
+        probe(&path, CONNECT_TIMEOUT).expect("a listening socket (accept not needed: the backlog takes it)");
+        drop(listener);
+        let e = probe(&path, CONNECT_TIMEOUT).unwrap_err();
+        assert!(matches!(&e, Unreachable::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused), "{e:?}");
+
+        assert_eq!(Unreachable::Timeout(CONNECT_TIMEOUT).to_string(), "it accepted no connection within 5 s");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
