@@ -11,14 +11,17 @@
 # It exits non-zero when the harness breaks, never because of a figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=results
+out=(--out results)
 profile=release
 for a in "$@"; do
-    if [ "$a" = --tiny ]; then
-        out="${TMPDIR:-/tmp}/heapcap-bench-tiny"
+    case "$a" in
+    --tiny)
+        out=(--out "${TMPDIR:-/tmp}/heapcap-bench-tiny")
         profile=dev
-    fi
+        ;;
+    --out | --out=*) out=() ;; # the caller's own
+    esac
 done
 cargo build --profile "$profile" --locked -q -p heapcap -p heapcapd -p heapcap-holder -p heapcap-bench
 dir=target/$([ "$profile" = dev ] && echo debug || echo release)
-exec "$dir/heapcap-bench" --bin-dir "$dir" --out "$out" --command-line "$(echo scripts/bench.sh "$@")" "$@"
+exec "$dir/heapcap-bench" --bin-dir "$dir" "${out[@]}" --command-line "$(echo scripts/bench.sh "$@")" "$@"

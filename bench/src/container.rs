@@ -205,9 +205,11 @@ pub fn scale(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
          (the decisions of this step only; interpolated within its buckets, so only as fine as they are); \
          CPU is heapcapd's user+system time for the step; RSS is heapcapd's after the step and its peak so far. \
          µs/pair is what each container's loop saw (median over containers). The histogram times a decision \
-         from receiving the notification to answering it, so once more listener threads are runnable than \
-         there are CPUs it includes the time a listener waits for a CPU; heapcapd CPU µs per decision is \
-         the cost that does not depend on that.\n\n\
+         from receiving the notification to handing the answer to the kernel (the send wakes the caller on the \
+         listener's CPU, and the time the listener then waits to run again is not the caller's); once more \
+         threads are runnable than there are CPUs it still includes any time a listener is preempted while \
+         deciding. heapcapd CPU µs per decision is the cost that does not depend on that; µs/pair in the \
+         containers is what they saw, queueing for the 2 CPUs included.\n\n\
          | containers | decisions | p50 µs | p99 µs | µs/pair in containers (median, min–max) | heapcapd CPU s | heapcapd CPU µs per decision | heapcapd RSS MiB (peak) | wall s |\n\
          |---|---|---|---|---|---|---|---|---|\n"
     );

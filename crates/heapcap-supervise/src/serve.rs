@@ -111,7 +111,7 @@ impl Outcome {
 /// Sees every decision (metrics).
 pub trait Observer: Send + Sync {
     /// `syscall`: the call's name (`other` for one heapcap does not look at); `seconds`: from
-    /// receiving the notification to answering it.
+    /// receiving the notification to handing the answer to the kernel.
     fn decided(&self, syscall: &'static str, outcome: Outcome, seconds: f64);
 }
 
@@ -304,6 +304,9 @@ impl Supervisor {
         self.stats.notifications.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let answer = self.decide(listener, threads, buf, n);
+        // The caller waits until the answer is handed to the kernel. The send wakes it on this CPU
+        // (synchronous wake-up), and the time this thread then waits to run again is not its wait.
+        let decided = started.elapsed();
         let mut outcome = Outcome::Allowed;
         let sent = match answer {
             Answer::Allow => listener.allow(n.id),
@@ -329,7 +332,7 @@ impl Supervisor {
         }
         if let Some(observer) = &self.observer {
             let syscall = MemCall::decode(n.arch, n.nr, n.args).map_or("other", |c| c.name());
-            observer.decided(syscall, outcome, started.elapsed().as_secs_f64());
+            observer.decided(syscall, outcome, decided.as_secs_f64());
         }
         Ok(())
     }
