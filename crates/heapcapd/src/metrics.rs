@@ -55,7 +55,11 @@ impl Metrics {
         let heap = Family::<ContainerLabels, Gauge>::default();
         registry.register("notifications", "Notifications answered, by syscall and decision", notifications.clone());
         registry.register("denials", "Growths refused with ENOMEM", denials.clone());
-        registry.register("decision_latency_seconds", "From receiving a notification to handing the kernel its answer", latency.clone());
+        registry.register(
+            "decision_latency_seconds",
+            "From receiving a notification to handing the kernel its answer",
+            latency.clone(),
+        );
         registry.register("containers", "Containers supervised", containers.clone());
         registry.register("processes", "Processes accounted", processes.clone());
         registry.register("container_heap_bytes", "Counted heap of a container's processes", heap.clone());
