@@ -414,6 +414,25 @@ fn heapcapd_down_fails_the_start_unless_allowed() {
         assert!(!stderr(&out).contains("heapcap"), "{rt:?}: {}", show(&out));
     }
 
+    // podman --runtime shows the reason as a runtime error (not as "command not found", which it
+    // makes of "No such file or directory"), and runs the container unquota'd when allowed.
+    let asks = ["--annotation", "heapcap.io/limit=64Mi"];
+    let alloc_128m = ["/alloc", "mmap", "4194304", "134217728"];
+    let strict = Shim::new(&d, "crun", "");
+    let global = ["--runtime", strict.wrapper.to_str().unwrap()];
+    let out = containers::podman_run_full(&global, &asks, None, &alloc_128m, TIMEOUT);
+    assert!(!out.status.success() && !stdout(&out).contains("allocated="), "podman: {}", show(&out));
+    assert!(
+        stderr(&out).contains("heapcapd is not reachable") && stderr(&out).contains("start heapcapd"),
+        "{}",
+        show(&out)
+    );
+    assert!(!stderr(&out).contains("not found"), "podman: {}", show(&out));
+    let allowing = Shim::new(&d, "crun", "allow_unsupervised = true\n");
+    let global = ["--runtime", allowing.wrapper.to_str().unwrap()];
+    let out = containers::podman_run_full(&global, &asks, None, &alloc_128m, TIMEOUT);
+    assert_eq!(fixture_result(&out), (128 * MIB, "ok".to_string()), "podman, allowed: {}", show(&out));
+
     // A heapcapd that accepts nothing (backlog full): the shim gives up after its connect
     // timeout instead of letting the runtime hang (crun blocks in connect).
     let wedged = Wedged::at(&d.agent);

@@ -16,6 +16,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why heapcapd is not reachable.
 #[derive(Debug, thiserror::Error)]
 pub enum Unreachable {
+    /// `ENOENT`, said without "No such file or directory": podman takes a runtime error with
+    /// those words for a missing program (exit status 127, "command that was not found").
+    #[error("no socket there")]
+    Missing,
     #[error("{0}")]
     Connect(#[source] std::io::Error),
     #[error("it accepted no connection within {} s", .0.as_secs_f64())]
@@ -37,6 +41,7 @@ pub fn probe(path: &Path, timeout: Duration) -> Result<(), Unreachable> {
         })
         .map_err(Unreachable::Connect)?;
     match rx.recv_timeout(timeout) {
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Err(Unreachable::Missing),
         Ok(result) => result.map_err(Unreachable::Connect),
         Err(_) => Err(Unreachable::Timeout(timeout)),
     }
@@ -54,7 +59,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("agent.sock");
         let e = probe(&path, CONNECT_TIMEOUT).unwrap_err();
-        assert!(matches!(&e, Unreachable::Connect(io) if io.kind() == std::io::ErrorKind::NotFound), "{e:?}");
+        assert!(matches!(e, Unreachable::Missing), "{e:?}");
+        assert!(!e.to_string().to_lowercase().contains("no such file"), "podman would say 'command not found'");
 
         let listener = UnixListener::bind(&path).unwrap();
         probe(&path, CONNECT_TIMEOUT).expect("a listening socket (accept not needed: the backlog takes it)");
