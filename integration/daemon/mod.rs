@@ -214,3 +214,43 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// A listener on `path` that accepts nothing, its backlog full: a wedged heapcapd (crun's own
+/// `connect` to it blocks for as long as it stays so). Killed on drop.
+pub struct Wedged(std::process::Child);
+
+impl Wedged {
+    pub fn at(path: &Path) -> Wedged {
+        use std::io::BufRead;
+        const SCRIPT: &str = "import os, socket, sys, time\n\
+            p = sys.argv[1]\n\
+            os.path.exists(p) and os.unlink(p)\n\
+            s = socket.socket(socket.AF_UNIX); s.bind(p); s.listen(0)\n\
+            held = []\n\
+            while True:\n    \
+                c = socket.socket(socket.AF_UNIX); c.setblocking(False)\n    \
+                try: c.connect(p)\n    \
+                except BlockingIOError: break\n    \
+                held.append(c)\n\
+            print('ready', len(held), flush=True)\n\
+            time.sleep(600)\n";
+        let mut child = Command::new("python3")
+            .args(["-c", SCRIPT])
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("this test runs python3 as a wedged heapcapd (scripts/setup.sh): {e}"));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("ready"), "the wedged listener did not come up: {line:?}");
+        Wedged(child)
+    }
+}
+
+impl Drop for Wedged {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use containers::{assert_at_quota, fixture_result, show, stderr, stdout, unique_id, Bundle, Runtime, MIB};
-use daemon::Daemon;
+use daemon::{Daemon, Wedged};
 use serde_json::{json, Value};
 
 fn workspace() -> PathBuf {
@@ -188,6 +188,20 @@ fn heapcapd_down_fails_the_start_unless_allowed() {
         assert!(out.status.success(), "{rt:?}: {}", show(&out));
         assert_eq!(fixture_result(&out), (128 * MIB, "ok".to_string()), "{rt:?} unquota'd: {}", show(&out));
     }
+    // A wedged heapcapd (accepts nothing, backlog full) fails the start after the hook's connect
+    // timeout instead of hanging it (crun's own connect would wait for as long as it lasts).
+    let wedged_path = PathBuf::from(format!("/tmp/hc-hook-{}-wedged.sock", std::process::id()));
+    let wedged = Wedged::at(&wedged_path);
+    for rt in Runtime::ALL {
+        let b = bundle(&wedged_path, &[("heapcap.io/limit", "64Mi")], &["/bin/echo", "ran"]);
+        let out = b.run(rt, &unique_id("hook-wedged"));
+        assert!(!out.status.success(), "{rt:?}: started with a wedged heapcapd: {}", show(&out));
+        assert!(!stdout(&out).contains("ran"), "{rt:?}: {}", show(&out));
+        assert!(stderr(&out).contains("accepted no connection within"), "{rt:?}: {}", show(&out));
+    }
+    drop(wedged);
+    let _ = std::fs::remove_file(&wedged_path);
+
     let state = json!({"ociVersion": "1.0.2", "id": "c1", "status": "creating", "pid": 1, "bundle": "/",
         "annotations": {"heapcap.io/limit": "64Mi"}});
     let sock = gone.to_str().expect("utf-8");
@@ -334,6 +348,7 @@ fn podman_precreate_changes_the_spec_and_covers_exec() {
     let out = containers::podman_run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
     assert!(!out.status.success() && !stdout(&out).contains("ran"), "{}", show(&out));
     assert!(stderr(&out).contains("heapcapd is not reachable"), "{}", show(&out));
+    assert!(stderr(&out).contains("no socket there"), "podman must not take it for a missing command: {}", show(&out));
 }
 
 /// What the hook adds to a container start: `runc run` of `true`, with and without it.

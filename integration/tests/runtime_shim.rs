@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use containers::{fixture_result, run_captured, show, stderr, stdout, unique_id, Bundle, Runtime, TIMEOUT};
-use daemon::Daemon;
+use daemon::{Daemon, Wedged};
 
 const MIB: u64 = 1 << 20;
 const ALLOC_4M: &[&str] = &["/alloc", "mmap", "4194304", "0"];
@@ -350,46 +350,6 @@ fn assert_unquotad(what: &str, (out, b, before, log): &(Output, Bundle, Vec<u8>,
     assert!(stderr(out).contains(&warning), "{what}: no warning: {}", show(out));
     assert!(log.contains("\"level\":\"warning\"") && log.contains("WITHOUT a heap quota"), "{what}: {log}");
     assert_eq!(&fs::read(b.config_path()).unwrap(), before, "{what}: config.json changed");
-}
-
-/// A listener on `path` that accepts nothing, its backlog full: a wedged heapcapd (crun's own
-/// `connect` to it blocks for as long as it stays so). Killed on drop.
-struct Wedged(std::process::Child);
-
-impl Wedged {
-    fn at(path: &Path) -> Wedged {
-        use std::io::BufRead;
-        const SCRIPT: &str = "import os, socket, sys, time\n\
-            p = sys.argv[1]\n\
-            os.path.exists(p) and os.unlink(p)\n\
-            s = socket.socket(socket.AF_UNIX); s.bind(p); s.listen(0)\n\
-            held = []\n\
-            while True:\n    \
-                c = socket.socket(socket.AF_UNIX); c.setblocking(False)\n    \
-                try: c.connect(p)\n    \
-                except BlockingIOError: break\n    \
-                held.append(c)\n\
-            print('ready', len(held), flush=True)\n\
-            time.sleep(600)\n";
-        let mut child = Command::new("python3")
-            .args(["-c", SCRIPT])
-            .arg(path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("this test runs python3 as a wedged heapcapd (scripts/setup.sh): {e}"));
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready"), "the wedged listener did not come up: {line:?}");
-        Wedged(child)
-    }
-}
-
-impl Drop for Wedged {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

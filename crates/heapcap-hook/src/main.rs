@@ -14,13 +14,13 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
 use heapcap_linux::fdpass::send_fd;
 use heapcap_linux::filter::Program;
 use heapcap_linux::inject::install_listener;
@@ -175,7 +175,7 @@ fn prestart(cli: &Cli) -> Result<()> {
     }
 
     // Connect first: if heapcapd is down, nothing in the container has been touched.
-    let sock = match UnixStream::connect(&cli.socket) {
+    let sock = match connect_within(&cli.socket, CONNECT_TIMEOUT) {
         Ok(s) => s,
         Err(e) if cli.allow_unsupervised => {
             say(&format!(
@@ -234,7 +234,7 @@ fn precreate(cli: &Cli) -> Result<()> {
     let outcome = apply_json(&mut config, &defaults)?;
     if let Outcome::Changed { .. } = outcome {
         // The runtime fails the start if nobody listens, with a bare connect error: say it better.
-        if let Err(e) = UnixStream::connect(&cli.socket) {
+        if let Err(e) = connect_within(&cli.socket, CONNECT_TIMEOUT) {
             if !cli.allow_unsupervised {
                 bail!("{}", not_running("", &cli.socket, &e));
             }
@@ -251,7 +251,7 @@ fn precreate(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn not_running(id: &str, socket: &Path, e: &std::io::Error) -> String {
+fn not_running(id: &str, socket: &Path, e: &Unreachable) -> String {
     format!(
         "the container {id}asks for a heap quota, but heapcapd is not reachable at {} ({e}): start heapcapd \
          (`systemctl start heapcapd`, or run `heapcapd` as root), or set HEAPCAP_HOOK_ALLOW_UNSUPERVISED=1 in the \

@@ -8,10 +8,12 @@
 //! - [`procfs`]: `/proc/<pid>` readers (maps, stat, statm, status, syscall, mem).
 //! - [`procmap`]: `PROCMAP_QUERY` (6.11+), the mappings without the text of `/proc/<pid>/maps`.
 //! - [`fdpass`]: passing fds over UNIX sockets (`SCM_RIGHTS`).
+//! - [`connect`]: connecting to heapcapd's socket with a timeout, for container start paths.
 //! - [`spawn`]: starting a command under the filter.
 //!
 //! This is the only crate of heapcap with `unsafe` code; every block says why it is sound.
 
+pub mod connect;
 pub mod fdpass;
 pub mod filter;
 pub mod inject;

@@ -12,13 +12,12 @@
 //! runtime's `--log` file (in `--log-format`), where containerd looks for a runtime's last error.
 //!
 //! A container that asks for heapcap is created only if heapcapd takes connections on its agent
-//! socket ([`agent_socket::probe`]); otherwise the `create` fails before `config.json` is touched,
+//! socket ([`heapcap_linux::connect::connect_within`]); otherwise the `create` fails before `config.json` is touched,
 //! saying how to start heapcapd, or, with `allow_unsupervised` ([`config`]), the runtime runs the
 //! container from its untouched `config.json`, without a quota, after a warning on stderr and in
 //! the `--log` file.
 #![forbid(unsafe_code)]
 
-mod agent_socket;
 mod args;
 mod bundle;
 mod config;
@@ -31,9 +30,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::anyhow;
+use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
 use heapcap_oci::spec::Outcome;
 
-use crate::agent_socket::Unreachable;
 use crate::args::Invocation;
 use crate::bundle::Plan;
 use crate::config::Config;
@@ -98,8 +97,9 @@ fn check_heapcapd(plan: &Plan, socket: &Path, allow: bool, config_file: &Path) -
     if asks.is_none() && !listens_already {
         return Ok(Supervision::Supervised);
     }
-    let why: Unreachable = match agent_socket::probe(socket, agent_socket::CONNECT_TIMEOUT) {
-        Ok(()) => return Ok(Supervision::Supervised),
+    // A connect and a close: heapcapd takes a connection closed without a message as nothing.
+    let why: Unreachable = match connect_within(socket, CONNECT_TIMEOUT) {
+        Ok(_) => return Ok(Supervision::Supervised),
         Err(why) => why,
     };
     let socket = socket.display();

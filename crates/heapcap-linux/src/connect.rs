@@ -1,16 +1,17 @@
-//! Whether heapcapd takes connections on its agent socket, asked before a container that needs it
-//! is created: the runtimes' own failure is a bare connect error (runc), or a start that hangs for
-//! as long as heapcapd accepts nothing while its backlog is full (crun blocks in `connect`).
+//! Connecting to heapcapd's agent socket from the start path of a container (the shim, the
+//! hooks), where neither a missing heapcapd nor a wedged one may hang or confuse the start.
 //!
-//! The probe is a connect and a close: heapcapd's intake takes a connection closed without a
-//! message as nothing (logged at debug).
+//! A blocking connect to a Unix socket whose backlog is full waits until there is room (a
+//! heapcapd that accepts nothing): crun blocks there for as long as it lasts. So the connect runs
+//! on its own thread and is given up after a timeout; a thread still waiting ends with the
+//! process (which exits, or execs the runtime, next).
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// How long heapcapd has to accept the probe; a wedged heapcapd fails the start after this.
+/// How long heapcapd has to accept a connection before a start fails.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why heapcapd is not reachable.
@@ -26,18 +27,14 @@ pub enum Unreachable {
     Timeout(Duration),
 }
 
-/// Connect to `path` and close again, waiting at most `timeout`.
-///
-/// A blocking connect to a Unix socket whose backlog is full waits until there is room, so it runs
-/// on its own thread; one still waiting when this returns ends with the process (which exits or
-/// execs the runtime next).
-pub fn probe(path: &Path, timeout: Duration) -> Result<(), Unreachable> {
+/// Connect to the Unix socket at `path`, waiting at most `timeout`.
+pub fn connect_within(path: &Path, timeout: Duration) -> Result<UnixStream, Unreachable> {
     let (tx, rx) = mpsc::channel();
     let target = path.to_path_buf();
     std::thread::Builder::new()
-        .name("probe".into())
+        .name("connect".into())
         .spawn(move || {
-            let _ = tx.send(UnixStream::connect(&target).map(drop));
+            let _ = tx.send(UnixStream::connect(&target));
         })
         .map_err(Unreachable::Connect)?;
     match rx.recv_timeout(timeout) {
@@ -54,18 +51,18 @@ mod tests {
 
     #[test]
     fn a_listening_socket_is_reachable_and_others_are_not() {
-        let dir = std::env::temp_dir().join(format!("heapcap-runtime-probe-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("heapcap-linux-connect-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("agent.sock");
-        let e = probe(&path, CONNECT_TIMEOUT).unwrap_err();
+        let e = connect_within(&path, CONNECT_TIMEOUT).unwrap_err();
         assert!(matches!(e, Unreachable::Missing), "{e:?}");
         assert!(!e.to_string().to_lowercase().contains("no such file"), "podman would say 'command not found'");
 
         let listener = UnixListener::bind(&path).unwrap();
-        probe(&path, CONNECT_TIMEOUT).expect("a listening socket (accept not needed: the backlog takes it)");
+        connect_within(&path, CONNECT_TIMEOUT).expect("a listening socket (accept not needed: the backlog takes it)");
         drop(listener);
-        let e = probe(&path, CONNECT_TIMEOUT).unwrap_err();
+        let e = connect_within(&path, CONNECT_TIMEOUT).unwrap_err();
         assert!(matches!(&e, Unreachable::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused), "{e:?}");
 
         assert_eq!(Unreachable::Timeout(CONNECT_TIMEOUT).to_string(), "it accepted no connection within 5 s");
