@@ -110,6 +110,8 @@ pub enum ClientError {
     Refused(String),
     #[error("heapcapd sent something unreadable: {0}")]
     Garbled(#[from] serde_json::Error),
+    #[error("the request is {0} bytes, more than the {MAX_REQUEST} heapcapd reads: is the container id right?")]
+    TooLarge(usize),
 }
 
 /// A connection with one request sent.
@@ -121,11 +123,14 @@ pub struct Client {
 impl Client {
     /// Connect to `socket` and send `request`.
     pub fn send(socket: &Path, request: &Request) -> Result<Client, ClientError> {
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        if line.len() > MAX_REQUEST {
+            return Err(ClientError::TooLarge(line.len()));
+        }
         let mut stream = UnixStream::connect(socket)
             .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
         stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-        let mut line = serde_json::to_vec(request)?;
-        line.push(b'\n');
         stream.write_all(&line)?;
         Ok(Client { reader: BufReader::new(stream) })
     }
@@ -167,5 +172,13 @@ mod tests {
         assert_eq!(r, Request::SetLimit { container: "c1".into(), pid: None, limit: Some("64Mi".into()), total: None });
         assert!(serde_json::from_str::<Request>(r#"{"op":"ps","extra":1}"#).is_err(), "unknown fields refused");
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn an_oversized_request_is_refused_before_connecting() {
+        let request = Request::SetLimit { container: "c".repeat(MAX_REQUEST), pid: None, limit: None, total: None };
+        let err = Client::send(Path::new("/nonexistent/heapcap-control.sock"), &request).unwrap_err();
+        assert!(matches!(err, ClientError::TooLarge(n) if n > MAX_REQUEST), "{err}");
+        assert!(err.to_string().contains("more than the 65536 heapcapd reads"), "{err}");
     }
 }

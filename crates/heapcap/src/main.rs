@@ -141,6 +141,13 @@ struct RunArgs {
 
 /// One line: clap's message without its trailing tips, plus where to look.
 fn usage_line(err: &clap::Error) -> String {
+    // clap reads `set-limit web-1 -5Mi` as the flags -5, -M, -i: say what is wrong with the size.
+    if err.kind() == clap::error::ErrorKind::UnknownArgument {
+        let negative = std::env::args().find(|a| a.len() > 1 && a.starts_with('-') && a.as_bytes()[1].is_ascii_digit());
+        if let Some(n) = negative {
+            return format!("heapcap: '{n}' is negative: write a positive size such as 64Mi (see heapcap --help)");
+        }
+    }
     let rendered = err.render().to_string();
     let mut parts = rendered
         .lines()
@@ -159,6 +166,14 @@ fn usage_line(err: &clap::Error) -> String {
         line.push_str(" (see heapcap --help)");
     }
     line
+}
+
+/// `heapcap run --limit 64Mi --mode audit -- cmd` takes `--mode` as the command (everything from
+/// the first unknown word on is the command): an option-like first word not written after `--`.
+fn option_taken_for_command(command: &[OsString]) -> Option<String> {
+    let first = command.first()?.to_str()?;
+    let after_dashes = std::env::args().collect::<Vec<_>>().windows(2).any(|w| w[0] == "--" && w[1] == first);
+    (first.starts_with('-') && !after_dashes).then(|| first.to_string())
 }
 
 fn main() -> ExitCode {
@@ -186,7 +201,16 @@ fn main() -> ExitCode {
     };
     init_logging();
     match cli.command {
-        Command::Run(args) => run::main(args),
+        Command::Run(args) => match option_taken_for_command(&args.command) {
+            Some(option) => {
+                eprintln!(
+                    "heapcap: unknown option '{option}' for run: its options are --limit, --total-limit, --audit, \
+                     --report, --quiet (see heapcap run --help); a command goes after --"
+                );
+                ExitCode::from(USAGE)
+            }
+            None => run::main(args),
+        },
         Command::Ps { json, socket } => control::ps(&socket.path, json),
         Command::SetLimit { container, limit, pid, total, socket } => {
             if limit.is_none() && total.is_none() {

@@ -1,10 +1,11 @@
 //! The control socket: `heapcap ps`, `set-limit` and `events` (the paper's `/proc/<pid>/rlimit`
 //! read and write, grown up).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use heapcap_control::{Done, ErrorReply, PsReply, Request, MAX_REQUEST};
 use heapcap_policy::Size;
@@ -12,13 +13,35 @@ use serde::Serialize;
 
 use crate::events::Events;
 use crate::registry::Registry;
-use crate::sockets::peer_allowed;
+use crate::sockets::{peer_allowed, Slots};
+
+/// How long a client has to send its request line.
+const READ_DEADLINE: Duration = Duration::from_secs(10);
+/// Control connections served at once (a thread each; `events --follow` keeps one). Past it,
+/// connections wait in the backlog until one ends.
+const MAX_CONNECTIONS: usize = 128;
+/// How often a follower with no new event is checked for having hung up.
+const FOLLOW_CHECK: Duration = Duration::from_secs(1);
 
 pub fn run(listener: UnixListener, registry: Arc<Registry>, events: Arc<Events>) {
+    let slots = Slots::new(MAX_CONNECTIONS);
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                continue;
+            }
+        };
         let (registry, events) = (registry.clone(), events.clone());
-        let _ = std::thread::Builder::new().name("control".into()).spawn(move || serve(stream, &registry, &events));
+        let slot = slots.take("control");
+        let spawned = std::thread::Builder::new().name("control".into()).spawn(move || {
+            let _slot = slot;
+            serve(stream, &registry, &events);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a thread for a control connection");
+        }
     }
 }
 
@@ -40,23 +63,82 @@ fn parse_quota(value: &str) -> Result<Option<u64>, String> {
     }
 }
 
+/// Read the one request line: at most [`MAX_REQUEST`] bytes, within [`READ_DEADLINE`] all told.
+/// The error says what the client got wrong.
+fn read_request(stream: &mut UnixStream) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + READ_DEADLINE;
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let read = if left.is_zero() {
+            Err(std::io::ErrorKind::TimedOut.into())
+        } else {
+            stream.set_read_timeout(Some(left)).and_then(|()| stream.read(&mut chunk))
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(format!(
+                    "no complete request line within {}s ({} bytes received): send one JSON line ending in a newline",
+                    READ_DEADLINE.as_secs(),
+                    line.len()
+                ))
+            }
+            Err(e) => return Err(format!("cannot read the request: {e}")),
+        };
+        if n == 0 {
+            return Err(match line.len() {
+                0 => "no request received: send one JSON line such as {\"op\":\"ps\"}".to_string(),
+                got => format!("incomplete request: the connection ended after {got} bytes without a newline"),
+            });
+        }
+        let end = chunk[..n].iter().position(|b| *b == b'\n');
+        line.extend_from_slice(&chunk[..end.map_or(n, |i| i + 1)]);
+        if line.len() > MAX_REQUEST {
+            return Err(format!("request line longer than {MAX_REQUEST} bytes: send one JSON line of at most that"));
+        }
+        if end.is_some() {
+            return Ok(line);
+        }
+    }
+}
+
+/// The request in `line`, or what is wrong with it.
+fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let text = std::str::from_utf8(line).map_err(|e| format!("bad request: not UTF-8 ({e}): send one JSON line"))?;
+    serde_json::from_str(text).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() { "not JSON" } else { "not a request" };
+        format!(
+            "bad request ({what}: {e}): send one JSON line with \"op\" one of \"ps\", \"set-limit\", \"events\", \
+             e.g. {{\"op\":\"ps\"}}"
+        )
+    })
+}
+
+/// The client hung up (a follower that quit): a read returns end of file.
+fn hung_up(stream: &mut UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    if stream.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let read = stream.read(&mut byte);
+    let gone = stream.set_nonblocking(false).is_err();
+    gone || matches!(read, Ok(0)) || matches!(read, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock)
+}
+
 fn serve(mut stream: UnixStream, registry: &Registry, events: &Events) {
     if let Err(e) = peer_allowed(&stream) {
         tracing::warn!(error = %e, "control connection refused");
         return refuse(&mut stream, e);
     }
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-    let mut line = String::new();
-    let read = stream.try_clone().map(|s| BufReader::new(s.take(MAX_REQUEST as u64)).read_line(&mut line));
-    match read {
-        Ok(Ok(n)) if n > 0 && line.ends_with('\n') => {}
-        Ok(Ok(_)) => return refuse(&mut stream, format!("send one JSON request line of at most {MAX_REQUEST} bytes")),
-        _ => return refuse(&mut stream, "no request received"),
-    }
-    let request: Request = match serde_json::from_str(&line) {
+    let request = match read_request(&mut stream).and_then(|line| parse_request(&line)) {
         Ok(r) => r,
-        Err(e) => return refuse(&mut stream, format!("bad request: {e}")),
+        Err(e) => {
+            tracing::info!(error = %e, "control request refused");
+            return refuse(&mut stream, e);
+        }
     };
     match request {
         Request::Ps {} => {
@@ -89,9 +171,16 @@ fn serve(mut stream: UnixStream, registry: &Registry, events: &Events) {
                     return;
                 }
             }
-            while let Ok(e) = rx.recv() {
-                if send(&mut stream, &e).is_err() {
-                    return;
+            // A follower that quits is noticed within FOLLOW_CHECK, not at the next denial.
+            loop {
+                match rx.recv_timeout(FOLLOW_CHECK) {
+                    Ok(e) => {
+                        if send(&mut stream, &e).is_err() {
+                            return;
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) if !hung_up(&mut stream) => {}
+                    Err(_) => return,
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use heapcap_linux::fdpass::recv_fds;
 use heapcap_linux::notify::Listener;
@@ -14,12 +14,18 @@ use heapcap_linux::pidfd::Pidfd;
 use heapcap_oci::agent::{self, AgentError, AgentMessage, MAX_MESSAGE};
 use heapcap_policy::ledger::{Limits, Mode};
 use heapcap_policy::settings::{Settings, SettingsError};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use oci_spec::runtime::SECCOMP_FD_NAME;
 
 use crate::registry::Registry;
-use crate::sockets::peer_allowed;
+use crate::sockets::{peer_allowed, Slots};
 
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a peer has to send its whole message (runc and crun send it at once and close).
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// Agent connections served at once (a thread each). Far above what a burst of container starts
+/// needs (each message takes milliseconds); past it, connections wait in the backlog, never
+/// refused, and idle ones free their slot within [`READ_DEADLINE`].
+const MAX_CONNECTIONS: usize = 256;
 
 /// What to do with a container whose heapcap settings are bad.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,8 +43,12 @@ pub enum IntakeError {
     Peer(String),
     #[error("cannot read the message: {0}")]
     Read(#[source] std::io::Error),
+    #[error("no complete message within {}s ({got} bytes received): a runtime sends its state and closes the connection", READ_DEADLINE.as_secs())]
+    Timeout { got: usize },
     #[error("message larger than {MAX_MESSAGE} bytes")]
     TooLarge,
+    #[error("more fds came with the message than the {0} taken: it was refused and they were closed")]
+    TooManyFds(usize),
     #[error(transparent)]
     Message(#[from] AgentError),
     #[error("the fd sent as {SECCOMP_FD_NAME} is not a seccomp listener")]
@@ -51,6 +61,7 @@ pub enum IntakeError {
 
 /// Accept connections until the listener fails.
 pub fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadSettings) {
+    let slots = Slots::new(MAX_CONNECTIONS);
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
@@ -60,9 +71,12 @@ pub fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadSetting
             }
         };
         let registry = registry.clone();
+        let slot = slots.take("agent");
         let spawned = std::thread::Builder::new().name("intake".into()).spawn(move || {
+            let _slot = slot;
             if let Err(e) = handle(&stream, &registry, on_bad) {
-                tracing::warn!(error = %e, "agent message not taken");
+                let peer = getsockopt(&stream, PeerCredentials).map(|c| c.pid()).unwrap_or(0);
+                tracing::warn!(peer, error = %e, "agent message not taken");
             }
         });
         if let Err(e) = spawned {
@@ -71,17 +85,35 @@ pub fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadSetting
     }
 }
 
-/// Read one message, until the peer closes (runc and crun close after sending) or the JSON ends.
+/// A failed read: running out of time is the peer's fault, and said so.
+fn read_error(e: std::io::Error, got: usize) -> IntakeError {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => IntakeError::Timeout { got },
+        _ => IntakeError::Read(e),
+    }
+}
+
+/// Read one message, until the peer closes (runc and crun close after sending) or the JSON ends,
+/// within [`READ_DEADLINE`] all told (a peer trickling bytes cannot hold a thread longer).
 fn read_message(stream: &UnixStream) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedFd>), IntakeError> {
-    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(IntakeError::Read)?;
+    let deadline = Instant::now() + READ_DEADLINE;
+    stream.set_read_timeout(Some(READ_DEADLINE)).map_err(IntakeError::Read)?;
     let mut buf = vec![0u8; 64 * 1024];
-    let first = recv_fds(stream.as_fd(), &mut buf).map_err(IntakeError::Read)?;
+    let first = recv_fds(stream.as_fd(), &mut buf).map_err(|e| read_error(e, 0))?;
+    if first.truncated {
+        return Err(IntakeError::TooManyFds(first.fds.len()));
+    }
     buf.truncate(first.len);
     let mut data = buf;
     let mut reader = stream;
     let mut chunk = [0u8; 16 * 1024];
     while serde_json::from_slice::<serde_json::Value>(&data).is_err() {
-        let n = reader.read(&mut chunk).map_err(IntakeError::Read)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(IntakeError::Timeout { got: data.len() });
+        }
+        stream.set_read_timeout(Some(left)).map_err(IntakeError::Read)?;
+        let n = reader.read(&mut chunk).map_err(|e| read_error(e, data.len()))?;
         if n == 0 {
             break;
         }

@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
@@ -44,6 +45,101 @@ pub fn peer_allowed(stream: &UnixStream) -> Result<i32, String> {
     if uid == 0 || uid == me {
         Ok(cred.pid())
     } else {
-        Err(format!("peer pid {} uid {} is not allowed (root only)", cred.pid(), uid))
+        let who = if me == 0 { "root".to_string() } else { format!("root or heapcapd's own user (uid {me})") };
+        Err(format!("peer pid {} uid {uid} refused: only {who} may connect", cred.pid()))
+    }
+}
+
+/// A bound on the connections a socket serves at once (a thread each), so that a flood of
+/// connections, idle or not, cannot use up the threads that serve containers. A connection over
+/// the bound is not refused: it waits in the listen backlog until [`Slots::take`] returns.
+#[derive(Debug)]
+pub struct Slots {
+    max: usize,
+    state: Mutex<SlotState>,
+    freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    busy: usize,
+    /// Every slot was taken and has not been half free since: warned once for the episode.
+    warned: bool,
+}
+
+/// One connection being served; frees its slot when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<Slots>);
+
+impl Slots {
+    pub fn new(max: usize) -> Arc<Slots> {
+        Arc::new(Slots { max, state: Mutex::new(SlotState::default()), freed: Condvar::new() })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait for a free slot. `socket` names the socket in the warning logged when all are taken.
+    pub fn take(self: &Arc<Self>, socket: &str) -> Slot {
+        let mut state = self.lock();
+        if state.busy >= self.max && !state.warned {
+            state.warned = true;
+            tracing::warn!(
+                socket,
+                max = self.max,
+                "every connection slot is taken: new connections wait until one ends (idle ones end after their timeout)"
+            );
+        }
+        while state.busy >= self.max {
+            state = self.freed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.busy += 1;
+        Slot(self.clone())
+    }
+
+    /// Connections being served now.
+    #[cfg(test)]
+    fn busy(&self) -> usize {
+        self.lock().busy
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.busy -= 1;
+        if state.busy <= self.0.max / 2 {
+            state.warned = false;
+        }
+        drop(state);
+        self.0.freed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_taker_over_the_bound_waits_for_a_slot() {
+        let slots = Slots::new(2);
+        let a = slots.take("test");
+        let _b = slots.take("test");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let slots = slots.clone();
+            std::thread::spawn(move || {
+                let c = slots.take("test");
+                tx.send(()).unwrap();
+                c
+            })
+        };
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "the third waits while two are taken");
+        drop(a);
+        rx.recv_timeout(Duration::from_secs(10)).expect("a freed slot lets the waiter in");
+        drop(waiter.join().unwrap());
+        assert_eq!(slots.busy(), 1);
     }
 }
