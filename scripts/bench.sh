@@ -22,6 +22,6 @@ for a in "$@"; do
     --out | --out=*) out=() ;; # the caller's own
     esac
 done
-cargo build --profile "$profile" --locked -q -p heapcap -p heapcapd -p heapcap-holder -p heapcap-bench
+cargo build --profile "$profile" --locked -q -p heapcap -p heapcapd -p heapcap-holder -p heapcap-hook -p heapcap-runtime -p heapcap-bench
 dir=target/$([ "$profile" = dev ] && echo debug || echo release)
 exec "$dir/heapcap-bench" --bin-dir "$dir" "${out[@]}" --command-line "$(echo scripts/bench.sh "$@")" "$@"

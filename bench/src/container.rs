@@ -130,20 +130,42 @@ impl Bundle {
 
     /// Start `runc run` for container `id` (stdout piped).
     pub fn spawn(&self, id: &str) -> Result<Child> {
+        self.spawn_with(Path::new("runc"), &[], id)
+    }
+
+    /// Start `RUNTIME run` for container `id` (stdout piped), with `env` set.
+    fn spawn_with(&self, runtime: &Path, env: &[(&str, &Path)], id: &str) -> Result<Child> {
         Command::new("timeout")
-            .args(["-k", "5", "600", "runc", "run", "--bundle"])
+            .args(["-k", "5", "600"])
+            .arg(runtime)
+            .args(["run", "--bundle"])
             .arg(&self.dir)
             .arg(id)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("start `runc run`")
+            .with_context(|| format!("start `{} run`", runtime.display()))
+    }
+
+    /// Edit the bundle's `config.json`.
+    fn edit(&self, change: impl FnOnce(&mut Value)) -> Result<()> {
+        let path = self.dir.join("config.json");
+        let mut config: Value = serde_json::from_str(&fs::read_to_string(&path)?)?;
+        change(&mut config);
+        fs::write(&path, serde_json::to_string_pretty(&config)?)?;
+        Ok(())
     }
 
     /// Run container `id` to the end; what nbench printed (µs per pair).
     pub fn run(&self, id: &str) -> Result<f64> {
-        let out = self.spawn(id)?.wait_with_output()?;
+        self.run_with(Path::new("runc"), &[], id)
+    }
+
+    /// [`Bundle::run`] with another runc-compatible runtime and environment.
+    fn run_with(&self, runtime: &Path, env: &[(&str, &Path)], id: &str) -> Result<f64> {
+        let out = self.spawn_with(runtime, env, id)?.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             let _ = Command::new("runc").args(["delete", "-f", id]).output();
@@ -269,19 +291,53 @@ pub fn start(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
     let daemon = Daemon::start(&args.heapcapd(), work)?;
     let plain = Bundle::with_profile(&work.join("start-plain"), fx, None, 1)?;
     let capped = Bundle::new(&work.join("start-heapcap"), fx, &daemon.agent, "1Gi", 1)?;
-    let mut s: [Vec<f64>; 2] = Default::default();
+    // The prestart hook: an annotation and hooks.prestart, no seccomp in the spec.
+    let hooked = Bundle::with_profile(&work.join("start-hook"), fx, None, 1)?;
+    let hook = fs::canonicalize(args.bin_dir.join("heapcap-hook")).context("find heapcap-hook")?;
+    hooked.edit(|c| {
+        c["annotations"] = json!({ "heapcap.io/limit": "1Gi" });
+        c["hooks"] = json!({ "prestart": [{
+            "path": hook, "args": ["heapcap-hook", "prestart"],
+            "env": [format!("HEAPCAP_SOCKET={}", daemon.agent.display())],
+        }]});
+    })?;
+    // The shim: an annotation only; heapcap-runtime changes config.json (put back each run) and execs runc.
+    let shimmed = Bundle::with_profile(&work.join("start-shim"), fx, None, 1)?;
+    shimmed.edit(|c| c["annotations"] = json!({ "heapcap.io/limit": "1Gi" }))?;
+    let shim_config = work.join("runtime.toml");
+    fs::write(&shim_config, format!("runtime = \"runc\"\nlistener_path = {:?}\n", daemon.agent))?;
+    let shim_original = fs::read(shimmed.dir.join("config.json"))?;
+    let shim = args.bin_dir.join("heapcap-runtime");
+    let runc = PathBuf::from("runc");
+    const SIDES: [&str; 4] = [
+        "runc, no seccomp",
+        "runc + heapcap profile (`listenerPath`), heapcapd",
+        "runc + `heapcap-hook prestart` (annotation only), heapcapd",
+        "`heapcap-runtime` (annotation only) → runc, heapcapd",
+    ];
+    let mut s: [Vec<f64>; 4] = Default::default();
     let mut failures = Vec::new();
     for r in 0..rounds {
-        // A B, then B A: the first container of a pair pays for what the pair before left behind.
-        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
-        for side in order {
-            let bundle = [&plain, &capped][side];
+        // Rotated each round: no side always follows the same one.
+        for k in 0..SIDES.len() {
+            let side = (k + r) % SIDES.len();
             let id = format!("hcb-{}-start-{side}-{r}", std::process::id());
-            let t = Instant::now();
-            let res = bundle.run(&id);
-            let secs = t.elapsed().as_secs_f64() * 1e3;
+            let res = (|| {
+                let (bundle, runtime, env): (&Bundle, &Path, Vec<(&str, &Path)>) = match side {
+                    0 => (&plain, &runc, vec![]),
+                    1 => (&capped, &runc, vec![]),
+                    2 => (&hooked, &runc, vec![]),
+                    _ => {
+                        fs::write(shimmed.dir.join("config.json"), &shim_original)?;
+                        (&shimmed, &shim, vec![("HEAPCAP_RUNTIME_CONFIG", &shim_config)])
+                    }
+                };
+                let t = Instant::now();
+                bundle.run_with(runtime, &env, &id)?;
+                Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64() * 1e3)
+            })();
             match res {
-                Ok(_) => s[side].push(secs),
+                Ok(ms) => s[side].push(ms),
                 Err(e) => {
                     failures.push(format!("measurement 5, side {side}, round {r}: {e:#}"));
                     s[side].push(f64::NAN);
@@ -289,21 +345,27 @@ pub fn start(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
             }
         }
     }
-    let added = crate::stats::paired(&s[1], &s[0], |x, y| x - y);
-    let ratio = crate::stats::paired(&s[1], &s[0], |x, y| x / y);
-    let md = format!(
+    let mut md = format!(
         "## 5. Container start\n\n\
-         Wall time of `runc run` of a one-call static program to its end, {rounds} rounds interleaved (A B, B A, ...): without \
-         seccomp, and with heapcap's profile and `listenerPath` served by heapcapd (runc hands the listener fd \
-         over before the program starts). The OCI hook (`heapcap-hook`) and the shim (`heapcap-runtime`) are \
-         not measured here.\n\n\
-         | side | ms: median (min–max) |\n|---|---|\n\
-         | runc, no seccomp | {} |\n| runc + heapcap profile, heapcapd | {} |\n\n\
-         Added by heapcap, paired: {} ms ({}x).\n\n",
-        crate::stats::fmt_spread(&crate::stats::summarize(&s[0])),
-        crate::stats::fmt_spread(&crate::stats::summarize(&s[1])),
-        crate::stats::fmt_spread(&added),
-        fmt(ratio.median),
+         Wall time of `runc run` of a one-call static program to its end, {rounds} rounds, the sides in a \
+         rotating order: without seccomp; with heapcap's profile and `listenerPath` in the spec (runc hands \
+         heapcapd the listener before the program starts); with only the annotation and heapcap's prestart \
+         hook (it installs the filter into the paused init and hands heapcapd the listener); with only the \
+         annotation, run through the shim `heapcap-runtime` (it checks heapcapd answers, changes config.json, \
+         execs runc). Added: paired with the no-seccomp side of the same round.\n\n\
+         | side | ms: median (min–max) | added ms, paired: median (min–max) | ratio |\n|---|---|---|---|\n",
     );
+    for (side, name) in SIDES.iter().enumerate() {
+        let summary = crate::stats::fmt_spread(&crate::stats::summarize(&s[side]));
+        if side == 0 {
+            md += &format!("| {name} | {summary} | | |\n");
+            continue;
+        }
+        let added = crate::stats::paired(&s[side], &s[0], |x, y| x - y);
+        let ratio = crate::stats::paired(&s[side], &s[0], |x, y| x / y);
+        let ratio = if ratio.median.is_finite() { format!("{}x", fmt(ratio.median)) } else { "n/a".into() };
+        md += &format!("| {name} | {summary} | {} | {ratio} |\n", crate::stats::fmt_spread(&added));
+    }
+    md += "\n";
     Ok(Section { markdown: md, failures })
 }

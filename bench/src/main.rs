@@ -24,7 +24,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(version)]
 pub struct Args {
-    /// Where `heapcap`, `heapcapd` and `heapcap-holder` (release builds) are.
+    /// Where `heapcap`, `heapcapd`, `heapcap-holder`, `heapcap-hook` and `heapcap-runtime` (release builds) are.
     #[arg(long, default_value = "target/release")]
     pub bin_dir: PathBuf,
     /// Where the fixtures' C sources are.
@@ -95,10 +95,12 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<usize> {
     let started = Instant::now();
-    for bin in [args.heapcap(), args.heapcapd(), args.holder()] {
+    let hook_and_shim = [args.bin_dir.join("heapcap-hook"), args.bin_dir.join("heapcap-runtime")];
+    for bin in [args.heapcap(), args.heapcapd(), args.holder()].into_iter().chain(hook_and_shim) {
         anyhow::ensure!(
             bin.exists(),
-            "no {} (build with `cargo build --release -p heapcap -p heapcapd -p heapcap-holder`)",
+            "no {} (build with `cargo build --release -p heapcap -p heapcapd -p heapcap-holder -p heapcap-hook \
+             -p heapcap-runtime`)",
             bin.display()
         );
     }
