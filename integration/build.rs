@@ -44,6 +44,16 @@ fn main() {
     println!("cargo:rustc-env=HEAPCAP_ALLOC={}", alloc.display());
     println!("cargo:rustc-env=HEAPCAP_ALLOC32={}", alloc32.display());
     println!("cargo:rustc-env=HEAPCAP_ALLOC_STATIC={}", alloc_static.display());
+
+    // The isolation and signal probes, static: the same binary runs on the host and in containers
+    // (HEAPCAP_ISOLATION_STATIC, HEAPCAP_SIGNALS_STATIC).
+    for (name, var) in [("isolation", "HEAPCAP_ISOLATION_STATIC"), ("signals", "HEAPCAP_SIGNALS_STATIC")] {
+        let source = manifest_dir.join(format!("fixtures/{name}.c"));
+        println!("cargo:rerun-if-changed={}", source.display());
+        let output = out_dir.join(format!("{name}-static"));
+        compile(&source, &output, &["-static"], "install the static C library (apt-get install libc6-dev)");
+        println!("cargo:rustc-env={var}={}", output.display());
+    }
 }
 
 /// Runs `gcc [extra] -O1 -pthread -o output source`; panics with gcc's own
