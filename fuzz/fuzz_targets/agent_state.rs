@@ -5,7 +5,7 @@
 //!
 //! Asserts, beyond not panicking:
 //! - `parse` agrees with reading the message the way heapcapd's intake did before it had `parse`:
-//!   a JSON object, `ContainerProcessState` from serde, the `seccompFd` index, the fd count, the id, and
+//!   a JSON object with "fds" and "state", `ContainerProcessState` from serde, the `seccompFd` index, the fd count, the id, and
 //!   `settings::resolve` on the state's annotations and `metadata` (bad settings are reported in
 //!   the message, not lost);
 //! - a taken message names its listener among the fds received, and its id is not empty;
@@ -25,8 +25,10 @@ fn reference(data: &[u8], fds_received: usize) -> Result<AgentMessage, AgentErro
     if data.iter().all(u8::is_ascii_whitespace) {
         return Err(if fds_received == 0 { AgentError::Empty } else { AgentError::Json(String::new()) });
     }
-    if data.trim_ascii_start().first() != Some(&b'{') {
-        return Err(AgentError::Json(String::new())); // serde would take a struct from an array
+    // Only an object with "fds" and "state" is a state (oci-spec would default the rest).
+    let value: serde_json::Value = serde_json::from_slice(data).map_err(|e| AgentError::Json(e.to_string()))?;
+    if !(value.get("fds").is_some() && value.get("state").is_some()) {
+        return Err(AgentError::Json(String::new()));
     }
     let state: ContainerProcessState = serde_json::from_slice(data).map_err(|e| AgentError::Json(e.to_string()))?;
     let seccomp_fd = state

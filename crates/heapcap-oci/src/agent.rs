@@ -55,10 +55,21 @@ pub fn parse(data: &[u8], fds_received: usize) -> Result<AgentMessage, AgentErro
         }
         return Err(AgentError::Json(format!("{fds_received} fds came with no state")));
     }
-    // serde takes a struct from a JSON array too (`[]` would be a state of defaults): only an object is a state.
+    // oci-spec fills what is missing with defaults, and serde takes a struct from an array too: a
+    // state is an object that has at least "fds" and "state" (`{"hello": 1}` is not one).
     if data.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(AgentError::Json("expected a JSON object".into()));
     }
+    let value: serde_json::Value = serde_json::from_slice(data).map_err(|e| AgentError::Json(e.to_string()))?;
+    let missing: Vec<&str> =
+        ["fds", "state"].into_iter().filter(|k| value.as_object().is_none_or(|o| !o.contains_key(*k))).collect();
+    if !missing.is_empty() {
+        return Err(AgentError::Json(format!(
+            "not a container process state: no {} (runc and crun send {{\"ociVersion\", \"fds\", \"pid\", \"metadata\", \"state\"}})",
+            missing.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(" or ")
+        )));
+    }
+    // From the bytes, not the value: a value keeps the last of duplicate keys, the struct refuses them.
     let state: ContainerProcessState = serde_json::from_slice(data).map_err(|e| AgentError::Json(e.to_string()))?;
     let names = state.fds();
     let seccomp_fd =
@@ -168,6 +179,14 @@ mod tests {
         assert!(matches!(parse(&data, 1), Err(AgentError::Json(_))), "trailing data");
         let data = state(&["seccompFd"], "c1", json!({}), None);
         assert!(matches!(parse(&data[..data.len() - 3], 1), Err(AgentError::Json(_))), "truncated");
+    }
+
+    #[test]
+    fn an_object_that_is_not_a_state_says_so() {
+        let err = parse(br#"{"hello": "world"}"#, 1).unwrap_err().to_string();
+        assert!(err.contains("not a container process state: no \"fds\" or \"state\""), "{err}");
+        let err = parse(br#"{"fds": ["seccompFd"]}"#, 1).unwrap_err().to_string();
+        assert!(err.contains("no \"state\""), "{err}");
     }
 
     #[test]
