@@ -211,7 +211,9 @@ impl Supervisor {
             tracing::debug!(error = %e, "no synchronous wake-up");
         }
         let mut threads = Threads::default();
-        let mut buf = String::with_capacity(64 * 1024);
+        // Grown on the first read of the maps as text (most containers never need one: 6.11+ has
+        // PROCMAP_QUERY), not reserved up front for every container.
+        let mut buf = String::new();
         loop {
             let n = match listener.recv()? {
                 Recv::Notification(n) => n,
