@@ -55,7 +55,7 @@ pub struct Args {
 
 impl Args {
     pub fn rounds(&self) -> usize {
-        self.rounds.unwrap_or(if self.tiny { 2 } else { 7 })
+        self.rounds.unwrap_or(if self.tiny { 2 } else { 15 })
     }
     pub fn calls(&self) -> u64 {
         self.calls.unwrap_or(if self.tiny { 2000 } else { 200_000 })
