@@ -93,7 +93,7 @@ pub fn resolve<'a>(
     let mut ann: Vec<(&str, &str)> = annotations.into_iter().filter(|(k, _)| k.starts_with(PREFIX)).collect();
     // Annotations come from hash maps: in key order, the error named for several bad keys is
     // the same on every run.
-    ann.sort_unstable();
+    ann.sort_by_key(|(k, _)| *k); // stable: of repeated keys the last still wins
     for (k, v) in meta.iter().filter(|(k, _)| !ann.iter().any(|(a, _)| a == k)) {
         apply(&mut settings, k, v)?;
         any = true;
@@ -132,6 +132,9 @@ mod tests {
         reversed.reverse();
         assert_eq!(resolve(reversed, None).unwrap_err(), first);
         assert!(first.to_string().contains(LIMIT), "{first}");
+        // Sorted by key only: of a key given twice the last still wins.
+        let s = resolve([(LIMIT, "64Mi"), (MODE, "audit"), (LIMIT, "1Mi")], None).unwrap().unwrap();
+        assert_eq!(s.limits.process, Some(MIB));
     }
 
     #[test]
