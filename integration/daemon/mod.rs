@@ -165,8 +165,7 @@ impl Daemon {
 
     /// Open fds and threads of heapcapd now.
     pub fn resources(&self) -> (usize, usize) {
-        let count = |sub: &str| fs::read_dir(format!("/proc/{}/{sub}", self.pid())).map(|d| d.count()).unwrap_or(0);
-        (count("fd"), count("task"))
+        fds_and_tasks(self.pid())
     }
 
     /// GET /metrics.
@@ -253,4 +252,25 @@ impl Drop for Wedged {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Open fds and threads of a process (heapcapd, the holder).
+pub fn fds_and_tasks(pid: u32) -> (usize, usize) {
+    let count = |sub: &str| {
+        fs::read_dir(format!("/proc/{pid}/{sub}"))
+            .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/{sub}: {e} (did the process die?)"))
+            .count()
+    };
+    (count("fd"), count("task"))
+}
+
+/// The fewest fds and threads of `pid` over a short while: a control connection (a `ps`) or an
+/// intake thread may still be finishing when sampled once.
+pub fn settled(pid: u32) -> (usize, usize) {
+    (0..5)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            fds_and_tasks(pid)
+        })
+        .fold((usize::MAX, usize::MAX), |(f, t), (f2, t2)| (f.min(f2), t.min(t2)))
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use containers::{
     assert_at_quota, fixture_result, parse_allocated, show, stderr, stdout, unique_id, Bundle, Runtime, MIB,
 };
-use daemon::Daemon;
+use daemon::{settled, Daemon};
 use serde_json::{json, Value};
 
 /// Generous: catches a hang, never times a working heapcapd.
@@ -47,28 +47,17 @@ fn assert_serves_a_container(d: &Daemon, when: &str) {
     assert_at_quota(&format!("runc container {when}"), allocated, &result, 64 * MIB, 4 * MIB);
 }
 
-/// The fewest (fds, threads) of heapcapd over a short while: a control connection (a `ps`) may
-/// still be finishing when sampled once.
-fn settled(d: &Daemon) -> (usize, usize) {
-    (0..5)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(50));
-            d.resources()
-        })
-        .fold((usize::MAX, usize::MAX), |(f, t), (f2, t2)| (f.min(f2), t.min(t2)))
-}
-
 /// heapcapd's (fds, threads) once it has served a container: what it holds for as long as it runs.
 fn baseline(d: &Daemon) -> (usize, usize) {
     assert_serves_a_container(d, "before the abuse");
     d.wait_no_containers(DEADLINE);
-    settled(d)
+    settled(d.pid())
 }
 
 fn assert_back_to(d: &Daemon, before: (usize, usize), when: &str) {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let now = settled(d);
+        let now = settled(d.pid());
         if now.0 <= before.0 && now.1 <= before.1 {
             return;
         }
@@ -469,7 +458,7 @@ fn broken_control_requests_get_an_answer_that_says_what_is_wrong() {
     drop(held);
 
     // A follower that quits is let go without waiting for a denial to write to it.
-    let quiet = settled(&d);
+    let quiet = settled(d.pid());
     let mut follower = daemon::heapcap()
         .args(["events", "--follow"])
         .env("HEAPCAP_CONTROL_SOCKET", &d.control)

@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use containers::{
     assert_at_quota, parse_allocated, parse_allocated_line, show, stdout, unique_id, Bundle, Runtime, MIB,
 };
-use daemon::Daemon;
+use daemon::{settled, Daemon};
 
 /// The most heapcapd may grow (anonymous memory) per live container.
 const PER_CONTAINER_BOUND: u64 = 128 * 1024;
@@ -87,27 +87,6 @@ fn profile(daemon: &Daemon) -> serde_json::Value {
 }
 
 // ------------------------------------------------------------------ measuring a process
-
-/// Open fds and threads of a process.
-fn fds_and_tasks(pid: u32) -> (usize, usize) {
-    let count = |sub: &str| {
-        fs::read_dir(format!("/proc/{pid}/{sub}"))
-            .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/{sub}: {e} (did the process die?)"))
-            .count()
-    };
-    (count("fd"), count("task"))
-}
-
-/// The fewest fds and threads over a short while: a control connection (a `ps`) or an intake
-/// thread may still be finishing when sampled once.
-fn settled(pid: u32) -> (usize, usize) {
-    (0..5)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(50));
-            fds_and_tasks(pid)
-        })
-        .fold((usize::MAX, usize::MAX), |(f, t), (f2, t2)| (f.min(f2), t.min(t2)))
-}
 
 /// Wait until `pid`'s fds and threads are back to `baseline` (containers are dropped when
 /// their listener fds hang up, which takes a moment after they stop).
