@@ -82,6 +82,10 @@ fn typed_agrees(
     outcome: &Result<Outcome, heapcap_oci::SpecError>,
     config: &Value,
 ) {
+    // A spec is an object; serde would also build one (all defaults) from an array.
+    if !original.is_object() {
+        return;
+    }
     let Ok(mut spec) = serde_json::from_value::<Spec>(original.clone()) else { return };
     let typed = apply(&mut spec, defaults);
     match (outcome, &typed) {
