@@ -111,12 +111,15 @@ impl Journal {
         self.len / SLOT_BYTES
     }
 
-    fn word(&self, slot: usize, i: usize) -> &AtomicU64 {
-        assert!(slot < self.slots() && i < WORDS, "journal slot {slot} word {i} out of range");
-        // SAFETY: the offset is inside the mapping (checked above), 8-byte aligned (the mapping
-        // is page aligned and SLOT_BYTES is a multiple of 8), and the mapping lives as long as
-        // &self. AtomicU64 has the layout of u64, and all access to the mapping is atomic.
-        unsafe { &*self.base.as_ptr().add(slot * SLOT_BYTES / 8 + i) }
+    /// The words of one slot (one bounds check for all of them: a record is on every decision).
+    fn words(&self, slot: usize) -> &[AtomicU64; WORDS] {
+        assert!(slot < self.slots(), "journal slot {slot} out of range");
+        const { assert!(WORDS * 8 <= SLOT_BYTES) };
+        // SAFETY: the slot's WORDS words are inside the mapping (slot checked above, WORDS * 8
+        // fits in SLOT_BYTES), 8-byte aligned (the mapping is page aligned and SLOT_BYTES is a
+        // multiple of 8), and the mapping lives as long as &self. AtomicU64 has the layout of
+        // u64, an array of them that of WORDS consecutive words, and all access is atomic.
+        unsafe { &*self.base.as_ptr().add(slot * SLOT_BYTES / 8).cast::<[AtomicU64; WORDS]>() }
     }
 }
 
@@ -162,23 +165,24 @@ impl Slot {
     }
 
     fn w(&self, i: usize) -> &AtomicU64 {
-        self.journal.word(self.index, i)
+        &self.journal.words(self.index)[i]
     }
 
     /// Note `n` as taken (before deciding it).
     #[inline]
     pub fn record(&self, n: &Notification) {
-        let seq = self.w(0).load(Ordering::Relaxed);
+        let w = self.journal.words(self.index);
+        let seq = w[0].load(Ordering::Relaxed);
         let writing = seq | 1;
-        self.w(0).store(writing, Ordering::Relaxed);
+        w[0].store(writing, Ordering::Relaxed);
         fence(Ordering::Release);
-        self.w(1).store(n.id, Ordering::Relaxed);
-        self.w(2).store(u64::from(n.pid) | u64::from(n.arch) << 32, Ordering::Relaxed);
-        self.w(3).store(n.nr as u32 as u64, Ordering::Relaxed);
-        for (i, a) in n.args.iter().enumerate() {
-            self.w(4 + i).store(*a, Ordering::Relaxed);
+        w[1].store(n.id, Ordering::Relaxed);
+        w[2].store(u64::from(n.pid) | u64::from(n.arch) << 32, Ordering::Relaxed);
+        w[3].store(n.nr as u32 as u64, Ordering::Relaxed);
+        for (word, a) in w[4..].iter().zip(n.args) {
+            word.store(a, Ordering::Relaxed);
         }
-        self.w(0).store(writing + 1, Ordering::Release);
+        w[0].store(writing + 1, Ordering::Release);
     }
 
     /// Forget everything (a slot given to a new listener).

@@ -306,7 +306,8 @@ impl Supervisor {
         self.stats.notifications.fetch_add(1, Ordering::Relaxed);
         // Timed only for an observer (heapcapd's metrics): `heapcap run` saves the two clock reads.
         let started = self.observer.is_some().then(Instant::now);
-        let answer = self.decide(listener, threads, buf, n);
+        let call = MemCall::decode(n.arch, n.nr, n.args);
+        let answer = self.decide(listener, threads, buf, n, call);
         // The caller waits until the answer is handed to the kernel. The send wakes it on this CPU
         // (synchronous wake-up), and the time this thread then waits to run again is not its wait.
         let decided = started.map(|t| t.elapsed());
@@ -334,14 +335,21 @@ impl Supervisor {
             Err(e) => return Err(e),
         }
         if let (Some(observer), Some(decided)) = (&self.observer, decided) {
-            let syscall = MemCall::decode(n.arch, n.nr, n.args).map_or("other", |c| c.name());
+            let syscall = call.map_or("other", |c| c.name());
             observer.decided(syscall, outcome, decided.as_secs_f64());
         }
         Ok(())
     }
 
-    fn decide(&self, listener: &Listener, threads: &mut Threads, buf: &mut String, n: &Notification) -> Answer {
-        let Some(call) = MemCall::decode(n.arch, n.nr, n.args) else { return Answer::Allow };
+    fn decide(
+        &self,
+        listener: &Listener,
+        threads: &mut Threads,
+        buf: &mut String,
+        n: &Notification,
+        call: Option<MemCall>,
+    ) -> Answer {
+        let Some(call) = call else { return Answer::Allow };
         let key = CallKey { nr: i64::from(n.nr), args: n.args };
         let call = match call {
             MemCall::OldMmap { args_ptr } => match self.old_mmap_args(listener, n, args_ptr) {
