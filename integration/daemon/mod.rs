@@ -10,24 +10,36 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Build `heapcap`, `heapcapd` and `heapcap-runtime` once per test process; their directory.
+/// Build heapcap's binaries (`heapcap`, `heapcapd`, `heapcap-holder`, `heapcap-runtime`,
+/// `heapcap-hook`) once per test process; their directory.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
         let status = Command::new(&cargo)
-            .args(["build", "-q", "-p", "heapcap", "-p", "heapcapd", "-p", "heapcap-holder", "-p", "heapcap-runtime"])
+            .args(["build", "-q"])
+            .args(BINARIES.iter().flat_map(|b| ["-p", b]))
             .current_dir(&workspace)
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "cargo build -p heapcap -p heapcapd failed");
+        assert!(status.success(), "cargo build of {BINARIES:?} failed");
         let target =
             std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
         let dir = target.join("debug");
-        assert!(dir.join("heapcapd").exists(), "no heapcapd in {}", dir.display());
+        for b in BINARIES {
+            assert!(dir.join(b).exists(), "no {b} in {}", dir.display());
+        }
         dir
     })
+}
+
+const BINARIES: [&str; 5] = ["heapcap", "heapcapd", "heapcap-holder", "heapcap-runtime", "heapcap-hook"];
+
+/// One of heapcap's binaries (see [`bin_dir`]), built.
+pub fn binary(name: &str) -> PathBuf {
+    assert!(BINARIES.contains(&name), "{name} is not one of the binaries the tests build");
+    bin_dir().join(name)
 }
 
 pub fn heapcap() -> Command {
@@ -273,4 +285,19 @@ pub fn settled(pid: u32) -> (usize, usize) {
             fds_and_tasks(pid)
         })
         .fold((usize::MAX, usize::MAX), |(f, t), (f2, t2)| (f.min(f2), t.min(t2)))
+}
+
+/// Wait up to `within` until `pid` holds no more fds and threads than `baseline` ([`settled`]);
+/// what it holds if it never gets there.
+pub fn wait_back_to(pid: u32, baseline: (usize, usize), within: Duration) -> Result<(), (usize, usize)> {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = settled(pid);
+        if now.0 <= baseline.0 && now.1 <= baseline.1 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(now);
+        }
+    }
 }

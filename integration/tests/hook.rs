@@ -11,7 +11,6 @@ mod daemon;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use containers::{assert_at_quota, fixture_result, show, stderr, stdout, unique_id, Bundle, Runtime, MIB};
@@ -23,21 +22,8 @@ fn workspace() -> PathBuf {
 }
 
 /// The `heapcap-hook` binary, built once per test process (with heapcap and heapcapd).
-fn hook_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = daemon::bin_dir();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "heapcap-hook"])
-            .current_dir(workspace())
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build -p heapcap-hook failed");
-        let bin = dir.join("heapcap-hook");
-        assert!(bin.exists(), "no {}", bin.display());
-        bin
-    })
+fn hook_bin() -> PathBuf {
+    daemon::binary("heapcap-hook")
 }
 
 /// A config.json prestart hook entry for `heapcap-hook prestart` reporting to `agent`.

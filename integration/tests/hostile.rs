@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use containers::{
     assert_at_quota, fixture_result, parse_allocated, show, stderr, stdout, unique_id, Bundle, Runtime, MIB,
 };
-use daemon::{settled, Daemon};
+use daemon::{settled, wait_back_to, Daemon};
 use serde_json::{json, Value};
 
 /// Generous: catches a hang, never times a working heapcapd.
@@ -55,18 +55,8 @@ fn baseline(d: &Daemon) -> (usize, usize) {
 }
 
 fn assert_back_to(d: &Daemon, before: (usize, usize), when: &str) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let now = settled(d.pid());
-        if now.0 <= before.0 && now.1 <= before.1 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{when}: heapcapd holds (fds, threads) = {now:?}, {before:?} before\nheapcapd:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    if let Err(now) = wait_back_to(d.pid(), before, DEADLINE) {
+        panic!("{when}: heapcapd holds (fds, threads) = {now:?}, {before:?} before\nheapcapd:\n{}", d.log());
     }
 }
 

@@ -17,7 +17,6 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use containers::{assert_at_quota, fixture_result, quota_slack, show, stdout, unique_id, Bundle, Runtime, MIB};
@@ -104,20 +103,8 @@ fn bundle(daemon: &Daemon, limit: &str, args: &[&str]) -> Bundle {
 }
 
 /// The `heapcap-hook` binary, built once per test process.
-fn hook_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = daemon::bin_dir();
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "heapcap-hook"])
-            .current_dir(workspace)
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build -p heapcap-hook failed");
-        dir.join("heapcap-hook")
-    })
+fn hook_bin() -> PathBuf {
+    daemon::binary("heapcap-hook")
 }
 
 /// A shell that starts two sleeping children, says `ready` and waits.

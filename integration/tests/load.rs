@@ -91,14 +91,8 @@ fn profile(daemon: &Daemon) -> serde_json::Value {
 /// Wait until `pid`'s fds and threads are back to `baseline` (containers are dropped when
 /// their listener fds hang up, which takes a moment after they stop).
 fn wait_back_to(what: &str, pid: u32, baseline: (usize, usize), d: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = settled(pid);
-        if now.0 <= baseline.0 && now.1 <= baseline.1 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
+    if let Err(now) = daemon::wait_back_to(pid, baseline, Duration::from_secs(30)) {
+        panic!(
             "{what} holds (fds, threads) = {now:?} with every container gone, {baseline:?} before: \
              something is left behind\nfds: {:?}\nheapcapd log (tail):\n{}",
             fs::read_dir(format!("/proc/{pid}/fd"))

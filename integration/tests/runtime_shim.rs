@@ -16,7 +16,6 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use containers::{fixture_result, run_captured, show, stderr, stdout, unique_id, Bundle, Runtime, TIMEOUT};
@@ -25,23 +24,9 @@ use daemon::{Daemon, Wedged};
 const MIB: u64 = 1 << 20;
 const ALLOC_4M: &[&str] = &["/alloc", "mmap", "4194304", "0"];
 
-/// Build `heapcap-runtime` once per test process; its path.
-fn shim_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = daemon::bin_dir(); // builds heapcap and heapcapd into the same target dir
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace");
-        let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "heapcap-runtime"])
-            .current_dir(workspace)
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build -p heapcap-runtime failed");
-        let bin = dir.join("heapcap-runtime");
-        assert!(bin.exists(), "no {}", bin.display());
-        bin
-    })
+/// `heapcap-runtime`, built once per test process.
+fn shim_binary() -> PathBuf {
+    daemon::binary("heapcap-runtime")
 }
 
 /// A shim configuration for one test: its TOML file, and a wrapper script that runs the shim
