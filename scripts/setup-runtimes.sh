@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare this machine for heapcap's container tests (integration/containers/,
+# Prepare this machine for heapcap's container tests (integration/src/,
 # integration/tests/harness_smoke.rs and the heapcapd tests): install the
 # container runtimes and fix the host's known gotchas. Run as root, before the
 # tests; idempotent (a second run changes nothing) and safe on a machine in use.

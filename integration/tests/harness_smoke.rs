@@ -1,20 +1,20 @@
-//! Smoke tests of the container test harness (`integration/containers/`),
+//! Smoke tests of the container test harness (`integration/src/`),
 //! without heapcap: real runc, crun and podman containers run the static
 //! allocation fixture and host programs. They prove the harness and the host
 //! set-up (`scripts/setup-runtimes.sh`) work before any heapcap test relies
 //! on them. Nothing is skipped: a missing runtime, busybox-static or static
 //! libc makes them fail with what to install.
 
-#[path = "../containers/mod.rs"]
-mod containers;
-
 use std::process::Command;
 use std::time::Duration;
 
-use containers::{
-    fixture_result, podman_host_system_volumes, podman_run, podman_run_full, show, stdout, unique_id, Bundle, Runtime,
-    ALLOC, ALLOC_STATIC, TIMEOUT,
-};
+use heapcap_integration::bundle::Bundle;
+use heapcap_integration::fixture::{fixture_result, ALLOC, ALLOC_STATIC};
+use heapcap_integration::ids::unique_id;
+use heapcap_integration::podman::{podman_host_system_volumes, podman_run, podman_run_full};
+use heapcap_integration::process::{show, stdout, TIMEOUT};
+use heapcap_integration::rootfs;
+use heapcap_integration::runtime::Runtime;
 use serde_json::json;
 
 /// `alloc mmap 4194304 8388608`: two 4 MiB anonymous mappings.
@@ -23,7 +23,7 @@ const ALLOC_8M: [&str; 4] = [ALLOC, "mmap", "4194304", "8388608"];
 #[test]
 fn static_fixture_is_static_and_runs_on_the_host() {
     let path = std::path::Path::new(ALLOC_STATIC);
-    assert!(containers::is_static_elf(path).expect("reading the static fixture"), "{ALLOC_STATIC} is not static");
+    assert!(rootfs::is_static_elf(path).expect("reading the static fixture"), "{ALLOC_STATIC} is not static");
     let out = Command::new(path).args(&ALLOC_8M[1..]).output().expect("running the static fixture");
     assert_eq!(fixture_result(&out), (8388608, "ok".to_string()), "{}", show(&out));
 }

@@ -3,18 +3,15 @@
 //! container, `heapcap ps`/`set-limit`/`events` and the metrics tell the truth, bad annotations
 //! are refused with the reason, and containers that end leave nothing behind.
 
-#[path = "../containers/mod.rs"]
-mod containers;
-#[path = "../daemon/mod.rs"]
-mod daemon;
-
 use std::time::{Duration, Instant};
 
-use containers::{
-    assert_at_quota, fixture_result, parse_allocated, quota_slack, show, stderr, stdout, unique_id, Bundle, Runtime,
-    MIB,
-};
-use daemon::Daemon;
+use heapcap_integration::bundle::Bundle;
+use heapcap_integration::daemon::Daemon;
+use heapcap_integration::fixture::{self, assert_at_quota, fixture_result, parse_allocated, quota_slack, MIB};
+use heapcap_integration::ids::unique_id;
+use heapcap_integration::podman;
+use heapcap_integration::process::{self, show, stderr, stdout};
+use heapcap_integration::runtime::Runtime;
 
 fn profile(daemon: &Daemon) -> serde_json::Value {
     serde_json::to_value(heapcap_oci::heapcap_profile(&daemon.agent, None)).expect("profile as JSON")
@@ -94,7 +91,7 @@ fn exec_joins_its_container_and_set_limit_applies_live() {
         let set = d.heapcap(&["set-limit", c.id(), "none", "--total", "24Mi"]);
         assert!(set.status.success(), "{}", show(&set));
         let out = c.exec(&["/alloc", "spawn", "3", "1048576"]);
-        let children = containers::parse_children(&stdout(&out));
+        let children = fixture::parse_children(&stdout(&out));
         assert_eq!(children.len(), 3, "{}", show(&out));
         let sum: u64 = children.iter().map(|(a, _)| a).sum();
         assert!(sum <= 24 * MIB, "{rt:?}: children hold {sum} bytes together, over the 24 MiB total");
@@ -301,37 +298,37 @@ fn podman_with_the_example_profile_is_enforced_and_keeps_podmans_rules() {
     std::fs::write(&path, serde_json::to_vec_pretty(&profile).expect("json")).expect("write profile");
     let seccomp = format!("seccomp={}", path.display());
     let opts = ["--security-opt", seccomp.as_str(), "--annotation", "heapcap.io/limit=64Mi"];
-    let out = containers::podman_run(&opts, &["/alloc", "mmap", "4194304", "0"]);
+    let out = podman::podman_run(&opts, &["/alloc", "mmap", "4194304", "0"]);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman with examples/podman/seccomp.json", allocated, &result, 64 * MIB, 4 * MIB);
 
     // File mappings still work and are not counted: 512 MiB of them under a 64 MiB quota.
-    let out = containers::podman_run(&opts, &["/alloc", "filemap", "536870912"]);
+    let out = podman::podman_run(&opts, &["/alloc", "filemap", "536870912"]);
     assert_eq!(fixture_result(&out), (512 * MIB, "ok".to_string()), "{}", show(&out));
 
     // podman's own rules still hold: its default profile answers move_pages with EPERM, where an
     // unconfined container gets 0 (nothing to move).
-    let out = containers::podman_move_pages(&[], &opts);
+    let out = podman::podman_move_pages(&[], &opts);
     assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
-    let out = containers::podman_move_pages(&[], &["--security-opt", "seccomp=unconfined"]);
+    let out = podman::podman_move_pages(&[], &["--security-opt", "seccomp=unconfined"]);
     assert!(stdout(&out).contains("move_pages 0 ok"), "the contrast: {}", show(&out));
 
     // `podman exec` is covered: the exec'd process joins the container's accounting.
     let name = unique_id("podman-exec");
-    let mut run = containers::podman_command();
+    let mut run = podman::podman_command();
     run.args(["run", "-d", "--pull", "never", "--network", "none", "--name", &name]).args(opts).args([
-        containers::podman_image(),
+        podman::podman_image(),
         "/bin/sleep",
         "60",
     ]);
-    let started = containers::run_captured(run, Duration::from_secs(60));
+    let started = process::run_captured(run, Duration::from_secs(60));
     assert!(started.status.success(), "{}", show(&started));
-    let mut exec = containers::podman_command();
+    let mut exec = podman::podman_command();
     exec.args(["exec", &name, "/alloc", "mmap", "4194304", "0"]);
-    let out = containers::run_captured(exec, Duration::from_secs(60));
-    let mut rm = containers::podman_command();
+    let out = process::run_captured(exec, Duration::from_secs(60));
+    let mut rm = podman::podman_command();
     rm.args(["rm", "-f", "-t", "0", &name]);
-    let _ = containers::run_captured(rm, Duration::from_secs(60));
+    let _ = process::run_captured(rm, Duration::from_secs(60));
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman exec", allocated, &result, 64 * MIB, 4 * MIB);
 }

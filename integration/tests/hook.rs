@@ -4,17 +4,18 @@
 //! still work, it never holds its own listener fd, a container without the annotation is
 //! untouched, bad annotations and a stopped heapcapd give the documented behaviour.
 
-#[path = "../containers/mod.rs"]
-mod containers;
-#[path = "../daemon/mod.rs"]
-mod daemon;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use containers::{assert_at_quota, fixture_result, show, stderr, stdout, unique_id, Bundle, Runtime, MIB};
-use daemon::{Daemon, Wedged};
+use heapcap_integration::binaries;
+use heapcap_integration::bundle::Bundle;
+use heapcap_integration::daemon::{Daemon, Wedged};
+use heapcap_integration::fixture::{assert_at_quota, fixture_result, MIB};
+use heapcap_integration::ids::unique_id;
+use heapcap_integration::podman;
+use heapcap_integration::process::{self, show, stderr, stdout};
+use heapcap_integration::runtime::Runtime;
 use serde_json::{json, Value};
 
 fn workspace() -> PathBuf {
@@ -23,7 +24,7 @@ fn workspace() -> PathBuf {
 
 /// The `heapcap-hook` binary, built once per test process (with heapcap and heapcapd).
 fn hook_bin() -> PathBuf {
-    daemon::binary("heapcap-hook")
+    binaries::binary("heapcap-hook")
 }
 
 /// A config.json prestart hook entry for `heapcap-hook prestart` reporting to `agent`.
@@ -220,37 +221,37 @@ fn podman_with_the_hooks_d_file_is_enforced_and_keeps_podmans_rules() {
     let global = ["--hooks-dir", dir.to_str().expect("utf-8")];
     let t = Duration::from_secs(120);
     let quota = ["--annotation", "heapcap.io/limit=64Mi"];
-    let out = containers::podman_run_full(&global, &quota, None, &["/alloc", "mmap", "4194304", "0"], t);
+    let out = podman::podman_run_full(&global, &quota, None, &["/alloc", "mmap", "4194304", "0"], t);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman --hooks-dir", allocated, &result, 64 * MIB, 4 * MIB);
 
     // File mappings work; no listener inside; not traced.
     let script = "ls -l /proc/1/fd /proc/self/fd; grep TracerPid /proc/1/status; /alloc filemap 536870912";
-    let out = containers::podman_run_full(&global, &quota, None, &["/bin/sh", "-c", script], t);
+    let out = podman::podman_run_full(&global, &quota, None, &["/bin/sh", "-c", script], t);
     let said = stdout(&out);
     assert!(out.status.success() && said.contains("allocated=536870912 result=ok"), "{}", show(&out));
     assert!(!said.contains("seccomp") && said.contains("TracerPid:\t0"), "{}", show(&out));
 
     // The `when` clause also matches a container that sets only a total.
     let total = ["--annotation", "heapcap.io/total-limit=32Mi"];
-    let out = containers::podman_run_full(&global, &total, None, &["/alloc", "mmap", "1048576", "0"], t);
+    let out = podman::podman_run_full(&global, &total, None, &["/alloc", "mmap", "1048576", "0"], t);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman --hooks-dir, total only", allocated, &result, 32 * MIB, MIB);
 
     // Without the annotation the hook does not even run: untouched.
-    let out = containers::podman_run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "134217728"], t);
+    let out = podman::podman_run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "134217728"], t);
     assert_eq!(fixture_result(&out), (128 * MIB, "ok".to_string()), "{}", show(&out));
     let ps = d.ps();
     assert!(ps["containers"].as_array().is_some_and(|c| c.len() <= 1), "{ps}");
 
     // podman's own default profile still holds: move_pages answers EPERM (0 when unconfined).
-    let out = containers::podman_move_pages(&global, &quota);
+    let out = podman::podman_move_pages(&global, &quota);
     assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
-    let volumes = containers::podman_host_system_volumes();
+    let volumes = podman::podman_host_system_volumes();
     let mut opts: Vec<&str> = quota.to_vec();
     opts.extend(volumes.iter().map(String::as_str));
     let out =
-        containers::podman_run_full(&global, &opts, None, &["/usr/bin/python3", "-c", "x = bytearray(200 * 2**20)"], t);
+        podman::podman_run_full(&global, &opts, None, &["/usr/bin/python3", "-c", "x = bytearray(200 * 2**20)"], t);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(stderr(&out).contains("MemoryError"), "{}", show(&out));
 
@@ -263,12 +264,12 @@ fn podman_with_the_hooks_d_file_is_enforced_and_keeps_podmans_rules() {
     std::fs::create_dir_all(&down).expect("hooks dir");
     std::fs::write(down.join("heapcap-prestart.json"), hook.to_string()).expect("write");
     let global = ["--hooks-dir", down.to_str().expect("utf-8")];
-    let out = containers::podman_run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
+    let out = podman::podman_run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
     assert!(!out.status.success() && !stdout(&out).contains("ran"), "{}", show(&out));
     // podman shows only crun's last log line ("error executing hook"); with runc it shows the
     // hook's own message.
     let global = ["--runtime", "runc", "--hooks-dir", down.to_str().expect("utf-8")];
-    let out = containers::podman_run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
+    let out = podman::podman_run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
     assert!(!out.status.success() && !stdout(&out).contains("ran"), "{}", show(&out));
     assert!(stderr(&out).contains("heapcapd is not reachable"), "{}", show(&out));
 }
@@ -280,46 +281,46 @@ fn podman_precreate_changes_the_spec_and_covers_exec() {
     let global = ["--hooks-dir", dir.to_str().expect("utf-8")];
     let t = Duration::from_secs(120);
     let quota = ["--annotation", "heapcap.io/limit=64Mi"];
-    let out = containers::podman_run_full(&global, &quota, None, &["/alloc", "mmap", "4194304", "0"], t);
+    let out = podman::podman_run_full(&global, &quota, None, &["/alloc", "mmap", "4194304", "0"], t);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman precreate", allocated, &result, 64 * MIB, 4 * MIB);
 
     let script =
         "ls -l /proc/1/fd /proc/self/fd; grep -E '^(Seccomp|TracerPid):' /proc/1/status; /alloc filemap 536870912";
-    let out = containers::podman_run_full(&global, &quota, None, &["/bin/sh", "-c", script], t);
+    let out = podman::podman_run_full(&global, &quota, None, &["/bin/sh", "-c", script], t);
     let said = stdout(&out);
     assert!(out.status.success() && said.contains("allocated=536870912 result=ok"), "{}", show(&out));
     assert!(!said.contains("seccomp") && said.contains("Seccomp:\t2"), "{}", show(&out));
 
-    let out = containers::podman_run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "134217728"], t);
+    let out = podman::podman_run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "134217728"], t);
     assert_eq!(fixture_result(&out), (128 * MIB, "ok".to_string()), "{}", show(&out));
 
     // podman's own default profile still holds (merged, not replaced).
-    let out = containers::podman_move_pages(&global, &quota);
+    let out = podman::podman_move_pages(&global, &quota);
     assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
 
     // `podman exec` is covered: the runtime sends heapcapd the exec'd process's listener too.
     let name = unique_id("precreate-exec");
-    let mut run = containers::podman_command();
+    let mut run = podman::podman_command();
     run.args(global).args(["run", "-d", "--pull", "never", "--network", "none", "--name", &name]).args(quota).args([
-        containers::podman_image(),
+        podman::podman_image(),
         "/bin/sleep",
         "60",
     ]);
-    let started = containers::run_captured(run, Duration::from_secs(60));
+    let started = process::run_captured(run, Duration::from_secs(60));
     assert!(started.status.success(), "{}", show(&started));
-    let mut exec = containers::podman_command();
+    let mut exec = podman::podman_command();
     exec.args(global).args(["exec", &name, "/alloc", "mmap", "4194304", "0"]);
-    let out = containers::run_captured(exec, Duration::from_secs(60));
-    let mut rm = containers::podman_command();
+    let out = process::run_captured(exec, Duration::from_secs(60));
+    let mut rm = podman::podman_command();
     rm.args(["rm", "-f", "-t", "0", &name]);
-    let _ = containers::run_captured(rm, Duration::from_secs(60));
+    let _ = process::run_captured(rm, Duration::from_secs(60));
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman exec (precreate)", allocated, &result, 64 * MIB, 4 * MIB);
 
     // A bad value fails the start with what to fix.
     let bad = ["--annotation", "heapcap.io/limit=lots"];
-    let out = containers::podman_run_full(&global, &bad, None, &["/bin/echo", "ran"], t);
+    let out = podman::podman_run_full(&global, &bad, None, &["/bin/echo", "ran"], t);
     assert!(!out.status.success() && !stdout(&out).contains("ran"), "{}", show(&out));
     assert!(stderr(&out).contains("heapcap.io/limit: 'lots' is not a size"), "{}", show(&out));
 
@@ -331,7 +332,7 @@ fn podman_precreate_changes_the_spec_and_covers_exec() {
     std::fs::create_dir_all(&down).expect("hooks dir");
     std::fs::write(down.join("heapcap-precreate.json"), hook.to_string()).expect("write");
     let global = ["--hooks-dir", down.to_str().expect("utf-8")];
-    let out = containers::podman_run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
+    let out = podman::podman_run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
     assert!(!out.status.success() && !stdout(&out).contains("ran"), "{}", show(&out));
     assert!(stderr(&out).contains("heapcapd is not reachable"), "{}", show(&out));
     assert!(stderr(&out).contains("no socket there"), "podman must not take it for a missing command: {}", show(&out));

@@ -7,11 +7,6 @@
 //! container at its quota, `heapcap ps` answers, and its fds and threads are back to where they
 //! were.
 
-#[path = "../containers/mod.rs"]
-mod containers;
-#[path = "../daemon/mod.rs"]
-mod daemon;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -20,10 +15,14 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use containers::{
-    assert_at_quota, fixture_result, parse_allocated, show, stderr, stdout, unique_id, Bundle, Runtime, MIB,
-};
-use daemon::{settled, wait_back_to, Daemon};
+use heapcap_integration::binaries;
+use heapcap_integration::bundle::Bundle;
+use heapcap_integration::daemon::Daemon;
+use heapcap_integration::fixture::{assert_at_quota, fixture_result, parse_allocated, MIB};
+use heapcap_integration::ids::unique_id;
+use heapcap_integration::process::{self, show, stderr, stdout};
+use heapcap_integration::resources::{settled, wait_back_to};
+use heapcap_integration::runtime::Runtime;
 use serde_json::{json, Value};
 
 /// Generous: catches a hang, never times a working heapcapd.
@@ -169,7 +168,7 @@ fn peer(d: &Daemon, socket: &Path, data: &[u8], spec: &str, uid: Option<u32>) ->
     if let Some(uid) = uid {
         cmd.uid(uid).gid(uid);
     }
-    let out = containers::run_captured(cmd, DEADLINE);
+    let out = process::run_captured(cmd, DEADLINE);
     let _ = std::fs::remove_file(&payload);
     assert!(
         out.status.code() != Some(1) || !stderr(&out).contains("Traceback"),
@@ -449,7 +448,7 @@ fn broken_control_requests_get_an_answer_that_says_what_is_wrong() {
 
     // A follower that quits is let go without waiting for a denial to write to it.
     let quiet = settled(d.pid());
-    let mut follower = daemon::heapcap()
+    let mut follower = binaries::heapcap()
         .args(["events", "--follow"])
         .env("HEAPCAP_CONTROL_SOCKET", &d.control)
         .stdout(std::process::Stdio::null())
@@ -536,7 +535,7 @@ fn heapcap_run_refuses_malformed_sizes_with_what_to_write() {
     for (size, says) in bad {
         for option in ["--limit", "--total-limit"] {
             let out =
-                daemon::heapcap().args(["run", option, size, "--", "/bin/echo", "ran"]).output().expect("heapcap");
+                binaries::heapcap().args(["run", option, size, "--", "/bin/echo", "ran"]).output().expect("heapcap");
             assert_eq!(out.status.code(), Some(2), "{option} {size:?}: {}", show(&out));
             assert!(!stdout(&out).contains("ran"), "{option} {size:?}: the command ran: {}", show(&out));
             let said = stderr(&out);
@@ -545,7 +544,7 @@ fn heapcap_run_refuses_malformed_sizes_with_what_to_write() {
     }
     // There is no mode option (--audit is how to ask for audit mode); an unknown option is not a command.
     for option in ["--mode", "--audt"] {
-        let out = daemon::heapcap()
+        let out = binaries::heapcap()
             .args(["run", "--limit", "64Mi", option, "--", "/bin/echo", "ran"])
             .output()
             .expect("heapcap");

@@ -7,11 +7,6 @@
 //!
 //! The probes are `fixtures/isolation.c` (static: `connect`, `hold`, `recycle`).
 
-#[path = "../containers/mod.rs"]
-mod containers;
-#[path = "../daemon/mod.rs"]
-mod daemon;
-
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -19,8 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use containers::{assert_at_quota, fixture_result, quota_slack, show, stdout, unique_id, Bundle, Runtime, MIB};
-use daemon::Daemon;
+use heapcap_integration::binaries;
+use heapcap_integration::bundle::Bundle;
+use heapcap_integration::daemon::Daemon;
+use heapcap_integration::fixture::{assert_at_quota, fixture_result, quota_slack, MIB};
+use heapcap_integration::ids::unique_id;
+use heapcap_integration::process::{self, show, stdout};
+use heapcap_integration::runtime::Runtime;
 use serde_json::{json, Value};
 
 /// The probe (static build: it runs on the host and in busybox containers).
@@ -104,7 +104,7 @@ fn bundle(daemon: &Daemon, limit: &str, args: &[&str]) -> Bundle {
 
 /// The `heapcap-hook` binary, built once per test process.
 fn hook_bin() -> PathBuf {
-    daemon::binary("heapcap-hook")
+    binaries::binary("heapcap-hook")
 }
 
 /// A shell that starts two sleeping children, says `ready` and waits.
@@ -156,7 +156,7 @@ fn no_process_under_the_prestart_hook_holds_a_listener() {
 
 #[test]
 fn no_process_under_heapcap_run_holds_a_listener() {
-    let mut child = daemon::heapcap()
+    let mut child = binaries::heapcap()
         .args(["run", "--limit", "64Mi", "--"])
         .args(FAMILY)
         .process_group(0)
@@ -197,7 +197,7 @@ fn no_process_under_heapcap_run_holds_a_listener() {
 #[test]
 fn a_container_cannot_reach_heapcapd_or_change_its_quota() {
     let d = Daemon::start();
-    let heapcap = daemon::bin_dir().join("heapcap");
+    let heapcap = binaries::bin_dir().join("heapcap");
     let sockets = [&d.agent, &d.control, &d.holder];
     let defaults = ["/run/heapcap/control.sock", "/run/heapcap/heapcapd.sock", "/run/heapcap/holder.sock"];
     for rt in Runtime::ALL {
@@ -220,7 +220,7 @@ fn a_container_cannot_reach_heapcapd_or_change_its_quota() {
 
         let control = format!("HEAPCAP_CONTROL_SOCKET={}", d.control.display());
         for env in [control.as_str(), "HEAPCAP_CONTROL_SOCKET=/run/heapcap/control.sock"] {
-            let out = c.exec_with(&["--env", env], &["/heapcap", "set-limit", c.id(), "1Gi"], containers::TIMEOUT);
+            let out = c.exec_with(&["--env", env], &["/heapcap", "set-limit", c.id(), "1Gi"], process::TIMEOUT);
             assert!(
                 !out.status.success(),
                 "{rt:?}: set-limit from inside the container ({env}) worked: {}",
@@ -308,14 +308,14 @@ fn a_recycled_pid_is_never_misread() {
     const ROUNDS: usize = 120;
     let limit = 64 * MIB;
     let chunk = 4 * MIB;
-    let mut cmd = daemon::heapcap();
+    let mut cmd = binaries::heapcap();
     cmd.args(["run", "--quiet", "--limit", "64Mi", "--", ISOLATION, "recycle"]).args([
         ROUNDS.to_string(),
         limit.to_string(),
         chunk.to_string(),
     ]);
     // A call the supervisor mistakes for a dead process's is never answered: that shows as a hang.
-    let out = containers::run_captured(cmd, Duration::from_secs(120));
+    let out = process::run_captured(cmd, Duration::from_secs(120));
     assert!(out.status.success(), "{}", show(&out));
     let said = stdout(&out);
     let rounds: Vec<&str> = said.lines().filter(|l| l.starts_with("round=") && !l.ends_with("taken")).collect();

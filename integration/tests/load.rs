@@ -36,21 +36,21 @@
 //! The two tests share the machine's 2 CPUs with nothing else of theirs: they take a lock so a
 //! parallel test runner runs them one after the other.
 
-#[path = "../containers/mod.rs"]
-mod containers;
-#[path = "../daemon/mod.rs"]
-mod daemon;
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use containers::{
-    assert_at_quota, parse_allocated, parse_allocated_line, show, stdout, unique_id, Bundle, Runtime, MIB,
-};
-use daemon::{settled, Daemon};
+use heapcap_integration::binaries;
+use heapcap_integration::bundle::Bundle;
+use heapcap_integration::container::Container;
+use heapcap_integration::daemon::Daemon;
+use heapcap_integration::fixture::{assert_at_quota, parse_allocated, parse_allocated_line, MIB};
+use heapcap_integration::ids::unique_id;
+use heapcap_integration::process::{self, show, stdout};
+use heapcap_integration::resources::{self, settled};
+use heapcap_integration::runtime::Runtime;
 
 /// The most heapcapd may grow (anonymous memory) per live container.
 const PER_CONTAINER_BOUND: u64 = 128 * 1024;
@@ -91,7 +91,7 @@ fn profile(daemon: &Daemon) -> serde_json::Value {
 /// Wait until `pid`'s fds and threads are back to `baseline` (containers are dropped when
 /// their listener fds hang up, which takes a moment after they stop).
 fn wait_back_to(what: &str, pid: u32, baseline: (usize, usize), d: &Daemon) {
-    if let Err(now) = daemon::wait_back_to(pid, baseline, Duration::from_secs(30)) {
+    if let Err(now) = resources::wait_back_to(pid, baseline, Duration::from_secs(30)) {
         panic!(
             "{what} holds (fds, threads) = {now:?} with every container gone, {baseline:?} before: \
              something is left behind\nfds: {:?}\nheapcapd log (tail):\n{}",
@@ -143,9 +143,9 @@ fn tail(text: &str, n: usize) -> String {
 
 /// `heapcap ps --json` with a deadline: a control request that never answers is a deadlock.
 fn ps(d: &Daemon) -> serde_json::Value {
-    let mut cmd = daemon::heapcap();
+    let mut cmd = binaries::heapcap();
     cmd.args(["ps", "--json"]).env("HEAPCAP_CONTROL_SOCKET", &d.control);
-    let out = containers::run_captured(cmd, Duration::from_secs(30));
+    let out = process::run_captured(cmd, Duration::from_secs(30));
     assert!(out.status.success(), "heapcap ps failed: {}", show(&out));
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("heapcap ps --json printed no JSON ({e}): {}", show(&out)))
@@ -307,7 +307,7 @@ impl Storm {
     }
 
     /// Ask it to stop after its current storm, wait, and check every storm it ran.
-    fn finish(&self, c: containers::Container<'_>, d: &Daemon) -> usize {
+    fn finish(&self, c: Container<'_>, d: &Daemon) -> usize {
         fs::write(self.bundle.rootfs().join("stop"), "").expect("create the stop file");
         c.wait_stopped(HANG);
         let out = c.stdout();
@@ -337,7 +337,7 @@ impl Storm {
 /// `heapcap ps` and `/metrics` asked throughout. Returns the number of storms run.
 fn load_round(d: &Daemon, n: usize) -> usize {
     let storms = [Storm::new(d, Runtime::Runc, 64 * MIB), Storm::new(d, Runtime::Crun, 48 * MIB)];
-    let running: Vec<containers::Container<'_>> = storms
+    let running: Vec<Container<'_>> = storms
         .iter()
         .map(|s| {
             let c = s.bundle.create(s.runtime, &s.id);
@@ -484,8 +484,8 @@ fn a_live_container_costs_heapcapd_little_memory() {
             b
         })
         .collect();
-    let start = |n: usize| -> Vec<containers::Container<'_>> {
-        let cs: Vec<containers::Container<'_>> = bundles
+    let start = |n: usize| -> Vec<Container<'_>> {
+        let cs: Vec<Container<'_>> = bundles
             .iter()
             .take(n)
             .enumerate()

@@ -3,15 +3,16 @@
 //! next heapcapd takes them back and answers the call the last one left, and quotas hold
 //! exactly as before. With no heapcapd for longer than the grace period, calls are let through.
 
-#[path = "../containers/mod.rs"]
-mod containers;
-#[path = "../daemon/mod.rs"]
-mod daemon;
-
 use std::time::{Duration, Instant};
 
-use containers::{assert_at_quota, parse_allocated, unique_id, Bundle, Container, Runtime, MIB};
-use daemon::Daemon;
+use heapcap_integration::binaries;
+use heapcap_integration::bundle::Bundle;
+use heapcap_integration::container::Container;
+use heapcap_integration::daemon::Daemon;
+use heapcap_integration::fixture::{self, assert_at_quota, parse_allocated, MIB};
+use heapcap_integration::ids::unique_id;
+use heapcap_integration::process;
+use heapcap_integration::runtime::Runtime;
 
 fn profile(daemon: &Daemon) -> serde_json::Value {
     serde_json::to_value(heapcap_oci::heapcap_profile(&daemon.agent, None)).expect("profile as JSON")
@@ -62,7 +63,7 @@ fn storm_through(outage: impl FnOnce(&mut Daemon)) {
         .collect();
     // Changed live: the successor must enforce 64 MiB, not the annotation's 80.
     let set = d.heapcap(&["set-limit", running[2].id(), "64Mi"]);
-    assert!(set.status.success(), "set-limit: {}", containers::show(&set));
+    assert!(set.status.success(), "set-limit: {}", process::show(&set));
     let limits = [cases[0].1, cases[1].1, 64 * MIB];
 
     std::thread::sleep(Duration::from_millis(1500));
@@ -113,7 +114,7 @@ fn an_upgrade_to_a_new_binary_harms_no_container() {
     storm_through(|d| {
         // A new binary: another file, as a package upgrade leaves it.
         let new = d.dir.join("heapcapd-new");
-        std::fs::copy(daemon::bin_dir().join("heapcapd"), &new).expect("copy heapcapd");
+        std::fs::copy(binaries::bin_dir().join("heapcapd"), &new).expect("copy heapcapd");
         d.stop();
         d.restart(Some(&new));
     });
@@ -140,11 +141,11 @@ fn with_heapcapd_gone_past_the_grace_period_calls_go_through_until_it_is_back() 
     let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("allocated=")).collect();
     assert_eq!(lines.len(), 2, "{out}\n{}", c.stderr());
     assert_eq!(
-        containers::parse_allocated_line(lines[0]),
+        fixture::parse_allocated_line(lines[0]),
         Some((96 * MIB, "ok".to_string())),
         "away past the grace period, growth goes through unquota'd: {out}"
     );
-    let (allocated, result) = containers::parse_allocated_line(lines[1]).expect("phase 2 line");
+    let (allocated, result) = fixture::parse_allocated_line(lines[1]).expect("phase 2 line");
     assert_at_quota("after heapcapd is back", allocated, &result, 64 * MIB, MIB);
     let log = d.log();
     assert!(log.contains("letting calls of 1 listener(s) through"), "holder did not say it fails open:\n{log}");

@@ -24,10 +24,6 @@
 //! Nothing is skipped: a missing tool (gcc, `-m32`, python3, the `heapcap`
 //! binary) makes the test panic with a message saying what is missing.
 
-#[path = "../fixture/mod.rs"]
-mod fixture;
-use fixture::{fixture_result, parse_allocated, parse_children, show, stderr, stdout};
-
 use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -35,6 +31,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use heapcap_integration::fixture::{fixture_result, parse_allocated, parse_children};
+use heapcap_integration::process::{show, stderr, stdout};
 
 #[allow(non_upper_case_globals)]
 const KiB: u64 = 1024;

@@ -5,28 +5,27 @@
 //! from `docker run -e HEAPCAP_LIMIT=...`). With heapcapd down or wedged, a start fails with how to
 //! fix it, or runs unquota'd with `allow_unsupervised`.
 
-// The harness re-exports fixture helpers this file does not use.
-#[allow(unused_imports)]
-#[path = "../containers/mod.rs"]
-mod containers;
-#[path = "../daemon/mod.rs"]
-mod daemon;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use containers::{fixture_result, run_captured, show, stderr, stdout, unique_id, Bundle, Runtime, TIMEOUT};
-use daemon::{Daemon, Wedged};
+use heapcap_integration::binaries;
+use heapcap_integration::bundle::Bundle;
+use heapcap_integration::daemon::{Daemon, Wedged};
+use heapcap_integration::fixture::{self, fixture_result};
+use heapcap_integration::ids::unique_id;
+use heapcap_integration::podman;
+use heapcap_integration::process::{run_captured, show, stderr, stdout, TIMEOUT};
+use heapcap_integration::runtime::Runtime;
 
 const MIB: u64 = 1 << 20;
 const ALLOC_4M: &[&str] = &["/alloc", "mmap", "4194304", "0"];
 
 /// `heapcap-runtime`, built once per test process.
 fn shim_binary() -> PathBuf {
-    daemon::binary("heapcap-runtime")
+    binaries::binary("heapcap-runtime")
 }
 
 /// A shim configuration for one test: its TOML file, and a wrapper script that runs the shim
@@ -62,7 +61,7 @@ impl Shim {
 
 fn assert_at_quota(what: &str, out: &Output, limit: u64, chunk: u64) {
     let (allocated, result) = fixture_result(out);
-    containers::assert_at_quota(&format!("{what}: {}", show(out)), allocated, &result, limit, chunk);
+    fixture::assert_at_quota(&format!("{what}: {}", show(out)), allocated, &result, limit, chunk);
 }
 
 /// `delete -f` with the real runtime when dropped.
@@ -365,7 +364,7 @@ fn heapcapd_down_fails_the_start_unless_allowed() {
     let alloc_128m = ["/alloc", "mmap", "4194304", "134217728"];
     let strict = Shim::new(&d, "crun", "");
     let global = ["--runtime", strict.wrapper.to_str().unwrap()];
-    let out = containers::podman_run_full(&global, &asks, None, &alloc_128m, TIMEOUT);
+    let out = podman::podman_run_full(&global, &asks, None, &alloc_128m, TIMEOUT);
     assert!(!out.status.success() && !stdout(&out).contains("allocated="), "podman: {}", show(&out));
     assert!(
         stderr(&out).contains("heapcapd is not reachable") && stderr(&out).contains("start heapcapd"),
@@ -375,7 +374,7 @@ fn heapcapd_down_fails_the_start_unless_allowed() {
     assert!(!stderr(&out).contains("not found"), "podman: {}", show(&out));
     let allowing = Shim::new(&d, "crun", "allow_unsupervised = true\n");
     let global = ["--runtime", allowing.wrapper.to_str().unwrap()];
-    let out = containers::podman_run_full(&global, &asks, None, &alloc_128m, TIMEOUT);
+    let out = podman::podman_run_full(&global, &asks, None, &alloc_128m, TIMEOUT);
     assert_eq!(fixture_result(&out), (128 * MIB, "ok".to_string()), "podman, allowed: {}", show(&out));
 
     // A heapcapd that accepts nothing (backlog full): the shim gives up after its connect
@@ -407,12 +406,11 @@ fn podman_with_the_shim_as_its_runtime() {
     let wrapper = shim.wrapper.display().to_string();
     let global = ["--runtime", wrapper.as_str()];
     // podman's default seccomp profile is in config.json: the notify rules are merged into it.
-    let out = containers::podman_run_full(&global, &["--annotation", "heapcap.io/limit=64Mi"], None, ALLOC_4M, TIMEOUT);
+    let out = podman::podman_run_full(&global, &["--annotation", "heapcap.io/limit=64Mi"], None, ALLOC_4M, TIMEOUT);
     assert_at_quota("podman --runtime heapcap-runtime", &out, 64 * MIB, 4 * MIB);
-    let out = containers::podman_run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "419430400"], TIMEOUT);
+    let out = podman::podman_run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "419430400"], TIMEOUT);
     assert_eq!(fixture_result(&out), (400 * MIB, "ok".to_string()), "no annotation: {}", show(&out));
-    let out =
-        containers::podman_run_full(&global, &["--annotation", "heapcap.io/mode=strict"], None, &["true"], TIMEOUT);
+    let out = podman::podman_run_full(&global, &["--annotation", "heapcap.io/mode=strict"], None, &["true"], TIMEOUT);
     assert!(!out.status.success(), "{}", show(&out));
     assert!(stderr(&out).contains("enforce or audit"), "podman shows the shim's reason: {}", show(&out));
 }
@@ -486,10 +484,10 @@ impl Drop for Containerd {
 fn containerd_runs_the_shim_as_the_runc_binary() {
     let d = Daemon::start();
     let shim = Shim::new(&d, "runc", "");
-    let image = containers::podman_image();
+    let image = podman::podman_image();
     let c = Containerd::start();
     let archive = c.dir.join("image.tar");
-    let mut save = containers::podman_command();
+    let mut save = podman::podman_command();
     save.args(["save", "--format", "docker-archive", "-o"]).arg(&archive).arg(image);
     let out = run_captured(save, TIMEOUT);
     assert!(out.status.success(), "podman save: {}", show(&out));
@@ -616,10 +614,10 @@ impl Drop for Dockerd {
 fn docker_with_the_shim_as_a_runtime_reads_heapcap_limit() {
     let d = Daemon::start();
     let shim = Shim::new(&d, "runc", "");
-    let image = containers::podman_image();
+    let image = podman::podman_image();
     let docker = Dockerd::start(&shim.wrapper);
     let archive = docker.dir.join("image.tar");
-    let mut save = containers::podman_command();
+    let mut save = podman::podman_command();
     save.args(["save", "--format", "docker-archive", "-o"]).arg(&archive).arg(image);
     let out = run_captured(save, TIMEOUT);
     assert!(out.status.success(), "podman save: {}", show(&out));

@@ -14,16 +14,16 @@
 //! ENOMEM, and a program that retries on it still ends at its quota (an interrupted call leaves no
 //! growth behind in heapcap's accounts).
 
-#[path = "../containers/mod.rs"]
-mod containers;
-#[path = "../daemon/mod.rs"]
-mod daemon;
-
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use containers::{quota_slack, run_captured, show, stdout, unique_id, Bundle, Runtime, MIB};
-use daemon::Daemon;
+use heapcap_integration::binaries;
+use heapcap_integration::bundle::Bundle;
+use heapcap_integration::daemon::Daemon;
+use heapcap_integration::fixture::{self, quota_slack, MIB};
+use heapcap_integration::ids::unique_id;
+use heapcap_integration::process::{run_captured, show, stdout};
+use heapcap_integration::runtime::Runtime;
 
 /// The fixture (static build: it also runs in busybox containers).
 const SIGNALS: &str = env!("HEAPCAP_SIGNALS_STATIC");
@@ -90,7 +90,7 @@ fn assert_survived(what: &str, out: &Output, restart: bool) {
             assert_eq!(t.eintr, 0, "{what}: thread {i} saw EINTR despite SA_RESTART: {t:?}\n{}", show(out));
         }
     }
-    let (allocated, result) = containers::parse_allocated(&stdout(out));
+    let (allocated, result) = fixture::parse_allocated(&stdout(out));
     assert_eq!(result, "ENOMEM", "{what}: every thread's last loop must end with ENOMEM:\n{}", show(out));
     assert!(allocated <= LIMIT, "{what}: the threads obtained {allocated} bytes, over the {LIMIT}-byte quota");
     // Each thread may stop one 1 MiB block short, and the threads' stacks count.
@@ -103,7 +103,7 @@ fn fixture_args(restart: bool) -> [&'static str; 4] {
 }
 
 fn heapcap_run(restart: bool) -> Output {
-    let mut cmd: Command = daemon::heapcap();
+    let mut cmd: Command = binaries::heapcap();
     cmd.args(["run", "--quiet", "--limit", "64Mi", "--", SIGNALS]).args(fixture_args(restart));
     run_captured(cmd, Duration::from_secs(120))
 }

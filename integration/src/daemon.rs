@@ -1,5 +1,6 @@
-//! A real heapcapd for tests: built once, started on private sockets, stopped on drop.
-#![allow(dead_code)]
+//! A real heapcapd for tests: started on private sockets and a private metrics port, stopped
+//! (with its fd holder) on drop; and [`Wedged`], a listener that stands for a heapcapd that
+//! accepts nothing.
 
 use std::fs;
 use std::net::TcpListener;
@@ -7,46 +8,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Build heapcap's binaries (`heapcap`, `heapcapd`, `heapcap-holder`, `heapcap-runtime`,
-/// `heapcap-hook`) once per test process; their directory.
-pub fn bin_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
-        let status = Command::new(&cargo)
-            .args(["build", "-q"])
-            .args(BINARIES.iter().flat_map(|b| ["-p", b]))
-            .current_dir(&workspace)
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build of {BINARIES:?} failed");
-        let target =
-            std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
-        let dir = target.join("debug");
-        for b in BINARIES {
-            assert!(dir.join(b).exists(), "no {b} in {}", dir.display());
-        }
-        dir
-    })
-}
-
-const BINARIES: [&str; 5] = ["heapcap", "heapcapd", "heapcap-holder", "heapcap-runtime", "heapcap-hook"];
-
-/// One of heapcap's binaries (see [`bin_dir`]), built.
-pub fn binary(name: &str) -> PathBuf {
-    assert!(BINARIES.contains(&name), "{name} is not one of the binaries the tests build");
-    bin_dir().join(name)
-}
-
-pub fn heapcap() -> Command {
-    Command::new(bin_dir().join("heapcap"))
-}
+use crate::binaries::{bin_dir, heapcap};
+use crate::resources::fds_and_tasks;
 
 /// A running heapcapd (and the fd holder it starts).
+#[derive(Debug)]
 pub struct Daemon {
     child: Option<Child>,
     pub dir: PathBuf,
@@ -228,6 +196,7 @@ impl Drop for Daemon {
 
 /// A listener on `path` that accepts nothing, its backlog full: a wedged heapcapd (crun's own
 /// `connect` to it blocks for as long as it stays so). Killed on drop.
+#[derive(Debug)]
 pub struct Wedged(std::process::Child);
 
 impl Wedged {
@@ -263,41 +232,5 @@ impl Drop for Wedged {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Open fds and threads of a process (heapcapd, the holder).
-pub fn fds_and_tasks(pid: u32) -> (usize, usize) {
-    let count = |sub: &str| {
-        fs::read_dir(format!("/proc/{pid}/{sub}"))
-            .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/{sub}: {e} (did the process die?)"))
-            .count()
-    };
-    (count("fd"), count("task"))
-}
-
-/// The fewest fds and threads of `pid` over a short while: a control connection (a `ps`) or an
-/// intake thread may still be finishing when sampled once.
-pub fn settled(pid: u32) -> (usize, usize) {
-    (0..5)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(50));
-            fds_and_tasks(pid)
-        })
-        .fold((usize::MAX, usize::MAX), |(f, t), (f2, t2)| (f.min(f2), t.min(t2)))
-}
-
-/// Wait up to `within` until `pid` holds no more fds and threads than `baseline` ([`settled`]);
-/// what it holds if it never gets there.
-pub fn wait_back_to(pid: u32, baseline: (usize, usize), within: Duration) -> Result<(), (usize, usize)> {
-    let deadline = Instant::now() + within;
-    loop {
-        let now = settled(pid);
-        if now.0 <= baseline.0 && now.1 <= baseline.1 {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(now);
-        }
     }
 }

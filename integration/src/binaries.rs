@@ -1,0 +1,42 @@
+//! heapcap's own binaries (`heapcap`, `heapcapd`, `heapcap-holder`, `heapcap-runtime`,
+//! `heapcap-hook`), built from this workspace once per test process.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Build heapcap's binaries (`heapcap`, `heapcapd`, `heapcap-holder`, `heapcap-runtime`,
+/// `heapcap-hook`) once per test process; their directory.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
+        let status = Command::new(&cargo)
+            .args(["build", "-q"])
+            .args(BINARIES.iter().flat_map(|b| ["-p", b]))
+            .current_dir(&workspace)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build of {BINARIES:?} failed");
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+        let dir = target.join("debug");
+        for b in BINARIES {
+            assert!(dir.join(b).exists(), "no {b} in {}", dir.display());
+        }
+        dir
+    })
+}
+
+const BINARIES: [&str; 5] = ["heapcap", "heapcapd", "heapcap-holder", "heapcap-runtime", "heapcap-hook"];
+
+/// One of heapcap's binaries (see [`bin_dir`]), built.
+pub fn binary(name: &str) -> PathBuf {
+    assert!(BINARIES.contains(&name), "{name} is not one of the binaries the tests build");
+    bin_dir().join(name)
+}
+
+pub fn heapcap() -> Command {
+    Command::new(bin_dir().join("heapcap"))
+}
