@@ -63,10 +63,6 @@ impl Bundle {
         self.dir.0.join("config.json")
     }
 
-    pub fn config(&self) -> &Value {
-        &self.config
-    }
-
     /// The whole config, for changes no setter covers.
     pub fn config_mut(&mut self) -> &mut Value {
         &mut self.config
@@ -114,12 +110,6 @@ impl Bundle {
         self
     }
 
-    /// Removes `linux.seccomp`.
-    pub fn no_seccomp(&mut self) -> &mut Self {
-        object_at(&mut self.config, &["linux"]).remove("seccomp");
-        self
-    }
-
     /// Appends a hook (`{"path": ..., "args": [...], "env": [...], "timeout": N}`)
     /// to `hooks.STAGE` (`prestart`, `createRuntime`, `createContainer`,
     /// `startContainer`, `poststart`, `poststop`).
@@ -141,7 +131,7 @@ impl Bundle {
         self
     }
 
-    /// Binds the host's `/usr` and `/lib*` read-only ([`host_system_mounts`]),
+    /// Binds the host's `/usr` and `/lib*` (those that exist, each from its real location) read-only,
     /// so host programs such as `/usr/bin/python3` run in the container.
     pub fn with_host_system(&mut self) -> &mut Self {
         for (source, destination) in host_system_mounts() {
@@ -198,26 +188,6 @@ impl Bundle {
     /// whose stdout and stderr go to `DIR/ID.stdout` and `DIR/ID.stderr`
     /// (`create`'s own messages too). Panics if `create` fails.
     pub fn create(&self, runtime: Runtime, id: &str) -> Container<'_> {
-        self.try_create(runtime, id).unwrap_or_else(|out| {
-            panic!("`{} create --bundle {} {id}` failed:\n{}", runtime.binary(), self.dir().display(), show(&out))
-        })
-    }
-
-    /// Like [`Bundle::create`], but a failing `create` gives its output
-    /// (e.g. to check that a container without its seccomp agent does not start).
-    pub fn try_create(&self, runtime: Runtime, id: &str) -> Result<Container<'_>, Output> {
-        self.try_create_with_timeout(runtime, id, TIMEOUT)
-    }
-
-    /// [`Bundle::try_create`] that gives `create` `timeout` (e.g. a short one
-    /// when a seccomp agent or hook is expected to stall it) before the
-    /// container is deleted and the test panics.
-    pub fn try_create_with_timeout(
-        &self,
-        runtime: Runtime,
-        id: &str,
-        timeout: Duration,
-    ) -> Result<Container<'_>, Output> {
         runtime.ensure_works();
         self.write_config();
         // Built first, so that a failed or hung create is cleaned up too.
@@ -225,12 +195,12 @@ impl Bundle {
         let mut cmd = runtime.command();
         cmd.arg("create").arg("--bundle").arg(self.dir()).arg(id);
         let capture = Capture::Files { stdout: container.stdout_path(), stderr: container.stderr_path() };
-        let out = run_or_panic(cmd, capture, timeout, || force_delete(runtime, id));
-        if out.status.success() {
-            Ok(container)
-        } else {
-            Err(out)
+        let out = run_or_panic(cmd, capture, TIMEOUT, || force_delete(runtime, id));
+        if !out.status.success() {
+            drop(container);
+            panic!("`{} create --bundle {} {id}` failed:\n{}", runtime.binary(), self.dir().display(), show(&out));
         }
+        container
     }
 }
 

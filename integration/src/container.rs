@@ -28,19 +28,11 @@ impl Container<'_> {
         &self.id
     }
 
-    pub fn runtime(&self) -> Runtime {
-        self.runtime
-    }
-
-    pub fn bundle(&self) -> &Bundle {
-        self.bundle
-    }
-
-    pub fn stdout_path(&self) -> PathBuf {
+    pub(crate) fn stdout_path(&self) -> PathBuf {
         self.bundle.dir().join(format!("{}.stdout", self.id))
     }
 
-    pub fn stderr_path(&self) -> PathBuf {
+    pub(crate) fn stderr_path(&self) -> PathBuf {
         self.bundle.dir().join(format!("{}.stderr", self.id))
     }
 
@@ -56,7 +48,7 @@ impl Container<'_> {
 
     /// `RUNTIME start ID`; panics if it fails.
     pub fn start(&self) {
-        let out = self.try_start();
+        let out = self.runtime_command(&["start"], &[]);
         assert!(
             out.status.success(),
             "`{} start {}` failed:\n{}",
@@ -64,11 +56,6 @@ impl Container<'_> {
             self.id,
             self.show_with(&out)
         );
-    }
-
-    /// `RUNTIME start ID`, whatever it gives.
-    pub fn try_start(&self) -> Output {
-        self.runtime_command(&["start"], &[])
     }
 
     /// `RUNTIME exec ID ARGS...` in the foreground (stdin from /dev/null):

@@ -31,7 +31,7 @@
 //!   (per content, shared between test processes under a file lock) as
 //!   `localhost/heapcap-test:<hash>`; [`podman_run`](podman::podman_run) /
 //!   [`podman_run_full`](podman::podman_run_full) run it with `--rm --network none` and the
-//!   test-local `containers.conf` ([`CONTAINERS_CONF`](podman::CONTAINERS_CONF), which sets the
+//!   test-local `containers.conf` (`integration/containers/containers.conf`, which sets the
 //!   ulimits this host needs); [`podman_command`](podman::podman_command) is `podman` with that
 //!   configuration.
 //! - [`process::run_captured`]: any other command with a timeout and captured output;

@@ -20,15 +20,15 @@ use crate::runtime::{diagnose, require_root, SETUP};
 
 /// The `containers.conf` every podman command of the harness runs with (as
 /// `CONTAINERS_CONF`, which replaces the system ones).
-pub const CONTAINERS_CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/containers/containers.conf");
+pub(crate) const CONTAINERS_CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/containers/containers.conf");
 
 /// The repository of the podman test image; the tag is a hash of its content.
-pub const IMAGE_REPO: &str = "localhost/heapcap-test";
+const IMAGE_REPO: &str = "localhost/heapcap-test";
 
 /// Bump when the root filesystem's layout changes (it is part of the image tag).
 const IMAGE_LAYOUT: u32 = 1;
 
-/// `podman` with `CONTAINERS_CONF` set to the harness's [`CONTAINERS_CONF`],
+/// `podman` with `CONTAINERS_CONF` set to the harness's `containers/containers.conf`,
 /// for podman subcommands the harness does not wrap.
 pub fn podman_command() -> Command {
     let mut cmd = Command::new("podman");
@@ -152,7 +152,7 @@ fn lock_exclusive(path: &Path) -> Result<File, String> {
 /// errors exit with 125-127). Panics after [`TIMEOUT`] (the container is
 /// removed first).
 pub fn podman_run(opts: &[&str], command: &[&str]) -> Output {
-    podman_run_with_timeout(opts, command, TIMEOUT)
+    podman_run_full(&[], opts, None, command, TIMEOUT)
 }
 
 /// `podman GLOBAL... run --rm --pull never --network none --name NAME OPTS... IMAGE
@@ -171,10 +171,6 @@ pub fn podman_run_full(
     let name = unique_id("podman");
     podman_run_inner(global, image.unwrap_or(test_image), &name, opts, command, timeout)
         .unwrap_or_else(|timed_out| panic!("{timed_out}"))
-}
-
-pub fn podman_run_with_timeout(opts: &[&str], command: &[&str], timeout: Duration) -> Output {
-    podman_run_full(&[], opts, None, command, timeout)
 }
 
 fn podman_run_inner(

@@ -5,7 +5,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 /// Open fds and threads of a process (heapcapd, the holder).
-pub fn fds_and_tasks(pid: u32) -> (usize, usize) {
+pub(crate) fn fds_and_tasks(pid: u32) -> (usize, usize) {
     let count = |sub: &str| {
         fs::read_dir(format!("/proc/{pid}/{sub}"))
             .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/{sub}: {e} (did the process die?)"))

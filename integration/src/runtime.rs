@@ -10,7 +10,8 @@ use crate::podman::CONTAINERS_CONF;
 use crate::process::{show, stderr, stdout, TIMEOUT};
 
 /// What to do when the host is not ready.
-pub const SETUP: &str = "run `scripts/setup-runtimes.sh` as root: it installs runc, crun, podman, busybox-static \
+pub(crate) const SETUP: &str =
+    "run `scripts/setup-runtimes.sh` as root: it installs runc, crun, podman, busybox-static \
      and libc6-dev and fixes this host's cgroup set-up";
 
 /// An OCI runtime the tests drive directly.
