@@ -27,12 +27,12 @@
 //!   [`Bundle::run`](bundle::Bundle::run) runs it in the foreground and captures its output;
 //!   [`Bundle::create`](bundle::Bundle::create) returns a [`container::Container`] guard for
 //!   `start`, `exec`, `kill`, `state`, which deletes the container (`delete -f`) when dropped.
-//! - [`podman`]: [`podman_image`](podman::podman_image) imports the same root filesystem once
+//! - [`podman`]: [`podman::image`] imports the same root filesystem once
 //!   (per content, shared between test processes under a file lock) as
-//!   `localhost/heapcap-test:<hash>`; [`podman_run`](podman::podman_run) /
-//!   [`podman_run_full`](podman::podman_run_full) run it with `--rm --network none` and the
+//!   `localhost/heapcap-test:<hash>`; [`podman::run`] /
+//!   [`podman::run_full`] run it with `--rm --network none` and the
 //!   test-local `containers.conf` (`integration/containers/containers.conf`, which sets the
-//!   ulimits this host needs); [`podman_command`](podman::podman_command) is `podman` with that
+//!   ulimits this host needs); [`podman::command`] is `podman` with that
 //!   configuration.
 //! - [`process::run_captured`]: any other command with a timeout and captured output;
 //!   [`process::show`], [`process::stdout`] and [`process::stderr`] for assertion messages.
@@ -51,7 +51,7 @@
 //! The root filesystem has only busybox (`/bin`, with every applet) and `/alloc`. For a richer
 //! program, bind the host's system directories read-only over it with
 //! [`Bundle::with_host_system`](bundle::Bundle::with_host_system) (podman:
-//! [`podman_host_system_volumes`](podman::podman_host_system_volumes)): `/usr` and the `/lib*`
+//! [`podman::host_system_volumes`]): `/usr` and the `/lib*`
 //! directories, each mounted at its own name from its real location (so `/lib64` works on
 //! merged-/usr hosts, where it is a symlink). Then
 //!

@@ -30,7 +30,7 @@ const IMAGE_LAYOUT: u32 = 1;
 
 /// `podman` with `CONTAINERS_CONF` set to the harness's `containers/containers.conf`,
 /// for podman subcommands the harness does not wrap.
-pub fn podman_command() -> Command {
+pub fn command() -> Command {
     let mut cmd = Command::new("podman");
     cmd.env("CONTAINERS_CONF", CONTAINERS_CONF);
     cmd
@@ -41,17 +41,17 @@ pub fn podman_command() -> Command {
 /// the first time any test process needs this content (under a file lock, so
 /// parallel test processes do not race), then checked by running `true` in
 /// it. Panics, saying what to fix, if podman cannot do that.
-pub fn podman_image() -> &'static str {
+pub fn image() -> &'static str {
     static IMAGE: OnceLock<Result<String, String>> = OnceLock::new();
-    match IMAGE.get_or_init(prepare_podman_image) {
+    match IMAGE.get_or_init(prepare_image) {
         Ok(image) => image,
         Err(message) => panic!("{message}"),
     }
 }
 
-fn prepare_podman_image() -> Result<String, String> {
+fn prepare_image() -> Result<String, String> {
     require_root()?;
-    let version = podman_command()
+    let version = command()
         .arg("--version")
         .stdin(Stdio::null())
         .output()
@@ -68,7 +68,7 @@ fn prepare_podman_image() -> Result<String, String> {
     let lock = lock_exclusive(&lock_path)?;
     let exists = run_command(
         {
-            let mut cmd = podman_command();
+            let mut cmd = command();
             cmd.args(["image", "exists", &image]);
             cmd
         },
@@ -82,7 +82,7 @@ fn prepare_podman_image() -> Result<String, String> {
     drop(lock);
 
     let name = unique_id("podman-check");
-    let out = podman_run_inner(&[], &image, &name, &[], &["true"], TIMEOUT)?;
+    let out = run_inner(&[], &image, &name, &[], &["true"], TIMEOUT)?;
     if !out.status.success() {
         let said = format!("{}{}", stdout(&out), stderr(&out));
         return Err(format!(
@@ -118,7 +118,7 @@ fn import_image(image: &str) -> Result<(), String> {
     if !out.status.success() {
         return Err(format!("packing the test image's root filesystem failed:\n{}", show(&out)));
     }
-    let mut cmd = podman_command();
+    let mut cmd = command();
     cmd.args(["import", "--change", r#"CMD ["/bin/sh"]"#, "--message", "heapcap container tests"]).arg(&tar).arg(image);
     let out = run_command(cmd, Capture::Pipes, TIMEOUT, || {})?;
     if !out.status.success() {
@@ -151,29 +151,23 @@ fn lock_exclusive(path: &Path) -> Result<File, String> {
 /// the test image: the container's exit status and output (podman's own
 /// errors exit with 125-127). Panics after [`TIMEOUT`] (the container is
 /// removed first).
-pub fn podman_run(opts: &[&str], command: &[&str]) -> Output {
-    podman_run_full(&[], opts, None, command, TIMEOUT)
+pub fn run(opts: &[&str], command: &[&str]) -> Output {
+    run_full(&[], opts, None, command, TIMEOUT)
 }
 
 /// `podman GLOBAL... run --rm --pull never --network none --name NAME OPTS... IMAGE
-/// COMMAND...`: [`podman_run`] with podman's global options (e.g.
+/// COMMAND...`: [`run`] with podman's global options (e.g.
 /// `--runtime /path/to/heapcap-runtime`, `--hooks-dir DIR`), a timeout, and
 /// any image (`None`: the test image). `run` options go in `opts`
 /// (`--annotation K=V`, `--security-opt seccomp=PROFILE.json`, `-v ...`).
-pub fn podman_run_full(
-    global: &[&str],
-    opts: &[&str],
-    image: Option<&str>,
-    command: &[&str],
-    timeout: Duration,
-) -> Output {
-    let test_image = podman_image();
+pub fn run_full(global: &[&str], opts: &[&str], image: Option<&str>, command: &[&str], timeout: Duration) -> Output {
+    let test_image = self::image();
     let name = unique_id("podman");
-    podman_run_inner(global, image.unwrap_or(test_image), &name, opts, command, timeout)
+    run_inner(global, image.unwrap_or(test_image), &name, opts, command, timeout)
         .unwrap_or_else(|timed_out| panic!("{timed_out}"))
 }
 
-fn podman_run_inner(
+fn run_inner(
     global: &[&str],
     image: &str,
     name: &str,
@@ -181,19 +175,19 @@ fn podman_run_inner(
     command: &[&str],
     timeout: Duration,
 ) -> Result<Output, String> {
-    let mut cmd = podman_command();
+    let mut cmd = self::command();
     // No registry is reachable: a missing image fails at once instead of after three pull attempts.
     cmd.args(global)
         .args(["run", "--rm", "--pull", "never", "--network", "none", "--name", name])
         .args(opts)
         .arg(image)
         .args(command);
-    run_command(cmd, Capture::Pipes, timeout, || podman_force_remove(name))
+    run_command(cmd, Capture::Pipes, timeout, || force_remove(name))
 }
 
 /// `podman rm -f -t 0 NAME`; never panics.
-fn podman_force_remove(name: &str) {
-    let mut cmd = podman_command();
+fn force_remove(name: &str) {
+    let mut cmd = command();
     cmd.args(["rm", "--force", "--ignore", "--time", "0", name]);
     match run_command(cmd, Capture::Pipes, CLEANUP_TIMEOUT, || {}) {
         Ok(out) if out.status.success() => {}
@@ -205,7 +199,7 @@ fn podman_force_remove(name: &str) {
 /// `-v SOURCE:DEST:ro` arguments for `podman run` that bind the host's `/usr`
 /// and `/lib*` read-only, like
 /// [`Bundle::with_host_system`](crate::bundle::Bundle::with_host_system).
-pub fn podman_host_system_volumes() -> Vec<String> {
+pub fn host_system_volumes() -> Vec<String> {
     host_system_mounts()
         .into_iter()
         .flat_map(|(source, destination)| ["-v".to_string(), format!("{}:{destination}:ro", source.display())])
@@ -215,11 +209,11 @@ pub fn podman_host_system_volumes() -> Vec<String> {
 /// podman's default seccomp profile answers `move_pages` with EPERM (an unconfined container gets
 /// 0: nothing to move). Runs that probe with python3 from the host's /usr under
 /// `podman GLOBAL run OPTS`, so a test can show a profile still holds podman's own rules.
-pub fn podman_move_pages(global: &[&str], opts: &[&str]) -> Output {
+pub fn move_pages(global: &[&str], opts: &[&str]) -> Output {
     let script = "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); \
                   r = libc.syscall(279, 0, 0, 0, 0, 0, 0); print('move_pages', r, os.strerror(ctypes.get_errno()) if r else 'ok')";
-    let volumes = podman_host_system_volumes();
+    let volumes = host_system_volumes();
     let mut all: Vec<&str> = opts.to_vec();
     all.extend(volumes.iter().map(String::as_str));
-    podman_run_full(global, &all, None, &["/usr/bin/python3", "-c", script], TIMEOUT)
+    run_full(global, &all, None, &["/usr/bin/python3", "-c", script], TIMEOUT)
 }

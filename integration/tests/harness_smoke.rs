@@ -11,7 +11,7 @@ use std::time::Duration;
 use heapcap_integration::bundle::Bundle;
 use heapcap_integration::fixture::{fixture_result, ALLOC, ALLOC_STATIC};
 use heapcap_integration::ids::unique_id;
-use heapcap_integration::podman::{podman_host_system_volumes, podman_run, podman_run_full};
+use heapcap_integration::podman;
 use heapcap_integration::process::{show, stdout, TIMEOUT};
 use heapcap_integration::rootfs;
 use heapcap_integration::runtime::Runtime;
@@ -135,7 +135,7 @@ fn host_system_is_read_only_in_the_container() {
 
 #[test]
 fn podman_runs_the_fixture_in_the_imported_image() {
-    let out = podman_run(&[], &ALLOC_8M);
+    let out = podman::run(&[], &ALLOC_8M);
     assert_eq!(fixture_result(&out), (8388608, "ok".to_string()), "{}", show(&out));
 }
 
@@ -143,16 +143,16 @@ fn podman_runs_the_fixture_in_the_imported_image() {
 /// (how the heapcap-runtime shim will be tested).
 #[test]
 fn podman_runs_the_fixture_with_runc_as_its_runtime() {
-    let out = podman_run_full(&["--runtime", "runc"], &[], None, &ALLOC_8M, TIMEOUT);
+    let out = podman::run_full(&["--runtime", "runc"], &[], None, &ALLOC_8M, TIMEOUT);
     assert_eq!(fixture_result(&out), (8388608, "ok".to_string()), "{}", show(&out));
 }
 
 #[test]
 fn podman_passes_options_and_runs_host_python3() {
-    let mut opts: Vec<String> = podman_host_system_volumes();
+    let mut opts: Vec<String> = podman::host_system_volumes();
     opts.extend(["--annotation".to_string(), "heapcap.io/limit=64Mi".to_string()]);
     let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
-    let out = podman_run(
+    let out = podman::run(
         &opts,
         &["/usr/bin/python3", "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE))"],
     );

@@ -298,35 +298,35 @@ fn podman_with_the_example_profile_is_enforced_and_keeps_podmans_rules() {
     std::fs::write(&path, serde_json::to_vec_pretty(&profile).expect("json")).expect("write profile");
     let seccomp = format!("seccomp={}", path.display());
     let opts = ["--security-opt", seccomp.as_str(), "--annotation", "heapcap.io/limit=64Mi"];
-    let out = podman::podman_run(&opts, &["/alloc", "mmap", "4194304", "0"]);
+    let out = podman::run(&opts, &["/alloc", "mmap", "4194304", "0"]);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman with examples/podman/seccomp.json", allocated, &result, 64 * MIB, 4 * MIB);
 
     // File mappings still work and are not counted: 512 MiB of them under a 64 MiB quota.
-    let out = podman::podman_run(&opts, &["/alloc", "filemap", "536870912"]);
+    let out = podman::run(&opts, &["/alloc", "filemap", "536870912"]);
     assert_eq!(fixture_result(&out), (512 * MIB, "ok".to_string()), "{}", show(&out));
 
     // podman's own rules still hold: its default profile answers move_pages with EPERM, where an
     // unconfined container gets 0 (nothing to move).
-    let out = podman::podman_move_pages(&[], &opts);
+    let out = podman::move_pages(&[], &opts);
     assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
-    let out = podman::podman_move_pages(&[], &["--security-opt", "seccomp=unconfined"]);
+    let out = podman::move_pages(&[], &["--security-opt", "seccomp=unconfined"]);
     assert!(stdout(&out).contains("move_pages 0 ok"), "the contrast: {}", show(&out));
 
     // `podman exec` is covered: the exec'd process joins the container's accounting.
     let name = unique_id("podman-exec");
-    let mut run = podman::podman_command();
+    let mut run = podman::command();
     run.args(["run", "-d", "--pull", "never", "--network", "none", "--name", &name]).args(opts).args([
-        podman::podman_image(),
+        podman::image(),
         "/bin/sleep",
         "60",
     ]);
     let started = process::run_captured(run, Duration::from_secs(60));
     assert!(started.status.success(), "{}", show(&started));
-    let mut exec = podman::podman_command();
+    let mut exec = podman::command();
     exec.args(["exec", &name, "/alloc", "mmap", "4194304", "0"]);
     let out = process::run_captured(exec, Duration::from_secs(60));
-    let mut rm = podman::podman_command();
+    let mut rm = podman::command();
     rm.args(["rm", "-f", "-t", "0", &name]);
     let _ = process::run_captured(rm, Duration::from_secs(60));
     let (allocated, result) = fixture_result(&out);

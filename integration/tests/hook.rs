@@ -221,37 +221,36 @@ fn podman_with_the_hooks_d_file_is_enforced_and_keeps_podmans_rules() {
     let global = ["--hooks-dir", dir.to_str().expect("utf-8")];
     let t = Duration::from_secs(120);
     let quota = ["--annotation", "heapcap.io/limit=64Mi"];
-    let out = podman::podman_run_full(&global, &quota, None, &["/alloc", "mmap", "4194304", "0"], t);
+    let out = podman::run_full(&global, &quota, None, &["/alloc", "mmap", "4194304", "0"], t);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman --hooks-dir", allocated, &result, 64 * MIB, 4 * MIB);
 
     // File mappings work; no listener inside; not traced.
     let script = "ls -l /proc/1/fd /proc/self/fd; grep TracerPid /proc/1/status; /alloc filemap 536870912";
-    let out = podman::podman_run_full(&global, &quota, None, &["/bin/sh", "-c", script], t);
+    let out = podman::run_full(&global, &quota, None, &["/bin/sh", "-c", script], t);
     let said = stdout(&out);
     assert!(out.status.success() && said.contains("allocated=536870912 result=ok"), "{}", show(&out));
     assert!(!said.contains("seccomp") && said.contains("TracerPid:\t0"), "{}", show(&out));
 
     // The `when` clause also matches a container that sets only a total.
     let total = ["--annotation", "heapcap.io/total-limit=32Mi"];
-    let out = podman::podman_run_full(&global, &total, None, &["/alloc", "mmap", "1048576", "0"], t);
+    let out = podman::run_full(&global, &total, None, &["/alloc", "mmap", "1048576", "0"], t);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman --hooks-dir, total only", allocated, &result, 32 * MIB, MIB);
 
     // Without the annotation the hook does not even run: untouched.
-    let out = podman::podman_run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "134217728"], t);
+    let out = podman::run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "134217728"], t);
     assert_eq!(fixture_result(&out), (128 * MIB, "ok".to_string()), "{}", show(&out));
     let ps = d.ps();
     assert!(ps["containers"].as_array().is_some_and(|c| c.len() <= 1), "{ps}");
 
     // podman's own default profile still holds: move_pages answers EPERM (0 when unconfined).
-    let out = podman::podman_move_pages(&global, &quota);
+    let out = podman::move_pages(&global, &quota);
     assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
-    let volumes = podman::podman_host_system_volumes();
+    let volumes = podman::host_system_volumes();
     let mut opts: Vec<&str> = quota.to_vec();
     opts.extend(volumes.iter().map(String::as_str));
-    let out =
-        podman::podman_run_full(&global, &opts, None, &["/usr/bin/python3", "-c", "x = bytearray(200 * 2**20)"], t);
+    let out = podman::run_full(&global, &opts, None, &["/usr/bin/python3", "-c", "x = bytearray(200 * 2**20)"], t);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(stderr(&out).contains("MemoryError"), "{}", show(&out));
 
@@ -264,12 +263,12 @@ fn podman_with_the_hooks_d_file_is_enforced_and_keeps_podmans_rules() {
     std::fs::create_dir_all(&down).expect("hooks dir");
     std::fs::write(down.join("heapcap-prestart.json"), hook.to_string()).expect("write");
     let global = ["--hooks-dir", down.to_str().expect("utf-8")];
-    let out = podman::podman_run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
+    let out = podman::run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
     assert!(!out.status.success() && !stdout(&out).contains("ran"), "{}", show(&out));
     // podman shows only crun's last log line ("error executing hook"); with runc it shows the
     // hook's own message.
     let global = ["--runtime", "runc", "--hooks-dir", down.to_str().expect("utf-8")];
-    let out = podman::podman_run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
+    let out = podman::run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
     assert!(!out.status.success() && !stdout(&out).contains("ran"), "{}", show(&out));
     assert!(stderr(&out).contains("heapcapd is not reachable"), "{}", show(&out));
 }
@@ -281,38 +280,38 @@ fn podman_precreate_changes_the_spec_and_covers_exec() {
     let global = ["--hooks-dir", dir.to_str().expect("utf-8")];
     let t = Duration::from_secs(120);
     let quota = ["--annotation", "heapcap.io/limit=64Mi"];
-    let out = podman::podman_run_full(&global, &quota, None, &["/alloc", "mmap", "4194304", "0"], t);
+    let out = podman::run_full(&global, &quota, None, &["/alloc", "mmap", "4194304", "0"], t);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman precreate", allocated, &result, 64 * MIB, 4 * MIB);
 
     let script =
         "ls -l /proc/1/fd /proc/self/fd; grep -E '^(Seccomp|TracerPid):' /proc/1/status; /alloc filemap 536870912";
-    let out = podman::podman_run_full(&global, &quota, None, &["/bin/sh", "-c", script], t);
+    let out = podman::run_full(&global, &quota, None, &["/bin/sh", "-c", script], t);
     let said = stdout(&out);
     assert!(out.status.success() && said.contains("allocated=536870912 result=ok"), "{}", show(&out));
     assert!(!said.contains("seccomp") && said.contains("Seccomp:\t2"), "{}", show(&out));
 
-    let out = podman::podman_run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "134217728"], t);
+    let out = podman::run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "134217728"], t);
     assert_eq!(fixture_result(&out), (128 * MIB, "ok".to_string()), "{}", show(&out));
 
     // podman's own default profile still holds (merged, not replaced).
-    let out = podman::podman_move_pages(&global, &quota);
+    let out = podman::move_pages(&global, &quota);
     assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
 
     // `podman exec` is covered: the runtime sends heapcapd the exec'd process's listener too.
     let name = unique_id("precreate-exec");
-    let mut run = podman::podman_command();
+    let mut run = podman::command();
     run.args(global).args(["run", "-d", "--pull", "never", "--network", "none", "--name", &name]).args(quota).args([
-        podman::podman_image(),
+        podman::image(),
         "/bin/sleep",
         "60",
     ]);
     let started = process::run_captured(run, Duration::from_secs(60));
     assert!(started.status.success(), "{}", show(&started));
-    let mut exec = podman::podman_command();
+    let mut exec = podman::command();
     exec.args(global).args(["exec", &name, "/alloc", "mmap", "4194304", "0"]);
     let out = process::run_captured(exec, Duration::from_secs(60));
-    let mut rm = podman::podman_command();
+    let mut rm = podman::command();
     rm.args(["rm", "-f", "-t", "0", &name]);
     let _ = process::run_captured(rm, Duration::from_secs(60));
     let (allocated, result) = fixture_result(&out);
@@ -320,7 +319,7 @@ fn podman_precreate_changes_the_spec_and_covers_exec() {
 
     // A bad value fails the start with what to fix.
     let bad = ["--annotation", "heapcap.io/limit=lots"];
-    let out = podman::podman_run_full(&global, &bad, None, &["/bin/echo", "ran"], t);
+    let out = podman::run_full(&global, &bad, None, &["/bin/echo", "ran"], t);
     assert!(!out.status.success() && !stdout(&out).contains("ran"), "{}", show(&out));
     assert!(stderr(&out).contains("heapcap.io/limit: 'lots' is not a size"), "{}", show(&out));
 
@@ -332,7 +331,7 @@ fn podman_precreate_changes_the_spec_and_covers_exec() {
     std::fs::create_dir_all(&down).expect("hooks dir");
     std::fs::write(down.join("heapcap-precreate.json"), hook.to_string()).expect("write");
     let global = ["--hooks-dir", down.to_str().expect("utf-8")];
-    let out = podman::podman_run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
+    let out = podman::run_full(&global, &quota, None, &["/bin/echo", "ran"], t);
     assert!(!out.status.success() && !stdout(&out).contains("ran"), "{}", show(&out));
     assert!(stderr(&out).contains("heapcapd is not reachable"), "{}", show(&out));
     assert!(stderr(&out).contains("no socket there"), "podman must not take it for a missing command: {}", show(&out));

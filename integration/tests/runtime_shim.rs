@@ -364,7 +364,7 @@ fn heapcapd_down_fails_the_start_unless_allowed() {
     let alloc_128m = ["/alloc", "mmap", "4194304", "134217728"];
     let strict = Shim::new(&d, "crun", "");
     let global = ["--runtime", strict.wrapper.to_str().unwrap()];
-    let out = podman::podman_run_full(&global, &asks, None, &alloc_128m, TIMEOUT);
+    let out = podman::run_full(&global, &asks, None, &alloc_128m, TIMEOUT);
     assert!(!out.status.success() && !stdout(&out).contains("allocated="), "podman: {}", show(&out));
     assert!(
         stderr(&out).contains("heapcapd is not reachable") && stderr(&out).contains("start heapcapd"),
@@ -374,7 +374,7 @@ fn heapcapd_down_fails_the_start_unless_allowed() {
     assert!(!stderr(&out).contains("not found"), "podman: {}", show(&out));
     let allowing = Shim::new(&d, "crun", "allow_unsupervised = true\n");
     let global = ["--runtime", allowing.wrapper.to_str().unwrap()];
-    let out = podman::podman_run_full(&global, &asks, None, &alloc_128m, TIMEOUT);
+    let out = podman::run_full(&global, &asks, None, &alloc_128m, TIMEOUT);
     assert_eq!(fixture_result(&out), (128 * MIB, "ok".to_string()), "podman, allowed: {}", show(&out));
 
     // A heapcapd that accepts nothing (backlog full): the shim gives up after its connect
@@ -406,11 +406,11 @@ fn podman_with_the_shim_as_its_runtime() {
     let wrapper = shim.wrapper.display().to_string();
     let global = ["--runtime", wrapper.as_str()];
     // podman's default seccomp profile is in config.json: the notify rules are merged into it.
-    let out = podman::podman_run_full(&global, &["--annotation", "heapcap.io/limit=64Mi"], None, ALLOC_4M, TIMEOUT);
+    let out = podman::run_full(&global, &["--annotation", "heapcap.io/limit=64Mi"], None, ALLOC_4M, TIMEOUT);
     assert_at_quota("podman --runtime heapcap-runtime", &out, 64 * MIB, 4 * MIB);
-    let out = podman::podman_run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "419430400"], TIMEOUT);
+    let out = podman::run_full(&global, &[], None, &["/alloc", "mmap", "4194304", "419430400"], TIMEOUT);
     assert_eq!(fixture_result(&out), (400 * MIB, "ok".to_string()), "no annotation: {}", show(&out));
-    let out = podman::podman_run_full(&global, &["--annotation", "heapcap.io/mode=strict"], None, &["true"], TIMEOUT);
+    let out = podman::run_full(&global, &["--annotation", "heapcap.io/mode=strict"], None, &["true"], TIMEOUT);
     assert!(!out.status.success(), "{}", show(&out));
     assert!(stderr(&out).contains("enforce or audit"), "podman shows the shim's reason: {}", show(&out));
 }
@@ -484,10 +484,10 @@ impl Drop for Containerd {
 fn containerd_runs_the_shim_as_the_runc_binary() {
     let d = Daemon::start();
     let shim = Shim::new(&d, "runc", "");
-    let image = podman::podman_image();
+    let image = podman::image();
     let c = Containerd::start();
     let archive = c.dir.join("image.tar");
-    let mut save = podman::podman_command();
+    let mut save = podman::command();
     save.args(["save", "--format", "docker-archive", "-o"]).arg(&archive).arg(image);
     let out = run_captured(save, TIMEOUT);
     assert!(out.status.success(), "podman save: {}", show(&out));
@@ -614,10 +614,10 @@ impl Drop for Dockerd {
 fn docker_with_the_shim_as_a_runtime_reads_heapcap_limit() {
     let d = Daemon::start();
     let shim = Shim::new(&d, "runc", "");
-    let image = podman::podman_image();
+    let image = podman::image();
     let docker = Dockerd::start(&shim.wrapper);
     let archive = docker.dir.join("image.tar");
-    let mut save = podman::podman_command();
+    let mut save = podman::command();
     save.args(["save", "--format", "docker-archive", "-o"]).arg(&archive).arg(image);
     let out = run_captured(save, TIMEOUT);
     assert!(out.status.success(), "podman save: {}", show(&out));
