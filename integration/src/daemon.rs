@@ -10,8 +10,17 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use crate::binaries::{bin_dir, heapcap};
+use crate::bundle::Bundle;
 use crate::resources::fds_and_tasks;
+
+/// heapcap's seccomp profile ([`heapcap_oci::heapcap_profile`]) with `listener` as its
+/// `listenerPath`, as the JSON [`Bundle::seccomp`] takes.
+pub fn seccomp_profile(listener: &Path) -> Value {
+    serde_json::to_value(heapcap_oci::heapcap_profile(listener, None)).expect("profile as JSON")
+}
 
 /// A running heapcapd (and the fd holder it starts).
 #[derive(Debug)]
@@ -54,6 +63,18 @@ impl Daemon {
         let mut daemon = Daemon { child: None, dir, agent, control, holder, metrics, log, extra };
         daemon.launch(&bin_dir().join("heapcapd"));
         daemon
+    }
+
+    /// heapcap's seccomp profile, reporting to this heapcapd ([`seccomp_profile`] of its agent socket).
+    pub fn profile(&self) -> Value {
+        seccomp_profile(&self.agent)
+    }
+
+    /// A busybox bundle whose filter reports to this heapcapd, with `annotations`, running `args`.
+    pub fn bundle(&self, annotations: &[(&str, &str)], args: &[&str]) -> Bundle {
+        let mut b = Bundle::new("heapcapd");
+        b.args(args).seccomp(self.profile()).annotations(annotations);
+        b
     }
 
     /// Start `binary` as this daemon (same sockets, same log); wait until both sockets answer.

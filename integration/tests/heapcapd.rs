@@ -13,22 +13,11 @@ use heapcap_integration::podman;
 use heapcap_integration::process::{self, show, stderr, stdout};
 use heapcap_integration::runtime::Runtime;
 
-fn profile(daemon: &Daemon) -> serde_json::Value {
-    serde_json::to_value(heapcap_oci::heapcap_profile(&daemon.agent, None)).expect("profile as JSON")
-}
-
-/// A busybox bundle whose filter reports to `daemon`, with `annotations`, running `args`.
-fn bundle(daemon: &Daemon, annotations: &[(&str, &str)], args: &[&str]) -> Bundle {
-    let mut b = Bundle::new("heapcapd");
-    b.args(args).seccomp(profile(daemon)).annotations(annotations);
-    b
-}
-
 #[test]
 fn runc_and_crun_containers_are_denied_at_their_quota() {
     let d = Daemon::start();
     for rt in Runtime::ALL {
-        let b = bundle(&d, &[("heapcap.io/limit", "64Mi")], &["/alloc", "mmap", "4194304", "0"]);
+        let b = d.bundle(&[("heapcap.io/limit", "64Mi")], &["/alloc", "mmap", "4194304", "0"]);
         let out = b.run(rt, &unique_id("quota"));
         assert!(out.status.success(), "{rt:?}: {}\nheapcapd:\n{}", show(&out), d.log());
         let (allocated, result) = parse_allocated(&stdout(&out));
@@ -39,8 +28,8 @@ fn runc_and_crun_containers_are_denied_at_their_quota() {
 #[test]
 fn a_container_with_a_larger_quota_is_unaffected() {
     let d = Daemon::start();
-    let small = bundle(&d, &[("heapcap.io/limit", "32Mi")], &["/alloc", "mmap", "1048576", "0"]);
-    let large = bundle(&d, &[("heapcap.io/limit", "256Mi")], &["/alloc", "mmap", "1048576", "0"]);
+    let small = d.bundle(&[("heapcap.io/limit", "32Mi")], &["/alloc", "mmap", "1048576", "0"]);
+    let large = d.bundle(&[("heapcap.io/limit", "256Mi")], &["/alloc", "mmap", "1048576", "0"]);
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| small.run(Runtime::Runc, &unique_id("small")));
         let b = s.spawn(|| large.run(Runtime::Crun, &unique_id("large")));
@@ -55,13 +44,12 @@ fn a_container_with_a_larger_quota_is_unaffected() {
 #[test]
 fn python_in_a_container_gets_memory_error() {
     let d = Daemon::start();
-    let mut b = bundle(&d, &[("heapcap.io/limit", "64Mi")], &["/usr/bin/python3", "-c", "x = bytearray(200 * 2**20)"]);
+    let mut b = d.bundle(&[("heapcap.io/limit", "64Mi")], &["/usr/bin/python3", "-c", "x = bytearray(200 * 2**20)"]);
     b.with_host_system();
     let out = b.run(Runtime::Runc, &unique_id("python"));
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(stderr(&out).contains("MemoryError"), "{}", show(&out));
-    let mut ok = bundle(
-        &d,
+    let mut ok = d.bundle(
         &[("heapcap.io/limit", "512Mi")],
         &["/usr/bin/python3", "-c", "x = bytearray(200 * 2**20); print(len(x))"],
     );
@@ -74,7 +62,7 @@ fn python_in_a_container_gets_memory_error() {
 fn exec_joins_its_container_and_set_limit_applies_live() {
     let d = Daemon::start();
     for rt in Runtime::ALL {
-        let b = bundle(&d, &[("heapcap.io/limit", "64Mi")], &["/bin/sleep", "60"]);
+        let b = d.bundle(&[("heapcap.io/limit", "64Mi")], &["/bin/sleep", "60"]);
         let c = b.create(rt, &unique_id("exec"));
         c.start();
         let out = c.exec(&["/alloc", "mmap", "4194304", "0"]);
@@ -104,8 +92,7 @@ fn exec_joins_its_container_and_set_limit_applies_live() {
 fn ps_shows_each_process_heap_and_limit() {
     let d = Daemon::start();
     let script = "import sys, time; x = bytearray(40 * 2**20); print('ready', flush=True); time.sleep(60)";
-    let mut b = bundle(
-        &d,
+    let mut b = d.bundle(
         &[("heapcap.io/limit", "128Mi"), ("heapcap.io/total-limit", "1Gi")],
         &["/usr/bin/python3", "-c", script],
     );
@@ -139,8 +126,7 @@ fn ps_shows_each_process_heap_and_limit() {
 #[test]
 fn audit_mode_denies_nothing_and_logs_peaks() {
     let d = Daemon::start();
-    let b = bundle(
-        &d,
+    let b = d.bundle(
         &[("heapcap.io/limit", "16Mi"), ("heapcap.io/mode", "audit")],
         &["/alloc", "mmap", "4194304", "67108864"],
     );
@@ -165,7 +151,7 @@ fn audit_mode_denies_nothing_and_logs_peaks() {
 fn bad_annotations_are_refused_with_the_reason() {
     let d = Daemon::start();
     for (rt, value) in [(Runtime::Runc, "lots"), (Runtime::Crun, "-5Mi")] {
-        let b = bundle(&d, &[("heapcap.io/limit", value)], &["/alloc", "mmap", "4194304", "0"]);
+        let b = d.bundle(&[("heapcap.io/limit", value)], &["/alloc", "mmap", "4194304", "0"]);
         let out = b.run(rt, &unique_id("bad"));
         assert!(
             !out.status.success(),
@@ -180,13 +166,13 @@ fn bad_annotations_are_refused_with_the_reason() {
             show(&out)
         );
     }
-    let b = bundle(&d, &[("heapcap.io/mode", "strict")], &["/alloc", "mmap", "4194304", "0"]);
+    let b = d.bundle(&[("heapcap.io/mode", "strict")], &["/alloc", "mmap", "4194304", "0"]);
     let out = b.run(Runtime::Runc, &unique_id("bad-mode"));
     assert!(!out.status.success() && stderr(&out).contains("enforce or audit"), "{}", show(&out));
 
     // Started so, heapcapd runs such containers unquota'd instead.
     let lenient = Daemon::start_with(&["--bad-settings", "audit"]);
-    let b = bundle(&lenient, &[("heapcap.io/limit", "lots")], &["/alloc", "mmap", "4194304", "67108864"]);
+    let b = lenient.bundle(&[("heapcap.io/limit", "lots")], &["/alloc", "mmap", "4194304", "67108864"]);
     assert_eq!(fixture_result(&b.run(Runtime::Runc, &unique_id("lenient"))), (64 * MIB, "ok".to_string()));
     assert!(lenient.log().contains("running unquota'd"), "{}", lenient.log());
 }
@@ -197,7 +183,7 @@ fn ended_containers_leave_nothing_behind() {
     let run = |n: usize| {
         for i in 0..n {
             let rt = Runtime::ALL[i % 2];
-            let b = bundle(&d, &[("heapcap.io/limit", "32Mi")], &["/alloc", "mmap", "1048576", "8388608"]);
+            let b = d.bundle(&[("heapcap.io/limit", "32Mi")], &["/alloc", "mmap", "1048576", "8388608"]);
             let out = b.run(rt, &unique_id("churn"));
             assert_eq!(fixture_result(&out), (8 * MIB, "ok".to_string()), "{rt:?}");
         }
@@ -232,7 +218,7 @@ fn ended_containers_leave_nothing_behind() {
 #[test]
 fn denials_show_in_events_and_metrics() {
     let d = Daemon::start();
-    let b = bundle(&d, &[("heapcap.io/limit", "32Mi")], &["/alloc", "mmap", "4194304", "0"]);
+    let b = d.bundle(&[("heapcap.io/limit", "32Mi")], &["/alloc", "mmap", "4194304", "0"]);
     let id = unique_id("events");
     let out = b.run(Runtime::Runc, &id);
     assert_eq!(fixture_result(&out).1, "ENOMEM");

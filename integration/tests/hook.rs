@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use heapcap_integration::binaries;
 use heapcap_integration::bundle::Bundle;
-use heapcap_integration::daemon::{Daemon, Wedged};
+use heapcap_integration::daemon::{seccomp_profile, Daemon, Wedged};
 use heapcap_integration::fixture::{assert_at_quota, fixture_result, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::podman;
@@ -475,11 +475,9 @@ fn many_containers_at_once() {
 #[test]
 fn a_profile_with_a_listener_is_not_injected_twice() {
     let d = Daemon::start();
-    let profile =
-        |path: &Path| serde_json::to_value(heapcap_oci::heapcap_profile(path, None)).expect("profile as JSON");
     for rt in Runtime::ALL {
         let mut b = bundle(&d.agent, &[("heapcap.io/limit", "64Mi")], &["/alloc", "mmap", "4194304", "0"]);
-        b.seccomp(profile(&d.agent));
+        b.seccomp(d.profile());
         let out = b.run(rt, &unique_id("hook-both"));
         assert!(out.status.success(), "{rt:?}: {}\nheapcapd:\n{}", show(&out), d.log());
         let (allocated, result) = fixture_result(&out);
@@ -490,7 +488,7 @@ fn a_profile_with_a_listener_is_not_injected_twice() {
         let agent = std::os::unix::net::UnixListener::bind(&other).expect("bind the other agent");
         std::thread::spawn(move || agent.incoming().for_each(drop));
         let mut b = bundle(&d.agent, &[("heapcap.io/limit", "64Mi")], &["/bin/echo", "ran"]);
-        b.seccomp(profile(&other));
+        b.seccomp(seccomp_profile(&other));
         let out = b.run(rt, &unique_id("hook-other"));
         assert!(!out.status.success() && !stdout(&out).contains("ran"), "{rt:?}: {}", show(&out));
         assert!(stderr(&out).contains("only one seccomp listener"), "{rt:?}: {}", show(&out));

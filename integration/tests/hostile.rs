@@ -16,7 +16,6 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use heapcap_integration::binaries;
-use heapcap_integration::bundle::Bundle;
 use heapcap_integration::daemon::Daemon;
 use heapcap_integration::fixture::{assert_at_quota, fixture_result, parse_allocated, MIB};
 use heapcap_integration::ids::unique_id;
@@ -30,16 +29,9 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// An unprivileged user (nobody).
 const NOBODY: u32 = 65534;
 
-fn bundle(d: &Daemon, annotations: &[(&str, &str)], args: &[&str]) -> Bundle {
-    let profile = serde_json::to_value(heapcap_oci::heapcap_profile(&d.agent, None)).expect("profile as JSON");
-    let mut b = Bundle::new("hostile");
-    b.args(args).seccomp(profile).annotations(annotations);
-    b
-}
-
 /// A runc container with a 64 MiB quota allocating 4 MiB at a time: held at its quota.
 fn assert_serves_a_container(d: &Daemon, when: &str) {
-    let b = bundle(d, &[("heapcap.io/limit", "64Mi")], &["/alloc", "mmap", "4194304", "0"]);
+    let b = d.bundle(&[("heapcap.io/limit", "64Mi")], &["/alloc", "mmap", "4194304", "0"]);
     let out = b.run(Runtime::Runc, &unique_id("hostile"));
     assert!(out.status.success(), "{when}: {}\nheapcapd:\n{}", show(&out), d.log());
     let (allocated, result) = parse_allocated(&stdout(&out));
@@ -469,7 +461,7 @@ fn broken_control_requests_get_an_answer_that_says_what_is_wrong() {
 fn set_limit_with_bad_sizes_or_ids_is_refused_and_changes_nothing() {
     let d = Daemon::start();
     let before = baseline(&d);
-    let b = bundle(&d, &[("heapcap.io/limit", "64Mi")], &["/bin/sleep", "60"]);
+    let b = d.bundle(&[("heapcap.io/limit", "64Mi")], &["/bin/sleep", "60"]);
     let c = b.create(Runtime::Runc, &unique_id("setlimit"));
     c.start();
     let bad = [
@@ -570,7 +562,7 @@ fn bad_annotations_are_refused_and_heapcapd_serves_on() {
         ("heapcap.io/limits", "64Mi", "unknown setting 'heapcap.io/limits'"),
     ];
     for (key, value, says) in cases {
-        let b = bundle(&d, &[(key, value)], &["/alloc", "mmap", "4194304", "0"]);
+        let b = d.bundle(&[(key, value)], &["/alloc", "mmap", "4194304", "0"]);
         let out = b.run(Runtime::Runc, &unique_id("badnote"));
         assert!(!out.status.success(), "{key}={value:?} must not start: {}", show(&out));
         assert!(!stdout(&out).contains("allocated="), "{key}={value:?}: the program ran: {}", show(&out));

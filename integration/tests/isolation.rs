@@ -21,7 +21,7 @@ use heapcap_integration::fixture::{assert_at_quota, fixture_result, quota_slack,
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::process::{self, show, stdout};
 use heapcap_integration::runtime::Runtime;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// The probe (static build: it runs on the host and in busybox containers).
 const ISOLATION: &str = env!("HEAPCAP_ISOLATION_STATIC");
@@ -88,15 +88,11 @@ fn assert_holds_listener(what: &str, pid: u32) {
 
 // ------------------------------------------------------------------ set-ups
 
-fn profile(daemon: &Daemon) -> Value {
-    serde_json::to_value(heapcap_oci::heapcap_profile(&daemon.agent, None)).expect("profile as JSON")
-}
-
 /// A heapcapd (listenerPath) container with the probe at `/isolation`.
 fn bundle(daemon: &Daemon, limit: &str, args: &[&str]) -> Bundle {
     let mut b = Bundle::new("isolation");
     b.args(args)
-        .seccomp(profile(daemon))
+        .seccomp(daemon.profile())
         .annotation("heapcap.io/limit", limit)
         .copy_into_rootfs(ISOLATION, "/isolation");
     b

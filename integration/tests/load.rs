@@ -82,10 +82,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn profile(daemon: &Daemon) -> serde_json::Value {
-    serde_json::to_value(heapcap_oci::heapcap_profile(&daemon.agent, None)).expect("profile as JSON")
-}
-
 // ------------------------------------------------------------------ measuring a process
 
 /// Wait until `pid`'s fds and threads are back to `baseline` (containers are dropped when
@@ -211,7 +207,7 @@ fn short_container(d: &Daemon, bundle: &mut Bundle, i: usize) {
     let limit_text = format!("{}Mi", limit / MIB);
     let id = unique_id(&format!("load-{i}"));
     let what = format!("short container {i} ({rt:?}, {:?}, quota {limit_text})", kind(i));
-    bundle.seccomp(profile(d));
+    bundle.seccomp(d.profile());
     bundle.config_mut()["annotations"] = serde_json::json!({ "heapcap.io/limit": limit_text });
     match kind(i) {
         Kind::Run { mode, chunk } => {
@@ -301,7 +297,7 @@ impl Storm {
         let script = "while [ ! -e /stop ]; do /alloc storm 2 1048576 2 || exit 1; done; echo stopped";
         bundle
             .args(&["/bin/sh", "-c", script])
-            .seccomp(profile(d))
+            .seccomp(d.profile())
             .annotations(&[("heapcap.io/limit", &format!("{}Mi", limit / MIB))]);
         Storm { bundle, runtime, id: unique_id("storm"), limit }
     }
@@ -400,7 +396,7 @@ const DENIAL_RING: usize = 1000;
 fn fill_denial_ring(d: &Daemon) {
     let mut b = Bundle::new("ring");
     let script = format!("i=0; while [ $i -lt {DENIAL_RING} ]; do /alloc mmap 4194304 0 || exit 1; i=$((i+1)); done");
-    b.args(&["/bin/sh", "-c", &script]).seccomp(profile(d)).annotations(&[("heapcap.io/limit", "2Mi")]);
+    b.args(&["/bin/sh", "-c", &script]).seccomp(d.profile()).annotations(&[("heapcap.io/limit", "2Mi")]);
     let out = b.run_with_timeout(Runtime::Runc, &unique_id("ring"), HANG);
     assert!(out.status.success(), "filling the denial ring: {}", show(&out));
     let denied = stdout(&out).lines().filter(|l| *l == "allocated=0 result=ENOMEM").count();
@@ -480,7 +476,7 @@ fn a_live_container_costs_heapcapd_little_memory() {
     let bundles: Vec<Bundle> = (0..IDLE_CONTAINERS)
         .map(|_| {
             let mut b = Bundle::new("idle");
-            b.args(&["/bin/sleep", "120"]).seccomp(profile(&d)).annotations(&[("heapcap.io/limit", "32Mi")]);
+            b.args(&["/bin/sleep", "120"]).seccomp(d.profile()).annotations(&[("heapcap.io/limit", "32Mi")]);
             b
         })
         .collect();

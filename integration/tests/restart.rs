@@ -14,10 +14,6 @@ use heapcap_integration::ids::unique_id;
 use heapcap_integration::process;
 use heapcap_integration::runtime::Runtime;
 
-fn profile(daemon: &Daemon) -> serde_json::Value {
-    serde_json::to_value(heapcap_oci::heapcap_profile(&daemon.agent, None)).expect("profile as JSON")
-}
-
 /// How long each container's allocation storm lasts: long enough to span heapcapd's absence.
 const STORM_SECONDS: u64 = 8;
 
@@ -46,7 +42,7 @@ fn storm_through(outage: impl FnOnce(&mut Daemon)) {
             let mut b = Bundle::new("restart");
             let limit = format!("{}Mi", limit / MIB);
             b.args(&["/alloc", "storm", "8", "1048576", &storm])
-                .seccomp(profile(&d))
+                .seccomp(d.profile())
                 .annotations(&[("heapcap.io/limit", &limit)]);
             b
         })
@@ -127,7 +123,7 @@ fn with_heapcapd_gone_past_the_grace_period_calls_go_through_until_it_is_back() 
     // after it is back (denied at 64 MiB).
     let script = "sleep 3; /alloc mmap 1048576 100663296; sleep 5; /alloc mmap 1048576 0";
     let mut b = Bundle::new("grace");
-    b.args(&["/bin/sh", "-c", script]).seccomp(profile(&d)).annotations(&[("heapcap.io/limit", "64Mi")]);
+    b.args(&["/bin/sh", "-c", script]).seccomp(d.profile()).annotations(&[("heapcap.io/limit", "64Mi")]);
     let c = b.create(Runtime::Runc, &unique_id("grace"));
     let started = Instant::now();
     c.start();

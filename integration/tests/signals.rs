@@ -123,7 +123,7 @@ fn threads_signalled_without_sa_restart_see_only_eintr_and_stop_at_the_quota_und
 #[test]
 fn threads_signalled_in_runc_and_crun_containers_progress_and_stop_at_the_quota() {
     let d = Daemon::start();
-    let profile = serde_json::to_value(heapcap_oci::heapcap_profile(&d.agent, None)).expect("profile as JSON");
+    let profile = d.profile();
     for restart in [true, false] {
         let mut b = Bundle::new("signals");
         let mut args = vec!["/signals"];
