@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use serde_json::{json, Value};
+
 /// Build heapcap's binaries (`heapcap`, `heapcapd`, `heapcap-holder`, `heapcap-runtime`,
 /// `heapcap-hook`) once per test process; their directory.
 pub fn bin_dir() -> &'static Path {
@@ -39,4 +41,17 @@ pub fn binary(name: &str) -> PathBuf {
 
 pub fn heapcap() -> Command {
     Command::new(bin_dir().join("heapcap"))
+}
+
+/// A `config.json` prestart hook entry that runs `heapcap-hook prestart` reporting to the agent
+/// socket `agent`, with `env` (`KEY=VALUE`) added to its environment.
+pub fn prestart_hook(agent: &Path, env: &[&str]) -> Value {
+    let mut vars = vec![format!("HEAPCAP_SOCKET={}", agent.display())];
+    vars.extend(env.iter().map(|s| s.to_string()));
+    json!({
+        "path": binary("heapcap-hook").to_str().expect("utf-8 path"),
+        "args": ["heapcap-hook", "prestart"],
+        "env": vars,
+        "timeout": 10,
+    })
 }

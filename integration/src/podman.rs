@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::fixture::ALLOC_STATIC;
 use crate::ids::{unique_id, TempDir};
-use crate::process::{run_command, show, stderr, stdout, Capture, CLEANUP_TIMEOUT, TIMEOUT};
+use crate::process::{run_captured, run_command, show, stderr, stdout, Capture, CLEANUP_TIMEOUT, TIMEOUT};
 use crate::rootfs::{busybox, host_system_mounts, populate_rootfs};
 use crate::runtime::{diagnose, require_root, SETUP};
 
@@ -194,6 +194,30 @@ fn force_remove(name: &str) {
         Ok(out) => eprintln!("cleanup: `podman rm -f {name}` failed:\n{}", show(&out)),
         Err(timed_out) => eprintln!("cleanup: `podman rm -f {name}` hung:\n{timed_out}"),
     }
+}
+
+/// `podman GLOBAL... exec NAME COMMAND...` in a container of the test image started for it
+/// (`podman GLOBAL... run -d --pull never --network none --name NAME OPTS... IMAGE /bin/sleep 60`,
+/// removed after with `podman rm -f`): the exec's status and output, e.g. to show that an exec'd
+/// process is under what `OPTS` asked for. Each podman command gets 60 s; panics if the
+/// container does not start.
+pub fn run_detached_and_exec(global: &[&str], opts: &[&str], command: &[&str]) -> Output {
+    let name = unique_id("podman-exec");
+    let mut run = self::command();
+    run.args(global).args(["run", "-d", "--pull", "never", "--network", "none", "--name", &name]).args(opts).args([
+        image(),
+        "/bin/sleep",
+        "60",
+    ]);
+    let started = run_captured(run, Duration::from_secs(60));
+    assert!(started.status.success(), "{}", show(&started));
+    let mut exec = self::command();
+    exec.args(global).args(["exec", &name]).args(command);
+    let out = run_captured(exec, Duration::from_secs(60));
+    let mut rm = self::command();
+    rm.args(["rm", "-f", "-t", "0", &name]);
+    let _ = run_captured(rm, Duration::from_secs(60));
+    out
 }
 
 /// `-v SOURCE:DEST:ro` arguments for `podman run` that bind the host's `/usr`

@@ -10,7 +10,7 @@ use heapcap_integration::daemon::Daemon;
 use heapcap_integration::fixture::{self, assert_at_quota, fixture_result, parse_allocated, quota_slack, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::podman;
-use heapcap_integration::process::{self, show, stderr, stdout};
+use heapcap_integration::process::{show, stderr, stdout};
 use heapcap_integration::runtime::Runtime;
 
 #[test]
@@ -300,21 +300,7 @@ fn podman_with_the_example_profile_is_enforced_and_keeps_podmans_rules() {
     assert!(stdout(&out).contains("move_pages 0 ok"), "the contrast: {}", show(&out));
 
     // `podman exec` is covered: the exec'd process joins the container's accounting.
-    let name = unique_id("podman-exec");
-    let mut run = podman::command();
-    run.args(["run", "-d", "--pull", "never", "--network", "none", "--name", &name]).args(opts).args([
-        podman::image(),
-        "/bin/sleep",
-        "60",
-    ]);
-    let started = process::run_captured(run, Duration::from_secs(60));
-    assert!(started.status.success(), "{}", show(&started));
-    let mut exec = podman::command();
-    exec.args(["exec", &name, "/alloc", "mmap", "4194304", "0"]);
-    let out = process::run_captured(exec, Duration::from_secs(60));
-    let mut rm = podman::command();
-    rm.args(["rm", "-f", "-t", "0", &name]);
-    let _ = process::run_captured(rm, Duration::from_secs(60));
+    let out = podman::run_detached_and_exec(&[], &opts, &["/alloc", "mmap", "4194304", "0"]);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman exec", allocated, &result, 64 * MIB, 4 * MIB);
 }

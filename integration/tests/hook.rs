@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use heapcap_integration::binaries;
+use heapcap_integration::binaries::{self, prestart_hook};
 use heapcap_integration::bundle::Bundle;
 use heapcap_integration::daemon::{seccomp_profile, Daemon, Wedged};
 use heapcap_integration::fixture::{assert_at_quota, fixture_result, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::podman;
-use heapcap_integration::process::{self, show, stderr, stdout};
+use heapcap_integration::process::{show, stderr, stdout};
 use heapcap_integration::runtime::Runtime;
 use serde_json::{json, Value};
 
@@ -25,18 +25,6 @@ fn workspace() -> PathBuf {
 /// The `heapcap-hook` binary, built once per test process (with heapcap and heapcapd).
 fn hook_bin() -> PathBuf {
     binaries::binary("heapcap-hook")
-}
-
-/// A config.json prestart hook entry for `heapcap-hook prestart` reporting to `agent`.
-fn prestart_hook(agent: &Path, env: &[&str]) -> Value {
-    let mut vars = vec![format!("HEAPCAP_SOCKET={}", agent.display())];
-    vars.extend(env.iter().map(|s| s.to_string()));
-    json!({
-        "path": hook_bin().to_str().expect("utf-8 path"),
-        "args": ["heapcap-hook", "prestart"],
-        "env": vars,
-        "timeout": 10,
-    })
 }
 
 fn bundle(agent: &Path, annotations: &[(&str, &str)], args: &[&str]) -> Bundle {
@@ -299,21 +287,7 @@ fn podman_precreate_changes_the_spec_and_covers_exec() {
     assert!(stdout(&out).contains("move_pages -1 Operation not permitted"), "{}", show(&out));
 
     // `podman exec` is covered: the runtime sends heapcapd the exec'd process's listener too.
-    let name = unique_id("precreate-exec");
-    let mut run = podman::command();
-    run.args(global).args(["run", "-d", "--pull", "never", "--network", "none", "--name", &name]).args(quota).args([
-        podman::image(),
-        "/bin/sleep",
-        "60",
-    ]);
-    let started = process::run_captured(run, Duration::from_secs(60));
-    assert!(started.status.success(), "{}", show(&started));
-    let mut exec = podman::command();
-    exec.args(global).args(["exec", &name, "/alloc", "mmap", "4194304", "0"]);
-    let out = process::run_captured(exec, Duration::from_secs(60));
-    let mut rm = podman::command();
-    rm.args(["rm", "-f", "-t", "0", &name]);
-    let _ = process::run_captured(rm, Duration::from_secs(60));
+    let out = podman::run_detached_and_exec(&global, &quota, &["/alloc", "mmap", "4194304", "0"]);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota("podman exec (precreate)", allocated, &result, 64 * MIB, 4 * MIB);
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use heapcap_integration::binaries;
+use heapcap_integration::binaries::{self, prestart_hook};
 use heapcap_integration::bundle::Bundle;
 use heapcap_integration::daemon::Daemon;
 use heapcap_integration::fixture::{assert_at_quota, fixture_result, quota_slack, MIB};
@@ -98,11 +98,6 @@ fn bundle(daemon: &Daemon, limit: &str, args: &[&str]) -> Bundle {
     b
 }
 
-/// The `heapcap-hook` binary, built once per test process.
-fn hook_bin() -> PathBuf {
-    binaries::binary("heapcap-hook")
-}
-
 /// A shell that starts two sleeping children, says `ready` and waits.
 const FAMILY: &[&str] = &["/bin/sh", "-c", "sleep 60 & sleep 60 & echo ready; wait"];
 
@@ -133,15 +128,7 @@ fn no_process_under_the_prestart_hook_holds_a_listener() {
     let d = Daemon::start();
     for rt in Runtime::ALL {
         let mut b = Bundle::new("isolation-hook");
-        b.args(FAMILY).annotation("heapcap.io/limit", "64Mi").hook(
-            "prestart",
-            json!({
-                "path": hook_bin().to_str().expect("utf-8 path"),
-                "args": ["heapcap-hook", "prestart"],
-                "env": [format!("HEAPCAP_SOCKET={}", d.agent.display())],
-                "timeout": 10,
-            }),
-        );
+        b.args(FAMILY).annotation("heapcap.io/limit", "64Mi").hook("prestart", prestart_hook(&d.agent, &[]));
         let c = b.create(rt, &unique_id("nolistener-hook"));
         c.start();
         c.wait_for_stdout("ready", Duration::from_secs(30));
