@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::binaries::{bin_dir, heapcap};
 use crate::bundle::Bundle;
+use crate::process::{run_captured, show};
 use crate::resources::fds_and_tasks;
 
 /// heapcap's seccomp profile ([`heapcap_oci::heapcap_profile`]) with `listener` as its
@@ -157,11 +158,15 @@ impl Daemon {
         out
     }
 
-    /// `heapcap ps --json`, parsed.
-    pub fn ps(&self) -> serde_json::Value {
-        let out = self.heapcap(&["ps", "--json"]);
-        assert!(out.status.success(), "heapcap ps failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).expect("ps --json is JSON")
+    /// `heapcap ps --json`, parsed; panics if it fails or takes over 30 s.
+    pub fn ps(&self) -> Value {
+        let mut cmd = heapcap();
+        cmd.args(["ps", "--json"]).env("HEAPCAP_CONTROL_SOCKET", &self.control);
+        // A control request that never answers is a deadlock in heapcapd.
+        let out = run_captured(cmd, Duration::from_secs(30));
+        assert!(out.status.success(), "heapcap ps failed: {}", show(&out));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("heapcap ps --json printed no JSON ({e}): {}", show(&out)))
     }
 
     /// Open fds and threads of heapcapd now.
@@ -169,13 +174,14 @@ impl Daemon {
         fds_and_tasks(self.pid())
     }
 
-    /// GET /metrics.
+    /// GET /metrics, with a deadline.
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&self.metrics).expect("connect to the metrics address");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("read timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("send the metrics request");
         let mut body = String::new();
-        s.read_to_string(&mut body).expect("read metrics");
+        s.read_to_string(&mut body).expect("/metrics did not answer within 30 s");
         body
     }
 

@@ -11,6 +11,7 @@ use heapcap_integration::fixture::{self, assert_at_quota, fixture_result, parse_
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::podman;
 use heapcap_integration::process::{show, stderr, stdout};
+use heapcap_integration::resources::{settled, wait_back_to};
 use heapcap_integration::runtime::Runtime;
 
 #[test]
@@ -189,29 +190,13 @@ fn ended_containers_leave_nothing_behind() {
         }
         d.wait_no_containers(Duration::from_secs(10));
     };
-    // The fewest fds and threads over a short while: a control connection (the `ps` above) may
-    // still be finishing when sampled once.
-    let settled = || {
-        (0..5)
-            .map(|_| {
-                std::thread::sleep(Duration::from_millis(50));
-                d.resources()
-            })
-            .fold((usize::MAX, usize::MAX), |(f, t), (f2, t2)| (f.min(f2), t.min(t2)))
-    };
     run(2); // warm up: threads and fds that live as long as heapcapd
-    let before = settled();
+            // The fewest fds and threads over a short while: a control connection (the `ps` above) may
+            // still be finishing when sampled once.
+    let before = settled(d.pid());
     run(30);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let after = settled();
-        if after.0 <= before.0 && after.1 <= before.1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "heapcapd held (fds, threads) = {before:?} before 30 containers, {after:?} after"
-        );
+    if let Err(after) = wait_back_to(d.pid(), before, Duration::from_secs(10)) {
+        panic!("heapcapd held (fds, threads) = {before:?} before 30 containers, {after:?} after");
     }
 }
 

@@ -42,13 +42,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use heapcap_integration::binaries;
 use heapcap_integration::bundle::Bundle;
 use heapcap_integration::container::Container;
 use heapcap_integration::daemon::Daemon;
 use heapcap_integration::fixture::{assert_at_quota, parse_allocated, parse_allocated_line, MIB};
 use heapcap_integration::ids::unique_id;
-use heapcap_integration::process::{self, show, stdout};
+use heapcap_integration::process::{show, stdout};
 use heapcap_integration::resources::{self, settled};
 use heapcap_integration::runtime::Runtime;
 
@@ -135,20 +134,10 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-// ------------------------------------------------------------------ heapcap ps, with a deadline
-
-/// `heapcap ps --json` with a deadline: a control request that never answers is a deadlock.
-fn ps(d: &Daemon) -> serde_json::Value {
-    let mut cmd = binaries::heapcap();
-    cmd.args(["ps", "--json"]).env("HEAPCAP_CONTROL_SOCKET", &d.control);
-    let out = process::run_captured(cmd, Duration::from_secs(30));
-    assert!(out.status.success(), "heapcap ps failed: {}", show(&out));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("heapcap ps --json printed no JSON ({e}): {}", show(&out)))
-}
+// ------------------------------------------------------------------ heapcap ps
 
 fn listed(d: &Daemon) -> BTreeSet<String> {
-    ps(d)["containers"]
+    d.ps()["containers"]
         .as_array()
         .expect("ps --json has a containers array")
         .iter()
@@ -242,7 +231,7 @@ fn short_container(d: &Daemon, bundle: &mut Bundle, i: usize) {
             c.start();
             // Killed only once heapcapd accounts for it: mid-allocation, not before it began.
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !ps(d)["containers"]
+            while !d.ps()["containers"]
                 .as_array()
                 .is_some_and(|cs| cs.iter().any(|x| x["id"] == id.as_str() && x["heap"].as_u64() > Some(0)))
             {
@@ -349,8 +338,8 @@ fn load_round(d: &Daemon, n: usize) -> usize {
         let watcher = s.spawn(|| {
             let mut asked = 0;
             while !done.load(Ordering::SeqCst) {
-                ps(d);
-                let metrics = metrics(d);
+                d.ps();
+                let metrics = d.metrics();
                 assert!(metrics.contains("heapcap_containers "), "no container gauge in /metrics:\n{metrics}");
                 asked += 1;
                 std::thread::sleep(Duration::from_millis(200));
@@ -375,17 +364,6 @@ fn load_round(d: &Daemon, n: usize) -> usize {
     }
     wait_listed(d, &BTreeSet::new());
     total
-}
-
-/// GET /metrics, with a deadline.
-fn metrics(d: &Daemon) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(&d.metrics).expect("connect to the metrics address");
-    s.set_read_timeout(Some(Duration::from_secs(30))).expect("read timeout");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("send the metrics request");
-    let mut body = String::new();
-    s.read_to_string(&mut body).expect("/metrics did not answer within 30 s");
-    body
 }
 
 /// How many denials heapcapd keeps for `heapcap events` (its ring of recent ones).

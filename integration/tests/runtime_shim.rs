@@ -14,13 +14,12 @@ use std::time::{Duration, Instant};
 use heapcap_integration::binaries;
 use heapcap_integration::bundle::Bundle;
 use heapcap_integration::daemon::{Daemon, Wedged};
-use heapcap_integration::fixture::{self, fixture_result};
+use heapcap_integration::fixture::{self, fixture_result, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::podman;
 use heapcap_integration::process::{run_captured, show, stderr, stdout, TIMEOUT};
 use heapcap_integration::runtime::Runtime;
 
-const MIB: u64 = 1 << 20;
 const ALLOC_4M: &[&str] = &["/alloc", "mmap", "4194304", "0"];
 
 /// `heapcap-runtime`, built once per test process.
