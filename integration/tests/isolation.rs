@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use heapcap_integration::binaries::{self, prestart_hook};
 use heapcap_integration::bundle::Bundle;
 use heapcap_integration::daemon::Daemon;
-use heapcap_integration::fixture::{assert_at_quota, fixture_result, quota_slack, MIB};
+use heapcap_integration::fixture::{assert_at_quota, field, fixture_result, quota_slack, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::process::{self, show, stdout};
 use heapcap_integration::runtime::Runtime;
@@ -304,20 +304,14 @@ fn a_recycled_pid_is_never_misread() {
     let rounds: Vec<&str> = said.lines().filter(|l| l.starts_with("round=") && !l.ends_with("taken")).collect();
     // Another process on the host may take a pid first now and then; nearly all rounds reuse theirs.
     assert!(rounds.len() * 10 >= ROUNDS * 9, "only {} of {ROUNDS} rounds reused the pid:\n{said}", rounds.len());
-    let value = |line: &str, key: &str| -> String {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-            .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-            .to_string()
-    };
     // Half the rounds reuse the dead process's pid, half its second thread's id.
     for kind in ["reused=process", "reused=thread"] {
         let n = rounds.iter().filter(|l| l.contains(kind)).count();
         assert!(n * 20 >= ROUNDS * 9, "only {n} rounds with {kind}:\n{said}");
     }
     for line in rounds {
-        let big: u64 = value(line, "big").parse().expect("big");
-        let small: u64 = value(line, "small").parse().expect("small");
+        let big: u64 = field(line, "big").parse().expect("big");
+        let small: u64 = field(line, "small").parse().expect("small");
         assert!(big <= limit, "the big process got past its quota: {line}");
         // Each of its two threads may have been killed between a granted block and counting it.
         assert!(big + quota_slack(chunk) + chunk >= limit, "the big process did not reach its quota: {line}");
@@ -325,7 +319,7 @@ fn a_recycled_pid_is_never_misread() {
         assert_at_quota(
             &format!("the process that took a recycled pid ({line})"),
             small,
-            &value(line, "small_result"),
+            field(line, "small_result"),
             limit,
             MIB,
         );

@@ -9,7 +9,7 @@ use heapcap_integration::binaries;
 use heapcap_integration::bundle::Bundle;
 use heapcap_integration::container::Container;
 use heapcap_integration::daemon::Daemon;
-use heapcap_integration::fixture::{self, assert_at_quota, parse_allocated, MIB};
+use heapcap_integration::fixture::{self, assert_at_quota, field, parse_allocated, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::process;
 use heapcap_integration::runtime::Runtime;
@@ -21,8 +21,11 @@ const STORM_SECONDS: u64 = 8;
 fn storm_line(stdout: &str) -> (u64, u64, String) {
     let line =
         stdout.lines().find(|l| l.starts_with("storm ")).unwrap_or_else(|| panic!("no storm line in {stdout:?}"));
-    let field = |k: &str| line.split(' ').find_map(|f| f.strip_prefix(k)).unwrap_or_else(|| panic!("{k} in {line}"));
-    (field("ops=").parse().expect("ops"), field("min_ops=").parse().expect("min_ops"), field("result=").to_string())
+    (
+        field(line, "ops").parse().expect("ops"),
+        field(line, "min_ops").parse().expect("min_ops"),
+        field(line, "result").to_string(),
+    )
 }
 
 fn listed(d: &Daemon, id: &str) -> Option<serde_json::Value> {

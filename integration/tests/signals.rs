@@ -20,7 +20,7 @@ use std::time::Duration;
 use heapcap_integration::binaries;
 use heapcap_integration::bundle::Bundle;
 use heapcap_integration::daemon::Daemon;
-use heapcap_integration::fixture::{self, quota_slack, MIB};
+use heapcap_integration::fixture::{self, field, quota_slack, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::process::{run_captured, show, stdout};
 use heapcap_integration::runtime::Runtime;
@@ -48,12 +48,6 @@ struct ThreadLine {
     enomem: u64,
     other: u64,
     first_other: String,
-}
-
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key}= in the fixture's line {line:?}"))
 }
 
 fn number(line: &str, key: &str) -> u64 {
