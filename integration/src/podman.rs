@@ -8,7 +8,7 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use crate::fixture::ALLOC_STATIC;
 use crate::ids::{unique_id, TempDir};
 use crate::process::{run_captured, run_command, show, stderr, stdout, Capture, CLEANUP_TIMEOUT, TIMEOUT};
 use crate::rootfs::{busybox, host_system_mounts, populate_rootfs};
-use crate::runtime::{diagnose, require_root, SETUP};
+use crate::runtime::{diagnose, require_program, require_root, SETUP};
 
 /// The `containers.conf` every podman command of the harness runs with (as
 /// `CONTAINERS_CONF`, which replaces the system ones).
@@ -51,14 +51,7 @@ pub fn image() -> &'static str {
 
 fn prepare_image() -> Result<String, String> {
     require_root()?;
-    let version = command()
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("the container tests need podman, but `podman --version` failed: {e}; {SETUP}"))?;
-    if !version.status.success() {
-        return Err(format!("`podman --version` failed:\n{}\n{SETUP}", show(&version)));
-    }
+    require_program(command(), "podman")?;
     if !Path::new(CONTAINERS_CONF).is_file() {
         return Err(format!("the harness's containers.conf {CONTAINERS_CONF} is missing"));
     }

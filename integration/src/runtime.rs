@@ -56,14 +56,7 @@ impl Runtime {
     fn check(self) -> Result<(), String> {
         require_root()?;
         let bin = self.binary();
-        let version = Command::new(bin)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("the container tests need `{bin}`, but `{bin} --version` failed: {e}; {SETUP}"))?;
-        if !version.status.success() {
-            return Err(format!("`{bin} --version` failed:\n{}\n{SETUP}", show(&version)));
-        }
+        require_program(self.command(), bin)?;
         let mut bundle = Bundle::new(&format!("{bin}-check"));
         bundle.args(&["true"]);
         let id = unique_id(&format!("{bin}-check"));
@@ -101,6 +94,18 @@ pub(crate) fn diagnose(said: &str) -> String {
     } else {
         SETUP.to_string()
     }
+}
+
+/// `Ok` if `cmd --version` (`cmd` runs `program`) succeeds; otherwise what to install.
+pub(crate) fn require_program(mut cmd: Command, program: &str) -> Result<(), String> {
+    let version =
+        cmd.arg("--version").stdin(Stdio::null()).output().map_err(|e| {
+            format!("the container tests need `{program}`, but `{program} --version` failed: {e}; {SETUP}")
+        })?;
+    if !version.status.success() {
+        return Err(format!("`{program} --version` failed:\n{}\n{SETUP}", show(&version)));
+    }
+    Ok(())
 }
 
 /// `Ok` if this process runs as root, as rootful runc, crun and podman need.
