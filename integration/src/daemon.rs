@@ -1,6 +1,7 @@
 //! A real heapcapd for tests: started on private sockets and a private metrics port, stopped
-//! (with its fd holder) on drop; and [`Wedged`], a listener that stands for a heapcapd that
-//! accepts nothing.
+//! (with its fd holder) on drop; [`Wedged`], a listener that stands for a heapcapd that accepts
+//! nothing; and a process's open fds and threads (`/proc/PID/fd`, `/proc/PID/task`), which
+//! heapcapd's and the holder's must come back to once the containers they served are gone.
 
 use std::fs;
 use std::net::TcpListener;
@@ -15,7 +16,6 @@ use serde_json::Value;
 use crate::binaries::{bin_dir, heapcap};
 use crate::bundle::Bundle;
 use crate::process::{run_captured, show};
-use crate::resources::fds_and_tasks;
 
 /// heapcap's seccomp profile ([`heapcap_oci::heapcap_profile`]) with `listener` as its
 /// `listenerPath`, as the JSON [`Bundle::seccomp`] takes.
@@ -259,5 +259,41 @@ impl Drop for Wedged {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Open fds and threads of a process (heapcapd, the holder).
+pub(crate) fn fds_and_tasks(pid: u32) -> (usize, usize) {
+    let count = |sub: &str| {
+        fs::read_dir(format!("/proc/{pid}/{sub}"))
+            .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/{sub}: {e} (did the process die?)"))
+            .count()
+    };
+    (count("fd"), count("task"))
+}
+
+/// The fewest fds and threads of `pid` over a short while: a control connection (a `ps`) or an
+/// intake thread may still be finishing when sampled once.
+pub fn settled(pid: u32) -> (usize, usize) {
+    (0..5)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            fds_and_tasks(pid)
+        })
+        .fold((usize::MAX, usize::MAX), |(f, t), (f2, t2)| (f.min(f2), t.min(t2)))
+}
+
+/// Wait up to `within` until `pid` holds no more fds and threads than `baseline` ([`settled`]);
+/// what it holds if it never gets there.
+pub fn wait_back_to(pid: u32, baseline: (usize, usize), within: Duration) -> Result<(), (usize, usize)> {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = settled(pid);
+        if now.0 <= baseline.0 && now.1 <= baseline.1 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(now);
+        }
     }
 }

@@ -27,21 +27,25 @@
 //!   [`Bundle::run`](bundle::Bundle::run) runs it in the foreground and captures its output;
 //!   [`Bundle::create`](bundle::Bundle::create) returns a [`container::Container`] guard for
 //!   `start`, `exec`, `kill`, `state`, which deletes the container (`delete -f`) when dropped.
-//! - [`podman`]: [`podman::image`] imports the same root filesystem once
-//!   (per content, shared between test processes under a file lock) as
-//!   `localhost/heapcap-test:<hash>`; [`podman::run`] /
-//!   [`podman::run_full`] run it with `--rm --network none` and the
-//!   test-local `containers.conf` (`integration/containers/containers.conf`, which sets the
-//!   ulimits this host needs); [`podman::command`] is `podman` with that
-//!   configuration.
+//! - [`podman`]: [`podman::image`] imports the same root filesystem once (per content, shared
+//!   between test processes under a file lock) as `localhost/heapcap-test:<hash>`;
+//!   [`podman::run`] / [`podman::run_full`] run it with `--rm --network none` and the test-local
+//!   `containers.conf` (`integration/containers/containers.conf`, which sets the ulimits this
+//!   host needs); [`podman::run_detached_and_exec`] runs a command with `podman exec`;
+//!   [`podman::move_pages`] probes whether podman's own seccomp rules still hold;
+//!   [`podman::command`] is `podman` with that configuration.
 //! - [`process::run_captured`]: any other command with a timeout and captured output;
 //!   [`process::show`], [`process::stdout`] and [`process::stderr`] for assertion messages.
-//! - [`fixture`]: parsers for the fixture's `allocated=N result=R` lines and the bound a loop
-//!   stopped at a quota must meet ([`fixture::assert_at_quota`]).
-//! - [`binaries`]: heapcap's own binaries, built once per test process;
-//!   [`daemon::Daemon`]: a real heapcapd on private sockets, stopped on drop;
-//!   [`daemon::Wedged`]: a listener that accepts nothing; [`resources`]: a process's fds and
-//!   threads, and waiting for them to come back to a baseline.
+//! - [`fixture`]: where the fixture is, parsers for its `allocated=N result=R` lines and
+//!   `key=value` fields, and the bound a loop stopped at a quota must meet
+//!   ([`fixture::assert_at_quota`]).
+//! - [`binaries`]: heapcap's own binaries, built once per test process, and
+//!   [`binaries::prestart_hook`], a `config.json` hook entry for `heapcap-hook`.
+//! - [`daemon::Daemon`]: a real heapcapd on private sockets, stopped on drop, with `heapcap`,
+//!   `ps`, `/metrics`, its seccomp profile ([`daemon::seccomp_profile`]) and a bundle that
+//!   reports to it; [`daemon::Wedged`]: a listener that accepts nothing;
+//!   [`daemon::settled`] and [`daemon::wait_back_to`]: a process's fds and threads, and waiting
+//!   for them to come back to a baseline.
 //!
 //! Every command has a timeout ([`process::TIMEOUT`] unless given): on expiry the container is
 //! deleted, the command killed, and the test panics with what it printed.
@@ -78,6 +82,5 @@ pub mod fixture;
 pub mod ids;
 pub mod podman;
 pub mod process;
-pub mod resources;
 pub mod rootfs;
 pub mod runtime;

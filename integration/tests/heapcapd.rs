@@ -6,12 +6,11 @@
 use std::time::{Duration, Instant};
 
 use heapcap_integration::bundle::Bundle;
-use heapcap_integration::daemon::Daemon;
+use heapcap_integration::daemon::{settled, wait_back_to, Daemon};
 use heapcap_integration::fixture::{self, assert_at_quota, fixture_result, parse_allocated, quota_slack, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::podman;
 use heapcap_integration::process::{show, stderr, stdout};
-use heapcap_integration::resources::{settled, wait_back_to};
 use heapcap_integration::runtime::Runtime;
 
 #[test]

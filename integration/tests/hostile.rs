@@ -16,11 +16,10 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use heapcap_integration::binaries;
-use heapcap_integration::daemon::Daemon;
+use heapcap_integration::daemon::{settled, wait_back_to, Daemon};
 use heapcap_integration::fixture::{assert_at_quota, fixture_result, parse_allocated, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::process::{self, show, stderr, stdout};
-use heapcap_integration::resources::{settled, wait_back_to};
 use heapcap_integration::runtime::Runtime;
 use serde_json::{json, Value};
 

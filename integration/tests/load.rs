@@ -44,11 +44,10 @@ use std::time::{Duration, Instant};
 
 use heapcap_integration::bundle::Bundle;
 use heapcap_integration::container::Container;
-use heapcap_integration::daemon::Daemon;
+use heapcap_integration::daemon::{self, settled, Daemon};
 use heapcap_integration::fixture::{assert_at_quota, parse_allocated, parse_allocated_line, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::process::{show, stdout};
-use heapcap_integration::resources::{self, settled};
 use heapcap_integration::runtime::Runtime;
 
 /// The most heapcapd may grow (anonymous memory) per live container.
@@ -86,7 +85,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// Wait until `pid`'s fds and threads are back to `baseline` (containers are dropped when
 /// their listener fds hang up, which takes a moment after they stop).
 fn wait_back_to(what: &str, pid: u32, baseline: (usize, usize), d: &Daemon) {
-    if let Err(now) = resources::wait_back_to(pid, baseline, Duration::from_secs(30)) {
+    if let Err(now) = daemon::wait_back_to(pid, baseline, Duration::from_secs(30)) {
         panic!(
             "{what} holds (fds, threads) = {now:?} with every container gone, {baseline:?} before: \
              something is left behind\nfds: {:?}\nheapcapd log (tail):\n{}",
