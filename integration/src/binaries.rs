@@ -39,6 +39,7 @@ pub fn binary(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// `heapcap` (the CLI), built.
 pub fn heapcap() -> Command {
     Command::new(bin_dir().join("heapcap"))
 }

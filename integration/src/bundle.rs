@@ -55,10 +55,12 @@ impl Bundle {
         &self.dir.0
     }
 
+    /// `DIR/rootfs`: busybox and `/alloc`, what the container sees as `/`.
     pub fn rootfs(&self) -> PathBuf {
         self.dir.0.join("rootfs")
     }
 
+    /// `DIR/config.json`, as last written ([`Bundle::write_config`]).
     pub fn config_path(&self) -> PathBuf {
         self.dir.0.join("config.json")
     }
@@ -170,6 +172,7 @@ impl Bundle {
         self.run_with_timeout(runtime, id, TIMEOUT)
     }
 
+    /// [`Bundle::run`] with `timeout` instead of [`TIMEOUT`].
     pub fn run_with_timeout(&self, runtime: Runtime, id: &str, timeout: Duration) -> Output {
         runtime.ensure_works();
         self.run_unchecked(runtime, id, timeout)

@@ -24,6 +24,7 @@ pub struct Container<'b> {
 }
 
 impl Container<'_> {
+    /// The container's id.
     pub fn id(&self) -> &str {
         &self.id
     }

@@ -27,11 +27,15 @@ pub fn seccomp_profile(listener: &Path) -> Value {
 #[derive(Debug)]
 pub struct Daemon {
     child: Option<Child>,
+    /// Its own directory (`/tmp/hcd-PID-N`): sockets, log, and room for a test's files.
     pub dir: PathBuf,
+    /// The agent socket the runtimes send listener fds to (`listenerPath`).
     pub agent: PathBuf,
+    /// The control socket `heapcap ps`, `set-limit` and `events` use.
     pub control: PathBuf,
+    /// The fd holder's socket.
     pub holder: PathBuf,
-    pub metrics: String,
+    metrics: String,
     log: PathBuf,
     extra: Vec<String>,
 }
@@ -43,6 +47,7 @@ fn free_port() -> u16 {
 }
 
 impl Daemon {
+    /// Start heapcapd with its defaults; wait until both sockets answer.
     pub fn start() -> Daemon {
         Self::start_with(&[])
     }
@@ -143,6 +148,7 @@ impl Daemon {
         })
     }
 
+    /// heapcapd's pid; panics if it is not running.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
@@ -227,6 +233,7 @@ impl Drop for Daemon {
 pub struct Wedged(std::process::Child);
 
 impl Wedged {
+    /// Listen on `path` (replacing a socket there) and fill the backlog.
     pub fn at(path: &Path) -> Wedged {
         use std::io::BufRead;
         const SCRIPT: &str = "import os, socket, sys, time\n\
