@@ -1,7 +1,8 @@
 //! The control protocol of heapcapd: what `heapcap ps`, `set-limit` and `events` send and get.
 //!
 //! One request per connection, as one JSON line; the answer is one JSON line (an
-//! `{"error": ...}` object on failure), or for `events` one JSON line per event.
+//! `{"error": ...}` object on failure), or for `events` one JSON line per event. Where heapcapd listens
+//! by default is `heapcap_env::paths::CONTROL_SOCKET`.
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -11,10 +12,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Where heapcapd listens for control requests.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/heapcap/control.sock";
-/// Where heapcapd listens for seccomp listener fds from runtimes and the hook.
-pub const DEFAULT_AGENT_SOCKET: &str = "/run/heapcap/heapcapd.sock";
 /// The longest request line heapcapd reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use heapcap_env::paths::AGENT_SOCKET;
 use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
 use heapcap_linux::fdpass::send_fd;
 use heapcap_linux::filter::Program;
@@ -28,15 +29,12 @@ use heapcap_oci::{apply_json, Defaults, Outcome};
 use heapcap_policy::settings;
 use oci_spec::runtime::{State, SECCOMP_FD_NAME};
 
-/// heapcapd's agent socket unless told otherwise.
-const DEFAULT_SOCKET: &str = "/run/heapcap/heapcapd.sock";
-
 /// heapcap's OCI hook: put a container under heapcapd when its annotations ask for it.
 #[derive(Debug, Parser)]
 #[command(name = "heapcap-hook", version)]
 struct Cli {
     /// heapcapd's agent socket.
-    #[arg(long, global = true, env = "HEAPCAP_SOCKET", default_value = DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "HEAPCAP_SOCKET", default_value = AGENT_SOCKET)]
     socket: PathBuf,
     /// When heapcapd is not running, start the container without a quota (with a warning)
     /// instead of failing its start. Also HEAPCAP_HOOK_ALLOW_UNSUPERVISED=1.

@@ -26,7 +26,8 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use heapcap_oci::spec::{Defaults, DEFAULT_LISTENER_PATH};
+use heapcap_env::paths::AGENT_SOCKET;
+use heapcap_oci::spec::Defaults;
 use heapcap_policy::settings::{LIMIT, MODE, TOTAL_LIMIT};
 use serde::Deserialize;
 
@@ -108,7 +109,7 @@ impl Config {
             .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
             .collect();
         Defaults {
-            listener_path: self.listener_path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_LISTENER_PATH)),
+            listener_path: self.listener_path.clone().unwrap_or_else(|| PathBuf::from(AGENT_SOCKET)),
             settings,
             env_fallback: self.env_fallback.unwrap_or(true),
         }
@@ -132,7 +133,7 @@ mod tests {
         let c = Config::parse(&doc, Path::new("doc")).unwrap();
         assert_eq!(c.runtime, Some(PathBuf::from("/usr/sbin/runc")));
         let d = c.defaults();
-        assert_eq!(d.listener_path, PathBuf::from(DEFAULT_LISTENER_PATH));
+        assert_eq!(d.listener_path, PathBuf::from(AGENT_SOCKET));
         assert!(d.env_fallback);
         assert_eq!(d.settings.len(), 3);
         assert_eq!(c.allow_unsupervised, Some(false));

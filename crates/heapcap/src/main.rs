@@ -101,7 +101,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct SocketArg {
     /// heapcapd's control socket.
-    #[arg(long = "control-socket", value_name = "PATH", env = "HEAPCAP_CONTROL_SOCKET", default_value = heapcap_control::DEFAULT_CONTROL_SOCKET)]
+    #[arg(long = "control-socket", value_name = "PATH", env = "HEAPCAP_CONTROL_SOCKET", default_value = heapcap_env::paths::CONTROL_SOCKET)]
     path: std::path::PathBuf,
 }
 
