@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use heapcap_env::flag;
 use heapcap_env::paths::AGENT_SOCKET;
 use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
 use heapcap_linux::fdpass::send_fd;
@@ -60,16 +61,16 @@ enum Stage {
     Precreate,
 }
 
-/// A yes/no setting from the environment: `1`, `true`, `yes` or `on` mean yes.
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+/// The flags the environment can also give (read as [`heapcap_env::flag`] reads yes and no: a
+/// value that is neither fails the hook with what to write).
+fn with_env_flags(mut cli: Cli) -> Result<Cli> {
+    cli.allow_unsupervised |= flag::var("HEAPCAP_HOOK_ALLOW_UNSUPERVISED")?;
+    cli.timing |= flag::var("HEAPCAP_HOOK_TIMING")?;
+    Ok(cli)
 }
 
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
-    cli.allow_unsupervised |= env_flag("HEAPCAP_HOOK_ALLOW_UNSUPERVISED");
-    cli.timing |= env_flag("HEAPCAP_HOOK_TIMING");
-    match run(&cli) {
+    match with_env_flags(Cli::parse()).and_then(|cli| run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             say(&format!("heapcap-hook: {e:#}\n"));

@@ -60,7 +60,7 @@ fn run(args: &[OsString], invocation: &Invocation) -> anyhow::Result<std::conver
         let bundle = invocation.bundle.as_deref().unwrap_or(Path::new("."));
         let defaults = config.defaults();
         let plan = bundle::plan(bundle, &defaults)?;
-        let allow = config.allow_unsupervised(std::env::var_os(config::ALLOW_UNSUPERVISED_ENV).as_deref());
+        let allow = config.allow_unsupervised(std::env::var_os(config::ALLOW_UNSUPERVISED_ENV).as_deref())?;
         match check_heapcapd(&plan, &defaults.listener_path, allow, &Config::path(config_env.as_deref()))? {
             Supervision::Supervised => {
                 plan.write()?;
