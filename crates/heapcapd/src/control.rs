@@ -2,18 +2,20 @@
 //! read and write, grown up).
 
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use heapcap_control::{Done, ErrorReply, PsReply, Request, MAX_REQUEST};
+use heapcap_linux::peercred::check_peer;
 use heapcap_policy::Size;
 use serde::Serialize;
 
 use crate::events::Events;
 use crate::registry::Registry;
-use crate::sockets::{peer_allowed, Slots};
+use crate::sockets::Slots;
 
 /// How long a client has to send its request line.
 const READ_DEADLINE: Duration = Duration::from_secs(10);
@@ -128,7 +130,7 @@ fn hung_up(stream: &mut UnixStream) -> bool {
 }
 
 fn serve(mut stream: UnixStream, registry: &Registry, events: &Events) {
-    if let Err(e) = peer_allowed(&stream) {
+    if let Err(e) = check_peer(stream.as_fd()) {
         tracing::warn!(error = %e, "control connection refused");
         return refuse(&mut stream, e);
     }

@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 
 use heapcap_linux::fdpass::recv_fds;
 use heapcap_linux::notify::Listener;
+use heapcap_linux::peercred::{check_peer, peer_cred, PeerError};
 use heapcap_linux::pidfd::Pidfd;
 use heapcap_oci::agent::{self, AgentError, AgentMessage, MAX_MESSAGE};
 use heapcap_policy::ledger::{Limits, Mode};
 use heapcap_policy::settings::{Settings, SettingsError};
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use oci_spec::runtime::SECCOMP_FD_NAME;
 
 use crate::registry::Registry;
-use crate::sockets::{peer_allowed, Slots};
+use crate::sockets::Slots;
 
 /// How long a peer has to send its whole message (runc and crun send it at once and close).
 const READ_DEADLINE: Duration = Duration::from_secs(5);
@@ -39,8 +39,8 @@ pub enum OnBadSettings {
 /// Why a message was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
-    #[error("{0}")]
-    Peer(String),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
     #[error("cannot read the message: {0}")]
     Read(#[source] std::io::Error),
     #[error("no complete message within {}s ({got} bytes received): a runtime sends its state and closes the connection", READ_DEADLINE.as_secs())]
@@ -75,7 +75,7 @@ pub fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadSetting
         let spawned = std::thread::Builder::new().name("intake".into()).spawn(move || {
             let _slot = slot;
             if let Err(e) = handle(&stream, &registry, on_bad) {
-                let peer = getsockopt(&stream, PeerCredentials).map(|c| c.pid()).unwrap_or(0);
+                let peer = peer_cred(stream.as_fd()).map(|c| c.pid).unwrap_or(0);
                 tracing::warn!(peer, error = %e, "agent message not taken");
             }
         });
@@ -126,7 +126,7 @@ fn read_message(stream: &UnixStream) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedF
 }
 
 pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettings) -> Result<(), IntakeError> {
-    let runtime = peer_allowed(stream).map_err(IntakeError::Peer)?;
+    let runtime = check_peer(stream.as_fd())?.pid;
     let (data, mut fds) = read_message(stream)?;
     if data.is_empty() && fds.is_empty() {
         tracing::debug!("agent connection closed without a message");

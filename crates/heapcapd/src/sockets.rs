@@ -1,5 +1,6 @@
 //! Root-only UNIX sockets: created 0600 in a 0700 directory, and every peer's credentials
-//! checked, so neither a container nor an unprivileged user can reach heapcapd.
+//! checked ([`heapcap_linux::peercred::check_peer`], by each connection's handler), so neither a
+//! container nor an unprivileged user can reach heapcapd.
 
 use std::fs;
 use std::io;
@@ -7,8 +8,6 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
-
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 /// Bind `path` for the owner only. A stale socket file is replaced; a live one is an error.
 pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
@@ -35,19 +34,6 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
     Ok(listener)
-}
-
-/// The peer runs as root or as heapcapd's own user; returns its pid.
-pub fn peer_allowed(stream: &UnixStream) -> Result<i32, String> {
-    let cred = getsockopt(stream, PeerCredentials).map_err(|e| format!("cannot read peer credentials: {e}"))?;
-    let me = nix::unistd::geteuid().as_raw();
-    let uid = cred.uid();
-    if uid == 0 || uid == me {
-        Ok(cred.pid())
-    } else {
-        let who = if me == 0 { "root".to_string() } else { format!("root or heapcapd's own user (uid {me})") };
-        Err(format!("peer pid {} uid {uid} refused: only {who} may connect", cred.pid()))
-    }
 }
 
 /// A bound on the connections a socket serves at once (a thread each), so that a flood of
