@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::events::Events;
 use crate::registry::Registry;
-use crate::sockets::Slots;
+use crate::sockets::serve_connections;
 
 /// How long a client has to send its request line.
 const READ_DEADLINE: Duration = Duration::from_secs(10);
@@ -25,26 +25,9 @@ const MAX_CONNECTIONS: usize = 128;
 /// How often a follower with no new event is checked for having hung up.
 const FOLLOW_CHECK: Duration = Duration::from_secs(1);
 
+/// Accept connections until the listener fails.
 pub fn run(listener: UnixListener, registry: Arc<Registry>, events: Arc<Events>) {
-    let slots = Slots::new(MAX_CONNECTIONS);
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "control socket accept failed");
-                continue;
-            }
-        };
-        let (registry, events) = (registry.clone(), events.clone());
-        let slot = slots.take("control");
-        let spawned = std::thread::Builder::new().name("control".into()).spawn(move || {
-            let _slot = slot;
-            serve(stream, &registry, &events);
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a thread for a control connection");
-        }
-    }
+    serve_connections(listener, "control", "control", MAX_CONNECTIONS, move |stream| serve(stream, &registry, &events));
 }
 
 fn send<T: Serialize>(stream: &mut UnixStream, value: &T) -> std::io::Result<()> {

@@ -18,7 +18,7 @@ use heapcap_policy::settings::{Settings, SettingsError};
 use oci_spec::runtime::SECCOMP_FD_NAME;
 
 use crate::registry::Registry;
-use crate::sockets::Slots;
+use crate::sockets::serve_connections;
 
 /// How long a peer has to send its whole message (runc and crun send it at once and close).
 const READ_DEADLINE: Duration = Duration::from_secs(5);
@@ -61,28 +61,12 @@ pub enum IntakeError {
 
 /// Accept connections until the listener fails.
 pub fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadSettings) {
-    let slots = Slots::new(MAX_CONNECTIONS);
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "agent socket accept failed");
-                continue;
-            }
-        };
-        let registry = registry.clone();
-        let slot = slots.take("agent");
-        let spawned = std::thread::Builder::new().name("intake".into()).spawn(move || {
-            let _slot = slot;
-            if let Err(e) = handle(&stream, &registry, on_bad) {
-                let peer = peer_cred(stream.as_fd()).map(|c| c.pid).unwrap_or(0);
-                tracing::warn!(peer, error = %e, "agent message not taken");
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a thread for an agent connection");
+    serve_connections(listener, "agent", "intake", MAX_CONNECTIONS, move |stream| {
+        if let Err(e) = handle(&stream, &registry, on_bad) {
+            let peer = peer_cred(stream.as_fd()).map(|c| c.pid).unwrap_or(0);
+            tracing::warn!(peer, error = %e, "agent message not taken");
         }
-    }
+    });
 }
 
 /// A failed read: running out of time is the peer's fault, and said so.
