@@ -10,7 +10,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use heapcap_policy::Quota;
 use serde::{Deserialize, Serialize};
+
+mod text;
 
 /// The longest request line heapcapd reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -21,15 +24,17 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub enum Request {
     /// Every container and its processes. (A struct variant, so unknown fields are refused.)
     Ps {},
-    /// Change quotas live. Sizes as users write them (`64Mi`); `"none"` removes a quota.
+    /// Change quotas live. Quotas as users write them (`"64Mi"`); `"none"` removes one.
     SetLimit {
         container: String,
         #[serde(default)]
         pid: Option<u32>,
-        #[serde(default)]
-        limit: Option<String>,
-        #[serde(default)]
-        total: Option<String>,
+        /// For each process of the container, or for the process `pid`.
+        #[serde(default, with = "text::option")]
+        limit: Option<Quota>,
+        /// For all the container's processes together.
+        #[serde(default, with = "text::option")]
+        total: Option<Quota>,
     },
     /// Recent denials; with `follow`, keep the connection open and send new ones as they come.
     Events {
@@ -166,9 +171,33 @@ mod tests {
     fn requests_are_tagged_json() {
         assert_eq!(serde_json::to_string(&Request::Ps {}).unwrap(), r#"{"op":"ps"}"#);
         let r: Request = serde_json::from_str(r#"{"op":"set-limit","container":"c1","limit":"64Mi"}"#).unwrap();
-        assert_eq!(r, Request::SetLimit { container: "c1".into(), pid: None, limit: Some("64Mi".into()), total: None });
+        let limit = Some(Quota::Limit(heapcap_policy::Size(64 << 20)));
+        assert_eq!(r, Request::SetLimit { container: "c1".into(), pid: None, limit, total: None });
         assert!(serde_json::from_str::<Request>(r#"{"op":"ps","extra":1}"#).is_err(), "unknown fields refused");
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn quotas_travel_as_users_write_them() {
+        let request = |limit, total| Request::SetLimit { container: "c1".into(), pid: Some(7), limit, total };
+        let r = request(Some(Quota::Limit(heapcap_policy::Size(64 << 20))), Some(Quota::Unlimited));
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line, r#"{"op":"set-limit","container":"c1","pid":7,"limit":"64Mi","total":"none"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+        assert_eq!(
+            serde_json::to_string(&request(None, None)).unwrap(),
+            r#"{"op":"set-limit","container":"c1","pid":7,"limit":null,"total":null}"#
+        );
+        let unlimited: Request =
+            serde_json::from_str(r#"{"op":"set-limit","container":"c1","pid":7,"limit":" unlimited "}"#).unwrap();
+        assert_eq!(unlimited, request(Some(Quota::Unlimited), None));
+        for (bad, says) in
+            [(r#""lots""#, "'lots' is not a size"), (r#""0""#, "'0' is zero"), ("5", "invalid type: integer `5`")]
+        {
+            let e = serde_json::from_str::<Request>(&format!(r#"{{"op":"set-limit","container":"c1","total":{bad}}}"#))
+                .unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

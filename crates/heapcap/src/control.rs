@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use heapcap_control::{call, Client, ContainerView, Done, Event, PsReply, Request};
-use heapcap_policy::Size;
+use heapcap_policy::{Quota, Size};
 
 fn size(b: u64) -> String {
     Size(b).to_string()
@@ -90,8 +90,8 @@ pub fn set_limit(
     socket: &Path,
     container: String,
     pid: Option<u32>,
-    limit: Option<String>,
-    total: Option<String>,
+    limit: Option<Quota>,
+    total: Option<Quota>,
 ) -> ExitCode {
     match call::<Done>(socket, &Request::SetLimit { container, pid, limit, total }) {
         Ok(done) => {
