@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use heapcap_policy::Quota;
+use heapcap_policy::{Mode, Quota, Scope};
 use serde::{Deserialize, Serialize};
 
 mod text;
@@ -72,7 +72,9 @@ pub struct ProcessView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerView {
     pub id: String,
-    pub mode: String,
+    /// `"enforce"` or `"audit"`.
+    #[serde(with = "text")]
+    pub mode: Mode,
     pub limit: Option<u64>,
     pub total_limit: Option<u64>,
     pub heap: u64,
@@ -97,8 +99,9 @@ pub struct Event {
     pub requested: u64,
     pub usage: u64,
     pub limit: u64,
-    /// `process` or `total`.
-    pub scope: String,
+    /// `"process"` or `"total"`.
+    #[serde(with = "text")]
+    pub scope: Scope,
 }
 
 /// Talking to heapcapd failed.
@@ -175,6 +178,38 @@ mod tests {
         assert_eq!(r, Request::SetLimit { container: "c1".into(), pid: None, limit, total: None });
         assert!(serde_json::from_str::<Request>(r#"{"op":"ps","extra":1}"#).is_err(), "unknown fields refused");
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn modes_and_scopes_travel_as_lowercase_names() {
+        let view = ContainerView {
+            id: "c1".into(),
+            mode: Mode::Audit,
+            limit: None,
+            total_limit: Some(1),
+            heap: 0,
+            processes: Vec::new(),
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["mode"], "audit");
+        assert_eq!(serde_json::from_value::<ContainerView>(json).unwrap(), view);
+        let event = Event {
+            time: "2025-01-01T00:00:00.000Z".into(),
+            container: "c1".into(),
+            pid: 1,
+            command: "x".into(),
+            syscall: "mmap".into(),
+            requested: 1,
+            usage: 2,
+            limit: 3,
+            scope: Scope::Total,
+        };
+        let mut json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["scope"], "total");
+        assert_eq!(serde_json::from_value::<Event>(json.clone()).unwrap(), event);
+        json["scope"] = "Total".into();
+        let e = serde_json::from_value::<Event>(json).unwrap_err().to_string();
+        assert!(e.contains("'Total' is not a scope: write process or total"), "{e}");
     }
 
     #[test]

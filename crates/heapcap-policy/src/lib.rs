@@ -20,6 +20,6 @@ pub mod settings;
 pub mod size;
 pub mod syscall;
 
-pub use ledger::{Decision, Fast, Ledger, Limits, Mode, Scope};
+pub use ledger::{Decision, Fast, Ledger, Limits, Mode, NameError, Scope};
 pub use quota::{Quota, QuotaError};
 pub use size::{Size, SizeError};

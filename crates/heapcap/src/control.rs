@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use heapcap_control::{call, Client, ContainerView, Done, Event, PsReply, Request};
-use heapcap_policy::{Quota, Size};
+use heapcap_policy::{Quota, Scope, Size};
 
 fn size(b: u64) -> String {
     Size(b).to_string()
@@ -126,7 +126,7 @@ pub fn events(socket: &Path, follow: bool, json: bool) -> ExitCode {
                 event.command,
                 event.syscall,
                 size(event.requested),
-                if event.scope == "total" { "container heap" } else { "heap" },
+                if event.scope == Scope::Total { "container heap" } else { "heap" },
                 size(event.usage),
                 size(event.requested),
                 size(event.limit)
