@@ -18,7 +18,6 @@
 //! the `--log` file.
 #![forbid(unsafe_code)]
 
-mod args;
 mod bundle;
 mod config;
 
@@ -31,15 +30,15 @@ use std::process::{Command, ExitCode};
 
 use anyhow::anyhow;
 use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
+use heapcap_oci::cmdline::{self, Invocation};
 use heapcap_oci::spec::Outcome;
 
-use crate::args::Invocation;
 use crate::bundle::Plan;
 use crate::config::Config;
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let invocation = args::inspect(&args);
+    let invocation = cmdline::inspect(&args);
     match run(&args, &invocation) {
         Ok(never) => match never {},
         Err(e) => {
