@@ -117,7 +117,15 @@ pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettin
         return Ok(());
     }
     // Every fd received is closed on return but the listener, whatever the message says.
-    let message = agent::parse(&data, fds.len())?;
+    let message = match agent::parse(&data, fds.len()) {
+        Ok(message) => message,
+        // Not a container to serve, but one to stop and tell why, as one with bad settings.
+        Err(AgentError::BadId { id, pid }) => {
+            refuse(runtime, pid, &agent::shown_id(&id), &agent::IdRule);
+            return Err(AgentError::BadId { id, pid }.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let listener = Listener::verify(fds.swap_remove(message.seccomp_fd)).map_err(|_| IntakeError::NotAListener)?;
     drop(fds);
     let AgentMessage { id, pid, settings, .. } = message;
@@ -141,10 +149,10 @@ pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettin
     registry.attach_process(&id, settings, listener, pid).map_err(IntakeError::Serve)
 }
 
-/// Stop a container whose settings are bad before it runs the user's program, and say why on
-/// the stderr of the runtime that sent it (what `runc run` prints and podman reports as the OCI
-/// runtime's error), or else of the container's init. The protocol has no answer channel.
-fn refuse(runtime: i32, init: Option<u32>, id: &str, why: &SettingsError) {
+/// Stop a container whose settings (or id) are bad before it runs the user's program, and say
+/// why on the stderr of the runtime that sent it (what `runc run` prints and podman reports as
+/// the OCI runtime's error), or else of the container's init. The protocol has no answer channel.
+fn refuse(runtime: i32, init: Option<u32>, id: &str, why: &dyn std::fmt::Display) {
     let message = format!("heapcapd: container {id} refused: {why}\n");
     let init_pid = init.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
     let told = [runtime, init_pid].into_iter().any(|pid| tell(pid, &message));

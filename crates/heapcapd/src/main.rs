@@ -8,6 +8,8 @@ mod events;
 mod intake;
 mod metrics;
 mod registry;
+#[cfg(test)]
+mod registry_tests;
 mod sockets;
 
 use std::net::SocketAddr;

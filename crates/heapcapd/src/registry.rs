@@ -199,7 +199,7 @@ impl Registry {
         let registry = self.clone();
         let id = container.id.clone();
         let id_for_error = id.clone();
-        let spawned = std::thread::Builder::new().name(format!("ctr-{}", &id[..id.len().min(11)])).spawn(move || {
+        let spawned = std::thread::Builder::new().name(format!("ctr-{id:.11}")).spawn(move || {
             if let (Some(resume), Some(slot)) = (resume, &slot) {
                 container.resume(&listener, slot, resume);
             }
