@@ -8,11 +8,14 @@
 //!   a JSON object with "fds" and "state", `ContainerProcessState` from serde, the `seccompFd` index, the fd count, the id, and
 //!   `settings::resolve` on the state's annotations and `metadata` (bad settings are reported in
 //!   the message, not lost);
-//! - a taken message names its listener among the fds received, and its id is not empty;
+//! - an id is taken exactly when it is runc's rule written out here again (1 to 1024 bytes of
+//!   ASCII letters, digits, `_+-.`, not `.` or `..`), and a refused one is refused with the pid
+//!   (the caller stops that container);
+//! - a taken message names its listener among the fds received, and its id is `valid_id`;
 //! - a trailing newline changes nothing, and the state written back out parses to the same message.
 #![no_main]
 
-use heapcap_oci::agent::{parse, AgentError, AgentMessage, MAX_MESSAGE};
+use heapcap_oci::agent::{parse, valid_id, AgentError, AgentMessage, MAX_ID, MAX_MESSAGE};
 use heapcap_policy::settings;
 use libfuzzer_sys::fuzz_target;
 use oci_spec::runtime::{ContainerProcessState, SECCOMP_FD_NAME};
@@ -40,13 +43,18 @@ fn reference(data: &[u8], fds_received: usize) -> Result<AgentMessage, AgentErro
         return Err(AgentError::FdCount { names: state.fds().len(), got: fds_received });
     }
     let id = state.state().id().clone();
+    let pid = (*state.pid() > 0).then_some(*state.pid() as u32);
     if id.is_empty() {
         return Err(AgentError::NoId);
+    }
+    // runc's libcontainer validateID: ^[\w+-.]+$ in ASCII, and not a name "/" + id cleans away.
+    let runc_takes = id.chars().all(|c| c.is_ascii_alphanumeric() || "_+-.".contains(c)) && id != "." && id != "..";
+    if !runc_takes || id.len() > MAX_ID {
+        return Err(AgentError::BadId { id, pid });
     }
     let annotations = state.state().annotations().clone().unwrap_or_default();
     let pairs = annotations.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let settings = settings::resolve(pairs, state.metadata().as_deref());
-    let pid = (*state.pid() > 0).then_some(*state.pid() as u32);
     Ok(AgentMessage { id, pid, seccomp_fd, settings })
 }
 
@@ -72,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
 
     let Ok(message) = parsed else { return };
     assert!(message.seccomp_fd < fds_received, "{message:?} with {fds_received} fds");
-    assert!(!message.id.is_empty());
+    assert!(valid_id(&message.id), "took the id {:?}", message.id);
     assert_ne!(message.pid, Some(0));
     let state: ContainerProcessState = serde_json::from_slice(data).expect("parse took it");
     let written = serde_json::to_vec(&state).expect("a state that was read can be written");

@@ -1,51 +1,39 @@
-//! The quota value of `set-limit` (`256Mi`, `none`, `unlimited`), as the CLI checks it and as
-//! heapcapd reads it.
-//!
-//! Both functions are private to their binaries (`heapcap/src/main.rs`, `heapcapd/src/control.rs`),
-//! so they are copied here verbatim; keep them in step (or move them to heapcap-control).
+//! The quota value of `set-limit` (`256Mi`, `none`, `unlimited`): `heapcap_policy::Quota`, which the
+//! CLI parses before sending and the control protocol carries as text to heapcapd.
 //!
 //! Asserts, beyond not panicking:
 //! - `none`/`unlimited` (with any whitespace around) remove the quota;
 //! - otherwise the quota is exactly `Size::parse_limit`: never 0, a negative one refused;
-//! - the CLI lets through exactly what heapcapd accepts, and what it sends reads the same.
+//! - a quota written out (`Display`, what the protocol carries) reads back as the same quota, and
+//!   a `set-limit` request carrying it reads back as the same request: what the CLI sends is what
+//!   heapcapd reads.
 #![no_main]
 
-use heapcap_policy::Size;
+use heapcap_control::Request;
+use heapcap_policy::{Quota, Size};
 use libfuzzer_sys::fuzz_target;
-
-/// heapcapd's `parse_quota` (crates/heapcapd/src/control.rs).
-fn daemon_parse_quota(value: &str) -> Result<Option<u64>, String> {
-    match value.trim() {
-        "none" | "unlimited" => Ok(None),
-        v => Size::parse_limit(v).map(|s| Some(s.bytes())).map_err(|e| e.to_string()),
-    }
-}
-
-/// The CLI's `parse_quota` (crates/heapcap/src/main.rs).
-fn cli_parse_quota(s: &str) -> Result<String, String> {
-    match s.trim() {
-        "none" | "unlimited" => Ok(s.trim().to_string()),
-        v => Size::parse_limit(v).map(|_| v.to_string()).map_err(|e| e.to_string()),
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
-    let daemon = daemon_parse_quota(s);
+    let quota = s.parse::<Quota>();
     let t = s.trim();
-    match &daemon {
-        Ok(None) => assert!(t == "none" || t == "unlimited", "{s:?} removed the quota"),
-        Ok(Some(bytes)) => {
-            assert!(*bytes > 0, "{s:?} gave a quota of 0");
-            assert_eq!(Size::parse_limit(s).map(Size::bytes), Ok(*bytes));
+    match &quota {
+        Ok(Quota::Unlimited) => assert!(t == "none" || t == "unlimited", "{s:?} removed the quota"),
+        Ok(Quota::Limit(size)) => {
+            assert!(size.bytes() > 0, "{s:?} gave a quota of 0");
+            assert_eq!(Size::parse_limit(s), Ok(*size));
         }
-        Err(e) => assert!(!e.is_empty()),
+        Err(e) => assert!(!e.to_string().is_empty()),
     }
     if t.starts_with('-') {
-        assert!(daemon.is_err(), "negative {s:?} accepted");
+        assert!(quota.is_err(), "negative {s:?} accepted");
     }
-    match cli_parse_quota(s) {
-        Ok(sent) => assert_eq!(daemon_parse_quota(&sent), daemon, "the CLI sends {sent:?} for {s:?}"),
-        Err(e) => assert_eq!(daemon, Err(e), "the CLI and heapcapd disagree on {s:?}"),
-    }
+    let Ok(quota) = quota else { return };
+    let text = quota.to_string();
+    assert_eq!(text.parse::<Quota>(), Ok(quota), "{s:?} written as {text:?}");
+    let request = Request::SetLimit { container: "c1".into(), pid: None, limit: Some(quota), total: Some(quota) };
+    let line = serde_json::to_string(&request).expect("a request can be written");
+    assert!(line.contains(&format!("\"limit\":{}", serde_json::Value::from(text))), "{line}");
+    let back: Request = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?} does not read back: {e}"));
+    assert_eq!(back, request, "{line:?}");
 });

@@ -6,8 +6,9 @@
 //! - surrounding whitespace and a leading `+` do not change the value;
 //! - the value is within the written number's range (`whole * unit <= bytes <= (whole + 1) * unit`,
 //!   exactly `whole * unit` without a non-zero fraction), computed here in u128: no overflow or wrap;
-//! - the byte count re-parses to the same bytes, and what `Display` prints (`64.0 MiB`) re-parses
-//!   (as `64.0Mi`) to within its rounding (a twentieth of its unit).
+//! - the byte count re-parses to the same bytes, and so does its `quantity()` (`1536Mi`); what
+//!   `Display` prints (`64.0 MiB`) re-parses (as `64.0Mi`) to within its rounding (a twentieth of
+//!   its unit).
 #![no_main]
 
 use heapcap_policy::size::{Size, SizeError};
@@ -38,6 +39,8 @@ fuzz_target!(|data: &[u8]| {
     }
     check_range(t, size);
     assert_eq!(size.bytes().to_string().parse::<Size>(), Ok(size), "the byte count of {s:?} does not re-parse");
+    let quantity = size.quantity();
+    assert_eq!(quantity.parse::<Size>(), Ok(size), "{s:?} written as {quantity:?} does not re-parse");
     check_display(size);
 });
 

@@ -237,6 +237,28 @@ fn broken_agent_messages_are_refused_with_the_reason_in_the_log() {
 }
 
 #[test]
+fn agent_messages_with_ids_no_runtime_takes_are_refused_with_the_rule() {
+    let d = Daemon::start();
+    let before = baseline(&d);
+    for id in ["évil/../x", "two\nlines", ".."] {
+        let mark = d.log().len();
+        let data = state(id, &["seccompFd"], json!({"heapcap.io/limit": "64Mi"}));
+        // With the one fd the state names (/dev/null: the id is refused before the fd is looked at).
+        let out = peer(&d, &d.agent, &data, "null", None);
+        assert!(out.status.success(), "{id:?}: {}", show(&out));
+        // The sender (a runtime, here python3) is told on its stderr, the id quoted and escaped.
+        let said = stderr(&out);
+        let refused = format!("heapcapd: container {id:?} refused: its id is not valid: a container id is 1 to 1024");
+        assert!(said.contains(&refused) && said.contains("(runc's rule)"), "{id:?}: {}", show(&out));
+        let rule = "its id is not valid: a container id is 1 to 1024 ASCII letters, digits, '_', '+', '-' and '.'";
+        let line = expect_logged(&d, mark, &["agent message not taken", rule]);
+        assert!(line.contains(&format!("{id:?}")), "{id:?}: {line}");
+    }
+    assert!(d.ps()["containers"].as_array().is_some_and(|c| c.is_empty()), "a refused id made a container: {}", d.ps());
+    assert_still_serves(&d, before);
+}
+
+#[test]
 fn non_root_peers_are_refused_on_both_sockets() {
     let d = Daemon::start();
     let before = baseline(&d);

@@ -1,7 +1,8 @@
 //! The control protocol of heapcapd: what `heapcap ps`, `set-limit` and `events` send and get.
 //!
 //! One request per connection, as one JSON line; the answer is one JSON line (an
-//! `{"error": ...}` object on failure), or for `events` one JSON line per event.
+//! `{"error": ...}` object on failure), or for `events` one JSON line per event. Where heapcapd listens
+//! by default is `heapcap_env::paths::CONTROL_SOCKET`.
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -9,12 +10,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use heapcap_policy::{Mode, Quota, Scope};
 use serde::{Deserialize, Serialize};
 
-/// Where heapcapd listens for control requests.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/heapcap/control.sock";
-/// Where heapcapd listens for seccomp listener fds from runtimes and the hook.
-pub const DEFAULT_AGENT_SOCKET: &str = "/run/heapcap/heapcapd.sock";
+mod text;
+
 /// The longest request line heapcapd reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
@@ -24,15 +24,17 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub enum Request {
     /// Every container and its processes. (A struct variant, so unknown fields are refused.)
     Ps {},
-    /// Change quotas live. Sizes as users write them (`64Mi`); `"none"` removes a quota.
+    /// Change quotas live. Quotas as users write them (`"64Mi"`); `"none"` removes one.
     SetLimit {
         container: String,
         #[serde(default)]
         pid: Option<u32>,
-        #[serde(default)]
-        limit: Option<String>,
-        #[serde(default)]
-        total: Option<String>,
+        /// For each process of the container, or for the process `pid`.
+        #[serde(default, with = "text::option")]
+        limit: Option<Quota>,
+        /// For all the container's processes together.
+        #[serde(default, with = "text::option")]
+        total: Option<Quota>,
     },
     /// Recent denials; with `follow`, keep the connection open and send new ones as they come.
     Events {
@@ -70,7 +72,9 @@ pub struct ProcessView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerView {
     pub id: String,
-    pub mode: String,
+    /// `"enforce"` or `"audit"`.
+    #[serde(with = "text")]
+    pub mode: Mode,
     pub limit: Option<u64>,
     pub total_limit: Option<u64>,
     pub heap: u64,
@@ -95,8 +99,9 @@ pub struct Event {
     pub requested: u64,
     pub usage: u64,
     pub limit: u64,
-    /// `process` or `total`.
-    pub scope: String,
+    /// `"process"` or `"total"`.
+    #[serde(with = "text")]
+    pub scope: Scope,
 }
 
 /// Talking to heapcapd failed.
@@ -169,9 +174,65 @@ mod tests {
     fn requests_are_tagged_json() {
         assert_eq!(serde_json::to_string(&Request::Ps {}).unwrap(), r#"{"op":"ps"}"#);
         let r: Request = serde_json::from_str(r#"{"op":"set-limit","container":"c1","limit":"64Mi"}"#).unwrap();
-        assert_eq!(r, Request::SetLimit { container: "c1".into(), pid: None, limit: Some("64Mi".into()), total: None });
+        let limit = Some(Quota::Limit(heapcap_policy::Size(64 << 20)));
+        assert_eq!(r, Request::SetLimit { container: "c1".into(), pid: None, limit, total: None });
         assert!(serde_json::from_str::<Request>(r#"{"op":"ps","extra":1}"#).is_err(), "unknown fields refused");
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn modes_and_scopes_travel_as_lowercase_names() {
+        let view = ContainerView {
+            id: "c1".into(),
+            mode: Mode::Audit,
+            limit: None,
+            total_limit: Some(1),
+            heap: 0,
+            processes: Vec::new(),
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["mode"], "audit");
+        assert_eq!(serde_json::from_value::<ContainerView>(json).unwrap(), view);
+        let event = Event {
+            time: "2025-01-01T00:00:00.000Z".into(),
+            container: "c1".into(),
+            pid: 1,
+            command: "x".into(),
+            syscall: "mmap".into(),
+            requested: 1,
+            usage: 2,
+            limit: 3,
+            scope: Scope::Total,
+        };
+        let mut json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["scope"], "total");
+        assert_eq!(serde_json::from_value::<Event>(json.clone()).unwrap(), event);
+        json["scope"] = "Total".into();
+        let e = serde_json::from_value::<Event>(json).unwrap_err().to_string();
+        assert!(e.contains("'Total' is not a scope: write process or total"), "{e}");
+    }
+
+    #[test]
+    fn quotas_travel_as_users_write_them() {
+        let request = |limit, total| Request::SetLimit { container: "c1".into(), pid: Some(7), limit, total };
+        let r = request(Some(Quota::Limit(heapcap_policy::Size(64 << 20))), Some(Quota::Unlimited));
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line, r#"{"op":"set-limit","container":"c1","pid":7,"limit":"64Mi","total":"none"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+        assert_eq!(
+            serde_json::to_string(&request(None, None)).unwrap(),
+            r#"{"op":"set-limit","container":"c1","pid":7,"limit":null,"total":null}"#
+        );
+        let unlimited: Request =
+            serde_json::from_str(r#"{"op":"set-limit","container":"c1","pid":7,"limit":" unlimited "}"#).unwrap();
+        assert_eq!(unlimited, request(Some(Quota::Unlimited), None));
+        for (bad, says) in
+            [(r#""lots""#, "'lots' is not a size"), (r#""0""#, "'0' is zero"), ("5", "invalid type: integer `5`")]
+        {
+            let e = serde_json::from_str::<Request>(&format!(r#"{{"op":"set-limit","container":"c1","total":{bad}}}"#))
+                .unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

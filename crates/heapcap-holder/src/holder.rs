@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use heapcap_linux::journal::{Journal, Orphan, Slot};
 use heapcap_linux::notify::{Listener, Recv};
+use heapcap_linux::peercred::check_peer;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::socket::{self, sockopt::PeerCredentials};
+use nix::sys::socket;
 
 use crate::{seqpacket, FromHolder, ToHolder, VERSION};
 
@@ -156,9 +157,10 @@ impl Holder {
             Ok(fd) => fd,
             Err(e) => return log(format_args!("accept failed: {e}")),
         };
-        if let Err(why) = peer_allowed(conn.as_fd()) {
+        // Only root, or the holder's own user, may talk to it.
+        if let Err(why) = check_peer(conn.as_fd()) {
             log(format_args!("refused a connection: {why}"));
-            return refuse(conn, why);
+            return refuse(conn, why.to_string());
         }
         if self.daemon.is_some() {
             return refuse(conn, "another heapcapd is connected to this holder".to_string());
@@ -286,15 +288,4 @@ fn refuse(conn: OwnedFd, message: String) {
     let _ = socket::setsockopt(&conn, socket::sockopt::ReceiveTimeout, &timeout);
     let _ = seqpacket::recv::<serde_json::Value>(conn.as_fd());
     let _ = seqpacket::send(conn.as_fd(), &FromHolder::Error { message }, &[]);
-}
-
-/// Only root, or the holder's own user, may talk to it.
-fn peer_allowed(conn: BorrowedFd<'_>) -> Result<(), String> {
-    let cred = socket::getsockopt(&conn, PeerCredentials).map_err(|e| format!("cannot read peer credentials: {e}"))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if cred.uid() == 0 || cred.uid() == me {
-        Ok(())
-    } else {
-        Err(format!("peer pid {} uid {} is not allowed (root only)", cred.pid(), cred.uid()))
-    }
 }

@@ -15,7 +15,7 @@ use nix::sys::signal::SigSet;
 #[command(name = "heapcap-holder", version)]
 struct Args {
     /// Where heapcapd connects (root only).
-    #[arg(long, value_name = "PATH", default_value = "/run/heapcap/holder.sock")]
+    #[arg(long, value_name = "PATH", default_value = heapcap_env::paths::HOLDER_SOCKET)]
     socket: PathBuf,
     /// How long containers' heap growth waits for heapcapd to come back before it is let through
     /// unquota'd (until heapcapd returns).

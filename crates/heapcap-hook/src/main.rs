@@ -12,31 +12,32 @@
 //! `heapcap-runtime`.
 #![forbid(unsafe_code)]
 
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use heapcap_env::flag;
+use heapcap_env::paths::AGENT_SOCKET;
 use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
 use heapcap_linux::fdpass::send_fd;
 use heapcap_linux::filter::Program;
 use heapcap_linux::inject::install_listener;
-use heapcap_oci::{apply_json, Defaults, Outcome};
+use heapcap_oci::{apply_json, cmdline, Defaults, Outcome};
 use heapcap_policy::settings;
 use oci_spec::runtime::{State, SECCOMP_FD_NAME};
-
-/// heapcapd's agent socket unless told otherwise.
-const DEFAULT_SOCKET: &str = "/run/heapcap/heapcapd.sock";
 
 /// heapcap's OCI hook: put a container under heapcapd when its annotations ask for it.
 #[derive(Debug, Parser)]
 #[command(name = "heapcap-hook", version)]
 struct Cli {
     /// heapcapd's agent socket.
-    #[arg(long, global = true, env = "HEAPCAP_SOCKET", default_value = DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "HEAPCAP_SOCKET", default_value = AGENT_SOCKET)]
     socket: PathBuf,
     /// When heapcapd is not running, start the container without a quota (with a warning)
     /// instead of failing its start. Also HEAPCAP_HOOK_ALLOW_UNSUPERVISED=1.
@@ -62,16 +63,16 @@ enum Stage {
     Precreate,
 }
 
-/// A yes/no setting from the environment: `1`, `true`, `yes` or `on` mean yes.
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+/// The flags the environment can also give (read as [`heapcap_env::flag`] reads yes and no: a
+/// value that is neither fails the hook with what to write).
+fn with_env_flags(mut cli: Cli) -> Result<Cli> {
+    cli.allow_unsupervised |= flag::var("HEAPCAP_HOOK_ALLOW_UNSUPERVISED")?;
+    cli.timing |= flag::var("HEAPCAP_HOOK_TIMING")?;
+    Ok(cli)
 }
 
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
-    cli.allow_unsupervised |= env_flag("HEAPCAP_HOOK_ALLOW_UNSUPERVISED");
-    cli.timing |= env_flag("HEAPCAP_HOOK_TIMING");
-    match run(&cli) {
+    match with_env_flags(Cli::parse()).and_then(|cli| run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             say(&format!("heapcap-hook: {e:#}\n"));
@@ -93,48 +94,34 @@ fn say(message: &str) {
 
 fn tell_runtime(message: &str) -> bool {
     let parent = std::os::unix::process::parent_id();
-    let append = |path: &str, text: &str| {
+    let append = |path: &Path, text: &str| {
         std::fs::OpenOptions::new().append(true).open(path).and_then(|mut f| f.write_all(text.as_bytes())).is_ok()
     };
     let cmdline = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap_or_default();
-    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-    if let Some((log, json)) = runtime_log(&args) {
+    if let Some((log, json)) = runtime_log(&cmdline) {
         let text = if json {
             format!("{}\n", serde_json::json!({"msg": message.trim_end(), "level": "error"}))
         } else {
             message.to_string()
         };
         // Through the runtime's root and working directory: the path is the runtime's.
-        let path = match log.strip_prefix('/') {
-            Some(abs) => format!("/proc/{parent}/root/{abs}"),
-            None => format!("/proc/{parent}/cwd/{log}"),
+        let path = match log.strip_prefix("/") {
+            Ok(abs) => Path::new(&format!("/proc/{parent}/root")).join(abs),
+            Err(_) => Path::new(&format!("/proc/{parent}/cwd")).join(log),
         };
         if append(&path, &text) {
             return true;
         }
     }
-    append(&format!("/proc/{parent}/fd/2"), message)
+    append(Path::new(&format!("/proc/{parent}/fd/2")), message)
 }
 
-/// The runtime's `--log FILE` and whether `--log-format` is json, from its command line.
-fn runtime_log(args: &[String]) -> Option<(String, bool)> {
-    let mut log = None;
-    let mut json = false;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--log" => log = it.next().cloned(),
-            "--log-format" => json = it.next().is_some_and(|f| f == "json"),
-            a => {
-                if let Some(path) = a.strip_prefix("--log=") {
-                    log = Some(path.to_string());
-                } else if let Some(format) = a.strip_prefix("--log-format=") {
-                    json = format == "json";
-                }
-            }
-        }
-    }
-    log.map(|l| (l, json))
+/// The runtime's `--log FILE` and whether `--log-format` is json, from its command line as
+/// `/proc/<pid>/cmdline` has it (NUL-terminated arguments, argv\[0\] first).
+fn runtime_log(cmdline: &[u8]) -> Option<(PathBuf, bool)> {
+    let args: Vec<OsString> = cmdline.split(|b| *b == 0).skip(1).map(|a| OsStr::from_bytes(a).to_owned()).collect();
+    let invocation = cmdline::inspect(&args);
+    invocation.log.map(|log| (log, invocation.log_json))
 }
 
 fn run(cli: &Cli) -> Result<()> {
@@ -264,8 +251,9 @@ fn not_running(id: &str, socket: &Path, e: &Unreachable) -> String {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split(' ').map(str::to_string).collect()
+    /// A command line as `/proc/<pid>/cmdline` has it.
+    fn args(s: &str) -> Vec<u8> {
+        s.split(' ').flat_map(|a| a.bytes().chain([0])).collect()
     }
 
     #[test]
@@ -274,6 +262,7 @@ mod tests {
         assert_eq!(runtime_log(&podman), Some(("/run/x/oci-log".into(), true)));
         assert_eq!(runtime_log(&args("runc --log=log.txt --log-format text run id")), Some(("log.txt".into(), false)));
         assert_eq!(runtime_log(&args("crun run id")), None);
+        assert_eq!(runtime_log(b""), None);
     }
 
     #[test]

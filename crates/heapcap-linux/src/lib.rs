@@ -8,6 +8,7 @@
 //! - [`procfs`]: `/proc/<pid>` readers (maps, stat, statm, status, syscall, mem).
 //! - [`procmap`]: `PROCMAP_QUERY` (6.11+), the mappings without the text of `/proc/<pid>/maps`.
 //! - [`fdpass`]: passing fds over UNIX sockets (`SCM_RIGHTS`).
+//! - [`peercred`]: a UNIX socket peer's credentials, and the root-only sockets' check of them.
 //! - [`connect`]: connecting to heapcapd's socket with a timeout, for container start paths.
 //! - [`spawn`]: starting a command under the filter.
 //!
@@ -19,6 +20,7 @@ pub mod filter;
 pub mod inject;
 pub mod journal;
 pub mod notify;
+pub mod peercred;
 pub mod pidfd;
 pub mod procfs;
 pub mod procmap;

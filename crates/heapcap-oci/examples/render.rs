@@ -20,8 +20,8 @@ use oci_spec::runtime::Spec;
 use serde::Serialize;
 use serde_json::Value;
 
-/// Where the runtime sends the listener: heapcapd's socket.
-pub const LISTENER: &str = "/run/heapcap/heapcapd.sock";
+/// Where the runtime sends the listener: heapcapd's default agent socket.
+pub const LISTENER: &str = heapcap_env::paths::AGENT_SOCKET;
 /// `runc spec` of runc 1.1.5.
 pub const RUNC_SPEC: &str = include_str!("../data/runc-1.1.5-spec.json");
 /// The example's limit, as the annotation carries it.

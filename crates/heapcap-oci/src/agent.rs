@@ -4,6 +4,11 @@
 //!
 //! [`parse`] takes the bytes read and how many fds came with them; the caller (heapcapd's intake)
 //! owns the fds, keeps the one at [`AgentMessage::seccomp_fd`] and closes the rest.
+//!
+//! A container id is taken only if runc would take it ([`valid_id`]): heapcapd names logs,
+//! threads, events and `heapcap ps` rows after it, and an id that any runtime made is one.
+
+use std::fmt;
 
 use heapcap_policy::settings::{self, Settings, SettingsError};
 use oci_spec::runtime::{ContainerProcessState, SECCOMP_FD_NAME};
@@ -11,10 +16,45 @@ use oci_spec::runtime::{ContainerProcessState, SECCOMP_FD_NAME};
 /// The largest message taken, annotations included.
 pub const MAX_MESSAGE: usize = 1 << 20;
 
+/// The longest container id taken, in bytes. runc's rule has no bound of its own (runc names a
+/// directory after the id, which the file system bounds at 255 bytes); this one is generous.
+pub const MAX_ID: usize = 1024;
+
+/// Whether `id` is a container id as runc takes it (libcontainer's `validateID`): not empty,
+/// only ASCII letters, digits, `_`, `+`, `-` and `.`, and not `.` or `..` (which name no file of
+/// their own); and at most [`MAX_ID`] bytes.
+pub fn valid_id(id: &str) -> bool {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'-' | b'.');
+    !id.is_empty() && id.len() <= MAX_ID && id != "." && id != ".." && id.bytes().all(allowed)
+}
+
+/// The rule [`valid_id`] applies, as an error says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRule;
+
+impl fmt::Display for IdRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "its id is not valid: a container id is 1 to {MAX_ID} ASCII letters, digits, '_', '+', '-' and '.', \
+             other than \".\" and \"..\" (runc's rule)"
+        )
+    }
+}
+
+/// `id` as it is safe to show in a log line or on a terminal: quoted, with control characters
+/// escaped, its first 64 characters at most.
+pub fn shown_id(id: &str) -> String {
+    const SHOWN: usize = 64;
+    let head: String = id.chars().take(SHOWN).collect();
+    let more = if id.chars().nth(SHOWN).is_some() { "..." } else { "" };
+    format!("{head:?}{more}")
+}
+
 /// Everything heapcapd needs from one agent message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentMessage {
-    /// The container id (`state.id`), never empty.
+    /// The container id (`state.id`), always [`valid_id`].
     pub id: String,
     /// The container's init as the runtime sees it (`pid`), if the state gives one (> 0).
     pub pid: Option<u32>,
@@ -41,6 +81,10 @@ pub enum AgentError {
     FdCount { names: usize, got: usize },
     #[error("the state has no container id")]
     NoId,
+    /// The id is not [`valid_id`]; `pid` is the container's init as the state gives it, so that
+    /// the caller can refuse the container as it refuses one with bad settings.
+    #[error("container {}: {IdRule}", shown_id(.id))]
+    BadId { id: String, pid: Option<u32> },
 }
 
 /// Parse one agent message: `data` is everything read from the connection, `fds_received` how
@@ -79,13 +123,16 @@ pub fn parse(data: &[u8], fds_received: usize) -> Result<AgentMessage, AgentErro
     }
     let container = state.state();
     let id = container.id().clone();
+    let pid = u32::try_from(*state.pid()).ok().filter(|p| *p > 0);
     if id.is_empty() {
         return Err(AgentError::NoId);
+    }
+    if !valid_id(&id) {
+        return Err(AgentError::BadId { id, pid });
     }
     let annotations = container.annotations().as_ref();
     let pairs = annotations.into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_str()));
     let settings = settings::resolve(pairs, state.metadata().as_deref());
-    let pid = u32::try_from(*state.pid()).ok().filter(|p| *p > 0);
     Ok(AgentMessage { id, pid, seccomp_fd, settings })
 }
 
@@ -204,6 +251,35 @@ mod tests {
     fn no_id() {
         let data = state(&["seccompFd"], "", json!({}), None);
         assert_eq!(parse(&data, 1), Err(AgentError::NoId));
+    }
+
+    #[test]
+    fn ids_runc_takes_and_ids_it_does_not() {
+        for good in ["c1", "a", "web-1.prod_2+x", "...", &"f".repeat(64), &"x".repeat(MAX_ID)] {
+            let data = state(&["seccompFd"], good, json!({}), None);
+            assert_eq!(parse(&data, 1).map(|m| m.id), Ok(good.to_string()), "{good:?}");
+        }
+        let long = "x".repeat(MAX_ID + 1);
+        for bad in ["évil/../x", "a\nb", ".", "..", "a/b", "a b", "a:b", "ünïcödé", "\u{202e}x", "x\u{0}", &long] {
+            let data = state(&["seccompFd"], bad, json!({}), None);
+            assert_eq!(parse(&data, 1), Err(AgentError::BadId { id: bad.to_string(), pid: Some(4242) }), "{bad:?}");
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_id_is_shown_safely_with_the_rule() {
+        let data = state(&["seccompFd"], "évil/../x\n\u{1b}[31m", json!({}), None);
+        let e = parse(&data, 1).unwrap_err().to_string();
+        assert!(
+            e.starts_with(r#"container "évil/../x\n\u{1b}[31m": its id is not valid: a container id is 1 to 1024"#),
+            "{e}"
+        );
+        assert!(e.ends_with(r#"other than "." and ".." (runc's rule)"#), "{e}");
+        assert!(!e.contains('\n') && !e.contains('\u{1b}'), "{e}");
+        // Cut after 64 characters, never inside one (each 'é' is two bytes).
+        let e = AgentError::BadId { id: "é".repeat(1000), pid: None }.to_string();
+        assert!(e.starts_with(&format!("container \"{}\"...: its id", "é".repeat(64))), "{e}");
     }
 
     #[test]

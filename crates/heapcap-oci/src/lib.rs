@@ -2,6 +2,7 @@
 //! a profile of its own, and a merge into an existing profile that never widens it.
 //!
 //! - [`agent`]: the OCI seccomp agent message runtimes send to heapcapd, parsed ([`agent::parse`]).
+//! - [`cmdline`]: where a runtime's command line keeps its subcommand, bundle and `--log`.
 //! - [`condition`]: argument conditions as sets of calls, to split a rule exactly in two.
 //! - [`seccomp`]: the notify rules as OCI syscall entries ([`notify_syscalls`]), what they mean
 //!   on each ABI, and [`heapcap_profile`].
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod cmdline;
 pub mod condition;
 pub mod containers;
 #[cfg(test)]

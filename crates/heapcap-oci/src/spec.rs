@@ -22,14 +22,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use heapcap_env::paths::AGENT_SOCKET;
 use heapcap_policy::settings::{self, Settings, SettingsError, LIMIT, MODE, TOTAL_LIMIT};
 use oci_spec::runtime::{Linux, LinuxSeccomp, Spec};
 use serde_json::Value;
 
 use crate::{heapcap_profile, merge_into, MergeError};
-
-/// heapcapd's default agent socket.
-pub const DEFAULT_LISTENER_PATH: &str = "/run/heapcap/heapcapd.sock";
 
 /// The environment variables read with [`Defaults::env_fallback`], and the setting each gives.
 pub const ENV_VARS: [(&str, &str); 3] =
@@ -46,9 +44,10 @@ pub struct Defaults {
     pub env_fallback: bool,
 }
 
+/// heapcapd's default agent socket ([`AGENT_SOCKET`]), no settings, no env fallback.
 impl Default for Defaults {
     fn default() -> Self {
-        Defaults { listener_path: PathBuf::from(DEFAULT_LISTENER_PATH), settings: Vec::new(), env_fallback: false }
+        Defaults { listener_path: PathBuf::from(AGENT_SOCKET), settings: Vec::new(), env_fallback: false }
     }
 }
 

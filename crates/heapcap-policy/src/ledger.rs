@@ -18,6 +18,8 @@
 //! flight forces `brk` onto the exact path until the exec'ing thread is seen again or is gone.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
 
 use crate::maps::Maps;
 use crate::syscall::{page_up, Request};
@@ -36,12 +38,51 @@ pub struct Limits {
     pub total: Option<u64>,
 }
 
-/// Enforce quotas, or only observe.
+/// Enforce quotas, or only observe. Written `enforce` and `audit` (annotations, the control
+/// protocol, `heapcap ps`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Mode {
     #[default]
     Enforce,
     Audit,
+}
+
+impl Mode {
+    /// The name users write.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+/// A name that is none of a mode's or a scope's; the message says what to write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{given}' is not a {what}: write {expected}")]
+pub struct NameError {
+    pub given: String,
+    what: &'static str,
+    expected: &'static str,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = NameError;
+
+    /// `enforce` or `audit`, exactly.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Mode::Enforce, Mode::Audit].into_iter().find(|m| m.name() == s).ok_or_else(|| NameError {
+            given: s.to_string(),
+            what: "mode",
+            expected: "enforce or audit",
+        })
+    }
 }
 
 /// A syscall instance as the kernel shows it in `/proc/<tid>/syscall`: number and arguments.
@@ -142,11 +183,40 @@ pub enum Fast {
     Exact { refresh_others: bool },
 }
 
-/// Which quota a denial hit.
+/// Which quota a denial hit. Written `process` and `total` (the control protocol, the logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     Process,
     Total,
+}
+
+impl Scope {
+    /// The name users read.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Process => "process",
+            Scope::Total => "total",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Scope {
+    type Err = NameError;
+
+    /// `process` or `total`, exactly.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Scope::Process, Scope::Total].into_iter().find(|scope| scope.name() == s).ok_or_else(|| NameError {
+            given: s.to_string(),
+            what: "scope",
+            expected: "process or total",
+        })
+    }
 }
 
 /// The answer to a request.

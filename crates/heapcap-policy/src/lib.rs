@@ -1,6 +1,7 @@
 //! The bottom of heapcap: everything that decides, and nothing that touches the system.
 //!
 //! - [`size`]: Kubernetes-style quantities (`64Mi`, `1Gi`, `500M`) and their display.
+//! - [`quota`]: a size or `none`, as `heapcap set-limit` takes it and the control protocol carries it.
 //! - [`syscall`]: which system calls can grow a process's heap, per ABI, and what they ask for.
 //! - [`rules`]: the seccomp notify rules, as data, so the Linux layer and the OCI spec writer agree.
 //! - [`maps`]: parsing `/proc/<pid>/maps` into the counted heap and range queries on it.
@@ -13,10 +14,12 @@
 
 pub mod ledger;
 pub mod maps;
+pub mod quota;
 pub mod rules;
 pub mod settings;
 pub mod size;
 pub mod syscall;
 
-pub use ledger::{Decision, Fast, Ledger, Limits, Mode, Scope};
+pub use ledger::{Decision, Fast, Ledger, Limits, Mode, NameError, Scope};
+pub use quota::{Quota, QuotaError};
 pub use size::{Size, SizeError};

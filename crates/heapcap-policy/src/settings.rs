@@ -45,11 +45,8 @@ fn apply(settings: &mut Settings, key: &str, value: &str) -> Result<(), Settings
             settings.limits.total = Some(size.bytes());
         }
         MODE => {
-            settings.mode = match value.trim() {
-                "enforce" => Mode::Enforce,
-                "audit" => Mode::Audit,
-                other => return Err(SettingsError::Mode(other.to_string())),
-            }
+            let value = value.trim();
+            settings.mode = value.parse::<Mode>().map_err(|_| SettingsError::Mode(value.to_string()))?;
         }
         other => return Err(SettingsError::UnknownKey(other.to_string())),
     }

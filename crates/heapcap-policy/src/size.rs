@@ -28,6 +28,23 @@ pub enum SizeError {
 
 const KI: u64 = 1024;
 
+/// Every suffix and what it multiplies by: binary ones (powers of 1024), then decimal ones (of
+/// 1000), each from the largest. `K` is neither (see [`SizeError::AmbiguousK`]).
+const SUFFIXES: [(&str, u64); 12] = [
+    ("Ei", KI.pow(6)),
+    ("Pi", KI.pow(5)),
+    ("Ti", KI.pow(4)),
+    ("Gi", KI.pow(3)),
+    ("Mi", KI.pow(2)),
+    ("Ki", KI),
+    ("E", 1000u64.pow(6)),
+    ("P", 1000u64.pow(5)),
+    ("T", 1000u64.pow(4)),
+    ("G", 1000u64.pow(3)),
+    ("M", 1000u64.pow(2)),
+    ("k", 1000),
+];
+
 impl Size {
     pub const KIB: u64 = KI;
     pub const MIB: u64 = KI * KI;
@@ -45,26 +62,31 @@ impl Size {
         }
         Ok(size)
     }
+
+    /// The size as users write it, exactly: with the largest binary suffix that divides it
+    /// (`64Mi`; 1.5Gi is `1536Mi`), else the largest decimal one (`500M`), else in bytes. It
+    /// parses back to the same size; [`Display`](fmt::Display) rounds it for people instead.
+    pub fn quantity(self) -> String {
+        if self.0 == 0 {
+            return "0".to_string();
+        }
+        match SUFFIXES.iter().find(|(_, unit)| self.0 % unit == 0) {
+            Some((suffix, unit)) => format!("{}{suffix}", self.0 / unit),
+            None => self.0.to_string(),
+        }
+    }
 }
 
 fn multiplier(input: &str, suffix: &str, number: &str) -> Result<u64, SizeError> {
-    Ok(match suffix {
-        "" => 1,
-        "Ki" => KI,
-        "Mi" => KI.pow(2),
-        "Gi" => KI.pow(3),
-        "Ti" => KI.pow(4),
-        "Pi" => KI.pow(5),
-        "Ei" => KI.pow(6),
-        "k" => 1000,
-        "M" => 1000u64.pow(2),
-        "G" => 1000u64.pow(3),
-        "T" => 1000u64.pow(4),
-        "P" => 1000u64.pow(5),
-        "E" => 1000u64.pow(6),
-        "K" => return Err(SizeError::AmbiguousK(input.to_string(), number.to_string())),
-        _ => return Err(SizeError::UnknownSuffix { input: input.to_string(), suffix: suffix.to_string() }),
-    })
+    match suffix {
+        "" => Ok(1),
+        "K" => Err(SizeError::AmbiguousK(input.to_string(), number.to_string())),
+        _ => SUFFIXES
+            .iter()
+            .find(|(s, _)| *s == suffix)
+            .map(|(_, unit)| *unit)
+            .ok_or_else(|| SizeError::UnknownSuffix { input: input.to_string(), suffix: suffix.to_string() }),
+    }
 }
 
 impl FromStr for Size {
@@ -175,10 +197,29 @@ mod tests {
         assert_eq!(Size(3 << 29).to_string(), "1.5 GiB");
     }
 
+    #[test]
+    fn quantities_are_what_users_write() {
+        assert_eq!(Size(64 << 20).quantity(), "64Mi");
+        assert_eq!(Size(3 << 29).quantity(), "1536Mi", "1.5Gi, exactly");
+        assert_eq!(Size(500_000_000).quantity(), "500M");
+        assert_eq!(Size(2000).quantity(), "2k");
+        assert_eq!(Size(1 << 60).quantity(), "1Ei");
+        assert_eq!(Size(1023).quantity(), "1023");
+        assert_eq!(Size(0).quantity(), "0");
+        assert_eq!(Size(u64::MAX).quantity(), u64::MAX.to_string());
+    }
+
     proptest! {
         #[test]
         fn never_panics(s in ".{0,24}") {
             let _ = s.parse::<Size>();
+        }
+
+        #[test]
+        fn a_quantity_parses_back_to_its_size(n: u64, shift in 0u32..64) {
+            for b in [n, n >> shift << shift, (n >> shift).saturating_mul(1000)] {
+                prop_assert_eq!(p(&Size(b).quantity()), Ok(b));
+            }
         }
 
         #[test]

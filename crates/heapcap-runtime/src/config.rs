@@ -12,7 +12,8 @@
 //! env_fallback = true
 //! # When heapcapd is not reachable, start containers that ask for a quota without one (a warning
 //! # on stderr and in the runtime's log, config.json untouched) instead of failing their start.
-//! # Also HEAPCAP_ALLOW_UNSUPERVISED=1 in the runtime's environment. Default: false.
+//! # Also HEAPCAP_ALLOW_UNSUPERVISED=1 in the runtime's environment (1, true, yes, on; or 0, false,
+//! # no, off; any other value fails the create). Default: false.
 //! allow_unsupervised = false
 //!
 //! # Settings for every container run with this runtime; its env and annotations override them.
@@ -26,7 +27,9 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use heapcap_oci::spec::{Defaults, DEFAULT_LISTENER_PATH};
+use heapcap_env::flag::{self, FlagError};
+use heapcap_env::paths::AGENT_SOCKET;
+use heapcap_oci::spec::Defaults;
 use heapcap_policy::settings::{LIMIT, MODE, TOTAL_LIMIT};
 use serde::Deserialize;
 
@@ -36,8 +39,8 @@ pub const DEFAULT_PATH: &str = "/etc/heapcap/runtime.toml";
 pub const ENV: &str = "HEAPCAP_RUNTIME_CONFIG";
 /// Runtimes looked up on PATH, in order, when the file names none.
 pub const DEFAULT_RUNTIMES: &[&str] = &["runc", "crun"];
-/// `1`, `true`, `yes` or `on` here does what `allow_unsupervised = true` does (as
-/// `HEAPCAP_HOOK_ALLOW_UNSUPERVISED` does for heapcap-hook).
+/// A yes here does what `allow_unsupervised = true` does (as `HEAPCAP_HOOK_ALLOW_UNSUPERVISED`
+/// does for heapcap-hook); see [`heapcap_env::flag`] for what is a yes and a no.
 pub const ALLOW_UNSUPERVISED_ENV: &str = "HEAPCAP_ALLOW_UNSUPERVISED";
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -67,6 +70,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("heapcap-runtime: config file {path}: {source}")]
     Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("heapcap-runtime: in the runtime's environment, {0}")]
+    Env(#[from] FlagError),
 }
 
 impl Config {
@@ -91,12 +96,11 @@ impl Config {
     }
 
     /// Whether a container that asks for a quota starts without one when heapcapd is not
-    /// reachable: `allow_unsupervised = true`, or a yes in [`ALLOW_UNSUPERVISED_ENV`] (`env`).
-    pub fn allow_unsupervised(&self, env: Option<&OsStr>) -> bool {
-        let yes = env
-            .and_then(OsStr::to_str)
-            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
-        self.allow_unsupervised.unwrap_or(false) || yes
+    /// reachable: `allow_unsupervised = true`, or a yes in [`ALLOW_UNSUPERVISED_ENV`] (`env`, its
+    /// value). A value there that is neither a yes nor a no is an error, whatever the file says.
+    pub fn allow_unsupervised(&self, env: Option<&OsStr>) -> Result<bool, ConfigError> {
+        let yes = flag::parse(ALLOW_UNSUPERVISED_ENV, env)?;
+        Ok(self.allow_unsupervised.unwrap_or(false) || yes)
     }
 
     /// What every container gets; the values are validated when a container is created (with
@@ -108,7 +112,7 @@ impl Config {
             .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
             .collect();
         Defaults {
-            listener_path: self.listener_path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_LISTENER_PATH)),
+            listener_path: self.listener_path.clone().unwrap_or_else(|| PathBuf::from(AGENT_SOCKET)),
             settings,
             env_fallback: self.env_fallback.unwrap_or(true),
         }
@@ -132,7 +136,7 @@ mod tests {
         let c = Config::parse(&doc, Path::new("doc")).unwrap();
         assert_eq!(c.runtime, Some(PathBuf::from("/usr/sbin/runc")));
         let d = c.defaults();
-        assert_eq!(d.listener_path, PathBuf::from(DEFAULT_LISTENER_PATH));
+        assert_eq!(d.listener_path, PathBuf::from(AGENT_SOCKET));
         assert!(d.env_fallback);
         assert_eq!(d.settings.len(), 3);
         assert_eq!(c.allow_unsupervised, Some(false));
@@ -142,15 +146,25 @@ mod tests {
     fn allow_unsupervised_from_the_file_or_the_environment() {
         let off = Config::parse("", Path::new("x")).unwrap();
         let on = Config::parse("allow_unsupervised = true\n", Path::new("x")).unwrap();
-        assert!(!off.allow_unsupervised(None), "off unless asked for");
-        assert!(on.allow_unsupervised(None));
+        assert!(!off.allow_unsupervised(None).unwrap(), "off unless asked for");
+        assert!(on.allow_unsupervised(None).unwrap());
         for yes in ["1", "true", "YES", " on "] {
-            assert!(off.allow_unsupervised(Some(yes.as_ref())), "{yes:?}");
+            assert!(off.allow_unsupervised(Some(yes.as_ref())).unwrap(), "{yes:?}");
         }
-        for no in ["", "0", "false", "off", "2"] {
-            assert!(!off.allow_unsupervised(Some(no.as_ref())), "{no:?}");
+        for no in ["", "0", "false", "off"] {
+            assert!(!off.allow_unsupervised(Some(no.as_ref())).unwrap(), "{no:?}");
         }
-        assert!(on.allow_unsupervised(Some("0".as_ref())), "the env adds, as for heapcap-hook");
+        assert!(on.allow_unsupervised(Some("0".as_ref())).unwrap(), "the env adds, as for heapcap-hook");
+        // Neither a yes nor a no (it used to mean no): an error that says what to write.
+        for neither in ["2", "maybe"] {
+            for config in [&off, &on] {
+                let e = config.allow_unsupervised(Some(neither.as_ref())).unwrap_err().to_string();
+                let says = format!(
+                    "heapcap-runtime: in the runtime's environment, {ALLOW_UNSUPERVISED_ENV}={neither:?} is neither"
+                );
+                assert!(e.starts_with(&says) && e.contains("write 1, true, yes or on for yes"), "{e}");
+            }
+        }
         let e = Config::parse("allow_unsupervised = \"yes\"\n", Path::new("/etc/r.toml")).unwrap_err().to_string();
         assert!(e.contains("/etc/r.toml") && e.contains("allow_unsupervised"), "{e}");
         assert_eq!(Config::path(None), PathBuf::from(DEFAULT_PATH));

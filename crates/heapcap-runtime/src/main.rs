@@ -18,7 +18,6 @@
 //! the `--log` file.
 #![forbid(unsafe_code)]
 
-mod args;
 mod bundle;
 mod config;
 
@@ -31,15 +30,15 @@ use std::process::{Command, ExitCode};
 
 use anyhow::anyhow;
 use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
+use heapcap_oci::cmdline::{self, Invocation};
 use heapcap_oci::spec::Outcome;
 
-use crate::args::Invocation;
 use crate::bundle::Plan;
 use crate::config::Config;
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let invocation = args::inspect(&args);
+    let invocation = cmdline::inspect(&args);
     match run(&args, &invocation) {
         Ok(never) => match never {},
         Err(e) => {
@@ -60,7 +59,7 @@ fn run(args: &[OsString], invocation: &Invocation) -> anyhow::Result<std::conver
         let bundle = invocation.bundle.as_deref().unwrap_or(Path::new("."));
         let defaults = config.defaults();
         let plan = bundle::plan(bundle, &defaults)?;
-        let allow = config.allow_unsupervised(std::env::var_os(config::ALLOW_UNSUPERVISED_ENV).as_deref());
+        let allow = config.allow_unsupervised(std::env::var_os(config::ALLOW_UNSUPERVISED_ENV).as_deref())?;
         match check_heapcapd(&plan, &defaults.listener_path, allow, &Config::path(config_env.as_deref()))? {
             Supervision::Supervised => {
                 plan.write()?;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use heapcap_control::{call, Client, ContainerView, Done, Event, PsReply, Request};
-use heapcap_policy::Size;
+use heapcap_policy::{Quota, Scope, Size};
 
 fn size(b: u64) -> String {
     Size(b).to_string()
@@ -90,8 +90,8 @@ pub fn set_limit(
     socket: &Path,
     container: String,
     pid: Option<u32>,
-    limit: Option<String>,
-    total: Option<String>,
+    limit: Option<Quota>,
+    total: Option<Quota>,
 ) -> ExitCode {
     match call::<Done>(socket, &Request::SetLimit { container, pid, limit, total }) {
         Ok(done) => {
@@ -126,7 +126,7 @@ pub fn events(socket: &Path, follow: bool, json: bool) -> ExitCode {
                 event.command,
                 event.syscall,
                 size(event.requested),
-                if event.scope == "total" { "container heap" } else { "heap" },
+                if event.scope == Scope::Total { "container heap" } else { "heap" },
                 size(event.usage),
                 size(event.requested),
                 size(event.limit)

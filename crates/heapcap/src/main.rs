@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use heapcap_policy::Size;
+use heapcap_policy::{Quota, Size};
 
 /// Exit status for a command line heapcap cannot use.
 const USAGE: u8 = 2;
@@ -64,14 +64,14 @@ enum Command {
         /// Container id (or a unique prefix of it), as `heapcap ps` shows.
         container: String,
         /// New quota for each process (or for the process given with --pid).
-        #[arg(value_name = "SIZE", value_parser = parse_quota)]
-        limit: Option<String>,
+        #[arg(value_name = "SIZE")]
+        limit: Option<Quota>,
         /// Apply the quota to this process only.
         #[arg(long)]
         pid: Option<u32>,
         /// New quota for all the container's processes together.
-        #[arg(long, value_name = "SIZE", value_parser = parse_quota)]
-        total: Option<String>,
+        #[arg(long, value_name = "SIZE")]
+        total: Option<Quota>,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -101,16 +101,8 @@ enum Command {
 #[derive(Debug, Args)]
 struct SocketArg {
     /// heapcapd's control socket.
-    #[arg(long = "control-socket", value_name = "PATH", env = "HEAPCAP_CONTROL_SOCKET", default_value = heapcap_control::DEFAULT_CONTROL_SOCKET)]
+    #[arg(long = "control-socket", value_name = "PATH", env = "HEAPCAP_CONTROL_SOCKET", default_value = heapcap_env::paths::CONTROL_SOCKET)]
     path: std::path::PathBuf,
-}
-
-/// A quota as written (checked here, so a typo fails before reaching heapcapd).
-fn parse_quota(s: &str) -> Result<String, String> {
-    match s.trim() {
-        "none" | "unlimited" => Ok(s.trim().to_string()),
-        v => Size::parse_limit(v).map(|_| v.to_string()).map_err(|e| e.to_string()),
-    }
 }
 
 fn parse_limit(s: &str) -> Result<Size, String> {

@@ -2,18 +2,20 @@
 //! read and write, grown up).
 
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use heapcap_control::{Done, ErrorReply, PsReply, Request, MAX_REQUEST};
-use heapcap_policy::Size;
+use heapcap_linux::peercred::check_peer;
+use heapcap_policy::{Quota, Size};
 use serde::Serialize;
 
 use crate::events::Events;
 use crate::registry::Registry;
-use crate::sockets::{peer_allowed, Slots};
+use crate::sockets::serve_connections;
 
 /// How long a client has to send its request line.
 const READ_DEADLINE: Duration = Duration::from_secs(10);
@@ -23,26 +25,9 @@ const MAX_CONNECTIONS: usize = 128;
 /// How often a follower with no new event is checked for having hung up.
 const FOLLOW_CHECK: Duration = Duration::from_secs(1);
 
+/// Accept connections until the listener fails.
 pub fn run(listener: UnixListener, registry: Arc<Registry>, events: Arc<Events>) {
-    let slots = Slots::new(MAX_CONNECTIONS);
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "control socket accept failed");
-                continue;
-            }
-        };
-        let (registry, events) = (registry.clone(), events.clone());
-        let slot = slots.take("control");
-        let spawned = std::thread::Builder::new().name("control".into()).spawn(move || {
-            let _slot = slot;
-            serve(stream, &registry, &events);
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a thread for a control connection");
-        }
-    }
+    serve_connections(listener, "control", "control", MAX_CONNECTIONS, move |stream| serve(stream, &registry, &events));
 }
 
 fn send<T: Serialize>(stream: &mut UnixStream, value: &T) -> std::io::Result<()> {
@@ -53,14 +38,6 @@ fn send<T: Serialize>(stream: &mut UnixStream, value: &T) -> std::io::Result<()>
 
 fn refuse(stream: &mut UnixStream, error: impl ToString) {
     let _ = send(stream, &ErrorReply { error: error.to_string() });
-}
-
-/// `none`/`unlimited` remove a quota; anything else is a size.
-fn parse_quota(value: &str) -> Result<Option<u64>, String> {
-    match value.trim() {
-        "none" | "unlimited" => Ok(None),
-        v => Size::parse_limit(v).map(|s| Some(s.bytes())).map_err(|e| e.to_string()),
-    }
 }
 
 /// Read the one request line: at most [`MAX_REQUEST`] bytes, within [`READ_DEADLINE`] all told.
@@ -108,11 +85,27 @@ fn read_request(stream: &mut UnixStream) -> Result<Vec<u8>, String> {
 fn parse_request(line: &[u8]) -> Result<Request, String> {
     let text = std::str::from_utf8(line).map_err(|e| format!("bad request: not UTF-8 ({e}): send one JSON line"))?;
     serde_json::from_str(text).map_err(|e| {
+        if let Some(bad) = bad_quota(text) {
+            return bad;
+        }
         let what = if e.is_syntax() || e.is_eof() { "not JSON" } else { "not a request" };
         format!(
             "bad request ({what}: {e}): send one JSON line with \"op\" one of \"ps\", \"set-limit\", \"events\", \
              e.g. {{\"op\":\"ps\"}}"
         )
+    })
+}
+
+/// What is wrong with a quota of a set-limit request, if that is what is wrong with it: said as
+/// such, not as a malformed request.
+fn bad_quota(text: &str) -> Option<String> {
+    let request: serde_json::Value = serde_json::from_str(text).ok()?;
+    if request.get("op")?.as_str()? != "set-limit" {
+        return None;
+    }
+    ["limit", "total"].into_iter().find_map(|field| {
+        let error = request.get(field)?.as_str()?.parse::<Quota>().err()?;
+        Some(format!("{field}: {error}"))
     })
 }
 
@@ -128,7 +121,7 @@ fn hung_up(stream: &mut UnixStream) -> bool {
 }
 
 fn serve(mut stream: UnixStream, registry: &Registry, events: &Events) {
-    if let Err(e) = peer_allowed(&stream) {
+    if let Err(e) = check_peer(stream.as_fd()) {
         tracing::warn!(error = %e, "control connection refused");
         return refuse(&mut stream, e);
     }
@@ -146,7 +139,7 @@ fn serve(mut stream: UnixStream, registry: &Registry, events: &Events) {
             let _ = send(&mut stream, &PsReply { containers });
         }
         Request::SetLimit { container, pid, limit, total } => {
-            let reply = set_limit(registry, &container, pid, limit.as_deref(), total.as_deref());
+            let reply = set_limit(registry, &container, pid, limit, total);
             match reply {
                 Ok(message) => {
                     tracing::info!(%container, ?pid, %message, "quota changed");
@@ -191,8 +184,8 @@ fn set_limit(
     registry: &Registry,
     container: &str,
     pid: Option<u32>,
-    limit: Option<&str>,
-    total: Option<&str>,
+    limit: Option<Quota>,
+    total: Option<Quota>,
 ) -> Result<String, String> {
     if limit.is_none() && total.is_none() {
         return Err("give a size for the limit, --total SIZE, or both".into());
@@ -200,8 +193,7 @@ fn set_limit(
     if pid.is_some() && total.is_some() {
         return Err("--total is for the whole container: leave out --pid".into());
     }
-    let limit = limit.map(parse_quota).transpose()?;
-    let total = total.map(parse_quota).transpose()?;
+    let (limit, total) = (limit.map(Quota::bytes), total.map(Quota::bytes));
     let c = registry.find(container).map_err(|e| e.to_string())?;
     c.set_limits(pid, limit, total).map_err(|e| e.to_string())?;
     let show = |q: Option<u64>| q.map_or_else(|| "none".to_string(), |b| Size(b).to_string());
@@ -216,4 +208,28 @@ fn set_limit(
         parts.push(format!("total limit {}", show(t)));
     }
     Ok(format!("container {}: {}", c.id, parts.join(", ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_quota_is_said_to_be_one() {
+        let e = parse_request(br#"{"op":"set-limit","container":"c1","total":"lots"}"#).unwrap_err();
+        assert!(
+            e.starts_with("total: 'lots' is not a size: write a number") && e.ends_with("(or none for no quota)"),
+            "{e}"
+        );
+        let e = parse_request(br#"{"op":"set-limit","container":"c1","limit":"0"}"#).unwrap_err();
+        assert!(e.starts_with("limit: '0' is zero"), "{e}");
+        // Anything else wrong is a bad request, as before.
+        let e = parse_request(br#"{"op":"ps","limit":"lots"}"#).unwrap_err();
+        assert!(e.contains("unknown field `limit`"), "{e}");
+        let ok = parse_request(br#"{"op":"set-limit","container":"c1","limit":"none"}"#).unwrap();
+        assert_eq!(
+            ok,
+            Request::SetLimit { container: "c1".into(), pid: None, limit: Some(Quota::Unlimited), total: None }
+        );
+    }
 }

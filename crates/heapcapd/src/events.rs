@@ -104,7 +104,7 @@ mod tests {
             requested: 1,
             usage: 2,
             limit: 3,
-            scope: "process".into(),
+            scope: heapcap_policy::Scope::Process,
         }
     }
 

@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 
 use heapcap_linux::fdpass::recv_fds;
 use heapcap_linux::notify::Listener;
+use heapcap_linux::peercred::{check_peer, peer_cred, PeerError};
 use heapcap_linux::pidfd::Pidfd;
 use heapcap_oci::agent::{self, AgentError, AgentMessage, MAX_MESSAGE};
 use heapcap_policy::ledger::{Limits, Mode};
 use heapcap_policy::settings::{Settings, SettingsError};
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use oci_spec::runtime::SECCOMP_FD_NAME;
 
 use crate::registry::Registry;
-use crate::sockets::{peer_allowed, Slots};
+use crate::sockets::serve_connections;
 
 /// How long a peer has to send its whole message (runc and crun send it at once and close).
 const READ_DEADLINE: Duration = Duration::from_secs(5);
@@ -39,8 +39,8 @@ pub enum OnBadSettings {
 /// Why a message was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
-    #[error("{0}")]
-    Peer(String),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
     #[error("cannot read the message: {0}")]
     Read(#[source] std::io::Error),
     #[error("no complete message within {}s ({got} bytes received): a runtime sends its state and closes the connection", READ_DEADLINE.as_secs())]
@@ -61,28 +61,12 @@ pub enum IntakeError {
 
 /// Accept connections until the listener fails.
 pub fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadSettings) {
-    let slots = Slots::new(MAX_CONNECTIONS);
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "agent socket accept failed");
-                continue;
-            }
-        };
-        let registry = registry.clone();
-        let slot = slots.take("agent");
-        let spawned = std::thread::Builder::new().name("intake".into()).spawn(move || {
-            let _slot = slot;
-            if let Err(e) = handle(&stream, &registry, on_bad) {
-                let peer = getsockopt(&stream, PeerCredentials).map(|c| c.pid()).unwrap_or(0);
-                tracing::warn!(peer, error = %e, "agent message not taken");
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a thread for an agent connection");
+    serve_connections(listener, "agent", "intake", MAX_CONNECTIONS, move |stream| {
+        if let Err(e) = handle(&stream, &registry, on_bad) {
+            let peer = peer_cred(stream.as_fd()).map(|c| c.pid).unwrap_or(0);
+            tracing::warn!(peer, error = %e, "agent message not taken");
         }
-    }
+    });
 }
 
 /// A failed read: running out of time is the peer's fault, and said so.
@@ -126,14 +110,22 @@ fn read_message(stream: &UnixStream) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedF
 }
 
 pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettings) -> Result<(), IntakeError> {
-    let runtime = peer_allowed(stream).map_err(IntakeError::Peer)?;
+    let runtime = check_peer(stream.as_fd())?.pid;
     let (data, mut fds) = read_message(stream)?;
     if data.is_empty() && fds.is_empty() {
         tracing::debug!("agent connection closed without a message");
         return Ok(());
     }
     // Every fd received is closed on return but the listener, whatever the message says.
-    let message = agent::parse(&data, fds.len())?;
+    let message = match agent::parse(&data, fds.len()) {
+        Ok(message) => message,
+        // Not a container to serve, but one to stop and tell why, as one with bad settings.
+        Err(AgentError::BadId { id, pid }) => {
+            refuse(runtime, pid, &agent::shown_id(&id), &agent::IdRule);
+            return Err(AgentError::BadId { id, pid }.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let listener = Listener::verify(fds.swap_remove(message.seccomp_fd)).map_err(|_| IntakeError::NotAListener)?;
     drop(fds);
     let AgentMessage { id, pid, settings, .. } = message;
@@ -157,10 +149,10 @@ pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettin
     registry.attach_process(&id, settings, listener, pid).map_err(IntakeError::Serve)
 }
 
-/// Stop a container whose settings are bad before it runs the user's program, and say why on
-/// the stderr of the runtime that sent it (what `runc run` prints and podman reports as the OCI
-/// runtime's error), or else of the container's init. The protocol has no answer channel.
-fn refuse(runtime: i32, init: Option<u32>, id: &str, why: &SettingsError) {
+/// Stop a container whose settings (or id) are bad before it runs the user's program, and say
+/// why on the stderr of the runtime that sent it (what `runc run` prints and podman reports as
+/// the OCI runtime's error), or else of the container's init. The protocol has no answer channel.
+fn refuse(runtime: i32, init: Option<u32>, id: &str, why: &dyn std::fmt::Display) {
     let message = format!("heapcapd: container {id} refused: {why}\n");
     let init_pid = init.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
     let told = [runtime, init_pid].into_iter().any(|pid| tell(pid, &message));

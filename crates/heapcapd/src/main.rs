@@ -8,6 +8,8 @@ mod events;
 mod intake;
 mod metrics;
 mod registry;
+#[cfg(test)]
+mod registry_tests;
 mod sockets;
 
 use std::net::SocketAddr;
@@ -17,9 +19,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use heapcap_control::{DEFAULT_AGENT_SOCKET, DEFAULT_CONTROL_SOCKET};
-
-const DEFAULT_HOLDER_SOCKET: &str = "/run/heapcap/holder.sock";
+use heapcap_env::paths::{AGENT_SOCKET, CONTROL_SOCKET, HOLDER_SOCKET};
 use heapcap_supervise::{ExitWatcher, Observer};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -39,14 +39,14 @@ enum LogFormat {
 #[command(name = "heapcapd", version)]
 struct Args {
     /// Where runtimes send listener fds (root only).
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_AGENT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = AGENT_SOCKET)]
     socket: PathBuf,
     /// Where `heapcap ps`, `set-limit` and `events` connect (root only).
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = CONTROL_SOCKET)]
     control_socket: PathBuf,
     /// Where the fd holder listens: it keeps every container's listener fd while heapcapd
     /// restarts (heapcapd starts it if it is not running). Root only.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_HOLDER_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = HOLDER_SOCKET)]
     holder_socket: PathBuf,
     /// The holder program (default: `heapcap-holder` beside heapcapd, else on PATH).
     #[arg(long, value_name = "PATH")]

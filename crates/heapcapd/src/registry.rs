@@ -13,7 +13,7 @@ use heapcap_control::{ContainerView, Event, ProcessView};
 use heapcap_holder::{Client, Held};
 use heapcap_linux::journal::Slot;
 use heapcap_linux::notify::Listener;
-use heapcap_policy::ledger::{Limits, Mode, Scope};
+use heapcap_policy::ledger::{Limits, Mode};
 use heapcap_policy::settings::Settings;
 use heapcap_supervise::{Denial, ExitWatcher, Ledger, Observer, Supervisor};
 
@@ -107,11 +107,7 @@ fn event(container: &str, d: &Denial) -> Event {
         requested: d.request,
         usage: d.usage,
         limit: d.limit,
-        scope: match d.scope {
-            Scope::Process => "process",
-            Scope::Total => "total",
-        }
-        .to_string(),
+        scope: d.scope,
     }
 }
 
@@ -203,7 +199,7 @@ impl Registry {
         let registry = self.clone();
         let id = container.id.clone();
         let id_for_error = id.clone();
-        let spawned = std::thread::Builder::new().name(format!("ctr-{}", &id[..id.len().min(11)])).spawn(move || {
+        let spawned = std::thread::Builder::new().name(format!("ctr-{id:.11}")).spawn(move || {
             if let (Some(resume), Some(slot)) = (resume, &slot) {
                 container.resume(&listener, slot, resume);
             }
@@ -327,11 +323,7 @@ impl Container {
             .collect();
         ContainerView {
             id: self.id.clone(),
-            mode: match s.ledger.mode() {
-                Mode::Enforce => "enforce",
-                Mode::Audit => "audit",
-            }
-            .to_string(),
+            mode: s.ledger.mode(),
             limit: limits.process,
             total_limit: limits.total,
             heap: processes.iter().map(|p| p.heap).sum(),

@@ -1,5 +1,6 @@
 //! Root-only UNIX sockets: created 0600 in a 0700 directory, and every peer's credentials
-//! checked, so neither a container nor an unprivileged user can reach heapcapd.
+//! checked ([`heapcap_linux::peercred::check_peer`], by each connection's handler), so neither a
+//! container nor an unprivileged user can reach heapcapd.
 
 use std::fs;
 use std::io;
@@ -7,8 +8,6 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
-
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 /// Bind `path` for the owner only. A stale socket file is replaced; a live one is an error.
 pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
@@ -37,16 +36,32 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// The peer runs as root or as heapcapd's own user; returns its pid.
-pub fn peer_allowed(stream: &UnixStream) -> Result<i32, String> {
-    let cred = getsockopt(stream, PeerCredentials).map_err(|e| format!("cannot read peer credentials: {e}"))?;
-    let me = nix::unistd::geteuid().as_raw();
-    let uid = cred.uid();
-    if uid == 0 || uid == me {
-        Ok(cred.pid())
-    } else {
-        let who = if me == 0 { "root".to_string() } else { format!("root or heapcapd's own user (uid {me})") };
-        Err(format!("peer pid {} uid {uid} refused: only {who} may connect", cred.pid()))
+/// Accept connections on `listener` until it fails, each served by `serve` on a thread of its
+/// own named `thread`, at most `max` at once ([`Slots`]: the rest wait in the backlog). `socket`
+/// names the socket in what is logged.
+pub fn serve_connections<F>(listener: UnixListener, socket: &'static str, thread: &str, max: usize, serve: F)
+where
+    F: Fn(UnixStream) + Send + Sync + 'static,
+{
+    let serve = Arc::new(serve);
+    let slots = Slots::new(max);
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "{socket} socket accept failed");
+                continue;
+            }
+        };
+        let slot = slots.take(socket);
+        let serve = serve.clone();
+        let spawned = std::thread::Builder::new().name(thread.into()).spawn(move || {
+            let _slot = slot;
+            serve(stream);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(socket, error = %e, "cannot start a thread for a connection");
+        }
     }
 }
 
@@ -141,5 +156,40 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10)).expect("a freed slot lets the waiter in");
         drop(waiter.join().unwrap());
         assert_eq!(slots.busy(), 1);
+    }
+
+    #[test]
+    fn connections_are_served_on_threads_of_their_own_up_to_the_bound() {
+        use std::io::{Read, Write};
+        let dir = std::env::temp_dir().join(format!("heapcapd-sockets-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("test.sock");
+        let listener = bind_private(&path).unwrap();
+        // Each connection is answered with its thread's name once the test lets it go.
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        std::thread::spawn(move || {
+            serve_connections(listener, "test", "served", 1, move |mut s| {
+                gate.lock().unwrap().recv().unwrap();
+                let name = std::thread::current().name().unwrap_or("").to_string();
+                s.write_all(name.as_bytes()).unwrap();
+            })
+        });
+        let mut first = UnixStream::connect(&path).unwrap();
+        let mut second = UnixStream::connect(&path).unwrap();
+        go.send(()).unwrap();
+        let mut answer = String::new();
+        first.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "served");
+        // One at a time: the second was not taken before the first ended, and is served now.
+        second.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut byte = [0u8; 1];
+        assert!(second.read(&mut byte).is_err(), "served before the test let it go");
+        go.send(()).unwrap();
+        second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        answer.clear();
+        second.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "served");
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

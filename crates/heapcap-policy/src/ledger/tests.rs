@@ -283,3 +283,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn modes_and_scopes_read_back_by_name() {
+    for mode in [Mode::Enforce, Mode::Audit] {
+        assert_eq!(mode.to_string().parse(), Ok(mode));
+    }
+    for scope in [Scope::Process, Scope::Total] {
+        assert_eq!(scope.to_string().parse(), Ok(scope));
+    }
+    assert_eq!((Mode::Audit.name(), Scope::Total.name()), ("audit", "total"));
+    let e = "Enforce".parse::<Mode>().unwrap_err().to_string();
+    assert_eq!(e, "'Enforce' is not a mode: write enforce or audit");
+    assert!("all".parse::<Scope>().is_err());
+}

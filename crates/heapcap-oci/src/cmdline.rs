@@ -1,5 +1,7 @@
-//! Where a runc command line keeps what the shim needs: the subcommand, the bundle of
-//! `create`/`run`, and the log file the engine reads errors from.
+//! Where an OCI runtime's command line (runc's, crun's) keeps what heapcap needs from it: the
+//! subcommand, the bundle of `create`/`run`, and the log file the engine reads errors from
+//! (`--log`, `--log-format`). heapcap-runtime reads its own command line with [`inspect`];
+//! heapcap-hook reads its runtime's, to write its errors where the engine looks.
 //!
 //! This is not a parser of runc's command line and must not become one: the shim passes every
 //! argument on unchanged, also flags it has never heard of (crun and newer runc versions add
