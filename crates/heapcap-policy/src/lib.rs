@@ -20,6 +20,6 @@ pub mod settings;
 pub mod size;
 pub mod syscall;
 
-pub use ledger::{Decision, Fast, Ledger, Limits, Mode, NameError, Scope};
+pub use ledger::{Deny, Figure, Ledger, Limits, Mode, NameError, Need, Scope, Step, Verdict};
 pub use quota::{Quota, QuotaError};
 pub use size::{Size, SizeError};

@@ -1,0 +1,467 @@
+//! The accounting: per-process upper bounds, quotas, and decisions.
+//!
+//! For each process (thread group) the ledger keeps `bound`, an upper bound of its counted heap:
+//! the last figure read from `/proc` plus every growth let through since. A request is let
+//! through at once while `bound + growth` stays within the quota (and within the peak mark, so
+//! peaks are measured) by [`Ledger::fast`]; otherwise the caller reads a figure and hands it to
+//! [`Ledger::decide`]. Frees are never intercepted: they show up in the next figure. Every path
+//! holds a request against the quotas in one place ([`Ledger::check`]).
+//!
+//! The caller reads `/proc` *without* holding the ledger: it takes a [`Token`] first, reads, and
+//! hands the figure back with it. What can make a figure too low is tracked:
+//! - growth let through that is still in flight on another thread when the maps are read (the
+//!   thread was woken but has not mapped yet). Each such growth is *pending* until the thread is
+//!   seen to have moved on: it sent another notification, it sleeps in a different call, it is
+//!   gone. Pending bytes are added to every figure; growth let through after the token is never
+//!   retired by it, whatever the thread states say.
+//! - `mremap` that moves memory while the maps are being read can hide it from the read, so a
+//!   moving `mremap` stays pending for its full new size.
+//! - a figure read across an exec, or of a pid that another process took meanwhile, is refused
+//!   as [`Verdict::Stale`].
+//!
+//! `brk` is charged from the last known program break, which an `execve` replaces. An exec in
+//! flight forces `brk` onto the exact path until the exec'ing thread is seen again or is gone.
+//!
+//! Two kinds of process are held differently:
+//! - *runtime* accounts ([`Ledger::admit`] with `runtime`): a container runtime's own code before
+//!   it execs the container's program. Observed, never denied, left out of the total; at the
+//!   exec the account starts afresh as the program's.
+//! - *blind* accounts: the mappings cannot be read (a process that is not dumpable, seen by a
+//!   supervisor without ptrace rights over it). Figures come from `statm` (never below the
+//!   counted heap) or, failing that, from the notifications alone, so the bound only tightens
+//!   when `statm` can be read; a request is decided on it, never on a figure that is not there.
+
+mod account;
+mod terms;
+
+use std::collections::HashMap;
+
+use crate::syscall::{page_up, Request};
+
+pub use account::Account;
+use account::Pending;
+pub use terms::{
+    CallKey, Deny, Figure, Limits, Mode, NameError, Need, Pid, Scope, Snapshot, Step, Summary, ThreadState, Tid,
+    Token, Verdict,
+};
+
+/// Every process under one set of quotas (a `heapcap run` tree, or one container).
+#[derive(Debug)]
+pub struct Ledger {
+    limits: Limits,
+    mode: Mode,
+    page: u64,
+    accounts: HashMap<Pid, Account>,
+    /// Upper bound of all non-runtime accounts' counted heap together.
+    total_bound: u64,
+    /// Counts growth let through ([`Token::seq`]).
+    seq: u64,
+    /// Hands out [`Account`] images.
+    images: u64,
+}
+
+impl Ledger {
+    pub fn new(limits: Limits, mode: Mode, page: u64) -> Ledger {
+        assert!(page.is_power_of_two(), "page size must be a power of two");
+        Ledger { limits, mode, page, accounts: HashMap::new(), total_bound: 0, seq: 0, images: 0 }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+
+    /// Upper bound of all (non-runtime) processes' counted heap together.
+    pub fn total_bound(&self) -> u64 {
+        self.total_bound
+    }
+
+    pub fn contains(&self, pid: Pid) -> bool {
+        self.accounts.contains_key(&pid)
+    }
+
+    pub fn account(&self, pid: Pid) -> Option<&Account> {
+        self.accounts.get(&pid)
+    }
+
+    pub fn pids(&self) -> impl Iterator<Item = Pid> + '_ {
+        self.accounts.keys().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.accounts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty()
+    }
+
+    /// A quota for one process, apart from the ledger's.
+    pub fn set_process_limit(&mut self, pid: Pid, limit: Option<u64>) -> bool {
+        self.accounts.get_mut(&pid).map(|a| a.limit = limit).is_some()
+    }
+
+    fn process_limit(&self, acct: &Account) -> Option<u64> {
+        acct.limit.or(self.limits.process)
+    }
+
+    fn next_image(&mut self) -> u64 {
+        self.images += 1;
+        self.images
+    }
+
+    /// Start accounting a process first seen now, measured as `baseline`: the mappings, or, for a
+    /// process whose mappings cannot be read, `statm` ([`Figure::UpperOnly`], a blind account).
+    /// `runtime`: the process is the container runtime's own code, before the program's exec.
+    /// Returns false (nothing opened) for a figure that is no baseline ([`Figure::Unread`]).
+    pub fn admit(&mut self, pid: Pid, command: String, baseline: Figure<'_>, runtime: bool) -> bool {
+        let (counted, brk, blind) = match baseline {
+            Figure::Exact(snap) => (snap.maps.counted(), snap.brk(self.page), false),
+            Figure::Upper(upper) => (upper, None, false),
+            Figure::UpperOnly(upper) => (upper, None, true),
+            Figure::Unread => return false,
+        };
+        let image = self.next_image();
+        let mut acct = Account::new(command, image, counted, brk);
+        acct.runtime = runtime;
+        acct.blind = blind;
+        self.close(pid);
+        if !runtime {
+            self.total_bound += counted;
+        }
+        self.accounts.insert(pid, acct);
+        true
+    }
+
+    /// What a figure of `pid` read from now on must be handed back with.
+    pub fn token(&self, pid: Pid) -> Option<Token> {
+        self.accounts.get(&pid).map(|a| Token { image: a.image, seq: self.seq })
+    }
+
+    pub fn set_command(&mut self, pid: Pid, command: String) {
+        if let Some(a) = self.accounts.get_mut(&pid) {
+            a.command = command;
+        }
+    }
+
+    /// The process's mappings cannot be read: decide from `statm` and the notifications.
+    pub fn set_blind(&mut self, pid: Pid) {
+        if let Some(a) = self.accounts.get_mut(&pid) {
+            a.blind = true;
+        }
+    }
+
+    /// A notification from `tid` arrived: its earlier calls are done. Returns true when this
+    /// settles an exec (the caller should then measure afresh and refresh the command name).
+    pub fn thread_seen(&mut self, pid: Pid, tid: Tid) -> bool {
+        let Some(acct) = self.accounts.get_mut(&pid) else { return false };
+        acct.pending.retain(|p| p.tid != tid);
+        if acct.exec_by == Some(tid) {
+            self.exec_settled(pid);
+            return true;
+        }
+        false
+    }
+
+    /// `tid` of `pid` is calling `execve`.
+    pub fn exec_started(&mut self, pid: Pid, tid: Tid) {
+        if let Some(a) = self.accounts.get_mut(&pid) {
+            a.exec_by = Some(tid);
+        }
+    }
+
+    /// The thread whose exec is in flight, if any.
+    pub fn exec_thread(&self, pid: Pid) -> Option<Tid> {
+        self.accounts.get(&pid).and_then(|a| a.exec_by)
+    }
+
+    /// The exec'ing thread is gone (it took the leader's id, or died): the exec is settled.
+    pub fn exec_thread_gone(&mut self, pid: Pid) {
+        self.exec_settled(pid);
+    }
+
+    /// A new image: its figures start afresh at the next read, where a runtime's account becomes
+    /// the program's (held to the quotas, part of the total).
+    fn exec_settled(&mut self, pid: Pid) {
+        let image = self.next_image();
+        let Some(a) = self.accounts.get_mut(&pid) else { return };
+        a.exec_by = None;
+        a.brk = None;
+        a.new_image = true;
+        a.image = image;
+    }
+
+    /// Threads of `pid` other than `tid` with growth in flight: read their state before a figure.
+    pub fn pending_threads(&self, pid: Pid, tid: Tid) -> Vec<Tid> {
+        self.accounts.get(&pid).map(|a| a.pending_threads(tid)).unwrap_or_default()
+    }
+
+    /// Processes (other than `except`) whose bound may be above their counted heap: worth
+    /// refreshing when the total quota is in question.
+    pub fn stale(&self, except: Pid) -> Vec<Pid> {
+        self.accounts
+            .iter()
+            .filter(|(p, a)| **p != except && !a.runtime && (a.bound > a.last_exact || !a.pending.is_empty()))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// What `req` can add to the counted heap, from the account alone. `None`: unknown without
+    /// the mappings (a `brk` whose base is not known, or while an exec is in flight).
+    fn upper_growth(&self, acct: &Account, req: &Request) -> Option<u64> {
+        Some(match *req {
+            Request::Brk { addr } => {
+                if acct.exec_by.is_some() {
+                    return None;
+                }
+                page_up(addr, self.page)?.saturating_sub(acct.brk?)
+            }
+            Request::Map { len, .. } => len,
+            Request::Remap { old_len, new_len, dontunmap, .. } if dontunmap || old_len == 0 => new_len,
+            Request::Remap { old_len, new_len, .. } => new_len.saturating_sub(old_len),
+            Request::Protect { len, .. } => len,
+        })
+    }
+
+    /// What `req` adds, from the mappings. `None`: a `brk` whose base the snapshot does not show.
+    fn exact_growth(&self, req: &Request, snap: &Snapshot) -> Option<u64> {
+        Some(match *req {
+            Request::Brk { addr } => page_up(addr, self.page)?.saturating_sub(snap.brk(self.page)?),
+            Request::Map { addr, len, fixed: true } => len - snap.maps.counted_in(addr, addr.saturating_add(len)),
+            Request::Map { len, .. } => len,
+            Request::Remap { old_addr, .. } if !snap.maps.containing(old_addr).is_some_and(|v| v.counted()) => {
+                0 // a file or shared mapping: never heap
+            }
+            Request::Remap { old_len, new_len, dontunmap, .. } if dontunmap || old_len == 0 => new_len,
+            Request::Remap { old_len, new_len, .. } => new_len.saturating_sub(old_len),
+            Request::Protect { addr, len } => snap.maps.protect_growth(addr, addr.saturating_add(len)),
+        })
+    }
+
+    /// The bytes a concurrent read could miss once `req` is let through with `growth`.
+    fn missable(req: &Request, growth: u64) -> u64 {
+        match *req {
+            Request::Remap { moves: true, new_len, .. } => growth.max(new_len),
+            _ => growth,
+        }
+    }
+
+    /// Hold `growth` for `pid` against every quota that applies: the one place a request is
+    /// checked. Audit mode and runtime accounts are never held.
+    pub fn check(&self, pid: Pid, growth: u64) -> Result<(), Deny> {
+        let Some(acct) = self.accounts.get(&pid) else { return Ok(()) };
+        self.check_account(acct, Some(growth))
+    }
+
+    /// [`Ledger::check`] for an account; `growth` `None`: unknown, so any quota refuses it.
+    fn check_account(&self, acct: &Account, growth: Option<u64>) -> Result<(), Deny> {
+        if self.mode == Mode::Audit || acct.runtime {
+            return Ok(());
+        }
+        let over = |usage: u64, limit: u64| growth.is_none_or(|g| usage.saturating_add(g) > limit);
+        if let Some(limit) = self.process_limit(acct) {
+            if over(acct.bound, limit) {
+                return Err(Deny { scope: Scope::Process, usage: acct.bound, request: growth, limit });
+            }
+        }
+        if let Some(limit) = self.limits.total {
+            if over(self.total_bound, limit) {
+                return Err(Deny { scope: Scope::Total, usage: self.total_bound, request: growth, limit });
+            }
+        }
+        Ok(())
+    }
+
+    /// Charge growth let through.
+    fn track(&mut self, pid: Pid, tid: Tid, req: &Request, key: CallKey, growth: u64) {
+        self.seq += 1;
+        let (seq, page) = (self.seq, self.page);
+        let Some(acct) = self.accounts.get_mut(&pid) else { return };
+        if let Request::Brk { addr } = *req {
+            acct.brk = page_up(addr, page);
+            acct.brk_seq = seq;
+        }
+        acct.bound += growth;
+        acct.peak = acct.peak.max(acct.bound);
+        let missable = Self::missable(req, growth);
+        if missable > 0 {
+            acct.pending.push(Pending { tid, bytes: missable, key, seq });
+        }
+        if !acct.runtime {
+            self.total_bound += growth;
+        }
+    }
+
+    fn deny(&mut self, pid: Pid, deny: Deny) -> Verdict {
+        if let Some(a) = self.accounts.get_mut(&pid) {
+            a.denials += 1;
+        }
+        Verdict::Deny(deny)
+    }
+
+    /// The fast path: decide from the bound alone, or say which figure to read.
+    pub fn fast(&mut self, pid: Pid, tid: Tid, req: &Request, key: CallKey) -> Step {
+        let exact = Step::Measure { need: Need::Exact, refresh_others: false };
+        let Some(acct) = self.accounts.get(&pid) else { return exact };
+        let Some(growth) = self.upper_growth(acct, req) else { return exact };
+        if let Err(deny) = self.check_account(acct, Some(growth)) {
+            // A quota is in question: statm may show that the request fits even so.
+            let need = if acct.new_image { Need::Exact } else { Need::Upper };
+            return Step::Measure { need, refresh_others: deny.scope == Scope::Total };
+        }
+        if acct.new_image || (!acct.blind && acct.bound.saturating_add(growth) > acct.peak_mark()) {
+            return exact; // a new peak to measure
+        }
+        self.track(pid, tid, req, key, growth);
+        Step::Allow
+    }
+
+    /// Bring `pid`'s bound to `figure` (`states`: its threads with growth in flight, read before
+    /// the figure; `token`: taken before both). Returns false, changing nothing, when the figure
+    /// is stale (the process the token named has exec'd, or is gone).
+    ///
+    /// `states` must be read *before* the figure: a thread seen past its allowed call finished
+    /// it before the figure was read. Read after, a growth landing between the two reads would
+    /// be in neither.
+    pub fn refresh(&mut self, pid: Pid, figure: Figure<'_>, states: &[(Tid, ThreadState)], token: Token) -> bool {
+        let page = self.page;
+        let Some(acct) = self.accounts.get_mut(&pid).filter(|a| a.image == token.image) else { return false };
+        acct.retire(states, token);
+        let in_flight = acct.in_flight();
+        // The first figure of a runtime's new image (any but a tentative one) makes it the program's.
+        let joins = acct.runtime && acct.new_image && !matches!(figure, Figure::Upper(_));
+        let bound = match figure {
+            Figure::Exact(snap) => {
+                let counted = snap.maps.counted();
+                acct.last_exact = counted;
+                if std::mem::take(&mut acct.new_image) {
+                    acct.measured = counted;
+                    acct.peak = 0;
+                }
+                acct.measured = acct.measured.max(counted);
+                // A break moved by a call let through after the token is newer than the snapshot's.
+                if acct.exec_by.is_none() && acct.brk_seq <= token.seq {
+                    acct.brk = snap.brk(page);
+                }
+                counted.saturating_add(in_flight)
+            }
+            Figure::UpperOnly(upper) if std::mem::take(&mut acct.new_image) => {
+                // A blind process's new image: nothing better than statm will come.
+                acct.measured = upper;
+                acct.peak = 0;
+                upper.saturating_add(in_flight)
+            }
+            Figure::Upper(upper) | Figure::UpperOnly(upper) => acct.bound.min(upper.saturating_add(in_flight)),
+            Figure::Unread => acct.bound,
+        };
+        if joins {
+            acct.runtime = false;
+            self.total_bound += bound;
+        } else if !acct.runtime {
+            self.total_bound = self.total_bound - acct.bound + bound;
+        }
+        acct.bound = bound;
+        acct.peak = acct.peak.max(bound);
+        true
+    }
+
+    /// Decide `req` of thread `tid` from a figure of its process, read after [`Ledger::fast`]
+    /// asked for one (`states` and `token` as for [`Ledger::refresh`]).
+    ///
+    /// An [`Figure::Upper`] figure only lets through what fits even so, and not past a peak to be
+    /// measured: otherwise [`Verdict::MeasureExact`]. The exact figure, [`Figure::UpperOnly`] and
+    /// [`Figure::Unread`] are final: a request whose growth they cannot tell (a `brk` with no
+    /// known base) is refused wherever a quota applies, and let through uncharged where none does.
+    #[allow(clippy::too_many_arguments)] // the request, its figure, and what the figure was read with
+    pub fn decide(
+        &mut self,
+        pid: Pid,
+        tid: Tid,
+        req: &Request,
+        key: CallKey,
+        figure: Figure<'_>,
+        states: &[(Tid, ThreadState)],
+        token: Token,
+    ) -> Verdict {
+        if !self.refresh(pid, figure, states, token) {
+            return Verdict::Stale;
+        }
+        let acct = &self.accounts[&pid];
+        let tentative = matches!(figure, Figure::Upper(_)) && !acct.blind;
+        let growth = match figure {
+            Figure::Exact(snap) => self.exact_growth(req, snap),
+            _ => self.upper_growth(acct, req),
+        };
+        let Some(growth) = growth else {
+            if tentative {
+                return Verdict::MeasureExact;
+            }
+            return match self.check_account(acct, None) {
+                Ok(()) => Verdict::Allow,
+                Err(deny) => self.deny(pid, deny),
+            };
+        };
+        if let Err(deny) = self.check_account(acct, Some(growth)) {
+            return if tentative { Verdict::MeasureExact } else { self.deny(pid, deny) };
+        }
+        if tentative && (acct.new_image || acct.bound.saturating_add(growth) > acct.peak_mark()) {
+            return Verdict::MeasureExact; // a new peak to measure
+        }
+        let last_exact = acct.last_exact;
+        self.track(pid, tid, req, key, growth);
+        if let Figure::Exact(_) = figure {
+            let acct = self.accounts.get_mut(&pid).expect("refreshed above");
+            acct.measured = acct.measured.max(last_exact + growth);
+        }
+        Verdict::Allow
+    }
+
+    /// Close `pid`'s account, if any.
+    fn close(&mut self, pid: Pid) -> Option<Account> {
+        let acct = self.accounts.remove(&pid)?;
+        if !acct.runtime {
+            self.total_bound -= acct.bound;
+        }
+        Some(acct)
+    }
+
+    /// The process is gone: its heap is given back.
+    pub fn exit(&mut self, pid: Pid) -> Option<Summary> {
+        let acct = self.close(pid)?;
+        Some(Summary { pid, heap: 0, ..self.summary(pid, &acct) })
+    }
+
+    fn summary(&self, pid: Pid, a: &Account) -> Summary {
+        Summary {
+            pid,
+            command: a.command.clone(),
+            heap: a.bound,
+            peak: a.peak,
+            denials: a.denials,
+            limit: self.process_limit(a),
+            runtime: a.runtime,
+            blind: a.blind,
+        }
+    }
+
+    /// Figures of every live process.
+    pub fn summaries(&self) -> Vec<Summary> {
+        let mut v: Vec<Summary> = self.accounts.iter().map(|(&pid, a)| self.summary(pid, a)).collect();
+        v.sort_by_key(|s| s.pid);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests;
