@@ -79,14 +79,14 @@ impl Listener {
         }
     }
 
-    /// Ask the kernel to wake the caller on our CPU when we answer
-    /// (`SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`, Linux 6.6+). Returns false on older kernels.
-    pub fn set_sync_wakeup(&self) -> io::Result<bool> {
+    /// Ask the kernel to wake the caller and the supervisor on each other's CPU (`on`), or to
+    /// place them as it places any wake-up (`SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`, Linux 6.6+;
+    /// it can be switched at any time). Returns false on older kernels.
+    pub fn set_sync_wakeup(&self, on: bool) -> io::Result<bool> {
         const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: libc::c_ulong = 1;
+        let flags = if on { SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP } else { 0 };
         // SAFETY: SET_FLAGS takes the flag value itself as its argument, not a pointer.
-        let rc = unsafe {
-            libc::ioctl(self.fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
-        };
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, flags) };
         match rc {
             0 => Ok(true),
             _ => match crate::last_error() {

@@ -33,7 +33,20 @@ pub enum ProcError {
 impl ProcError {
     /// The process is gone (rather than /proc being unreadable).
     pub fn is_gone(&self) -> bool {
-        matches!(self, ProcError::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ESRCH | libc::ENOENT)))
+        self.errno().is_some_and(|e| matches!(e, libc::ESRCH | libc::ENOENT))
+    }
+
+    /// Reading was refused for good: the supervisor has no ptrace rights over the process (it is
+    /// not dumpable, or an LSM says no), as opposed to a passing failure (EMFILE, a garbled read).
+    pub fn is_denied(&self) -> bool {
+        self.errno().is_some_and(|e| matches!(e, libc::EACCES | libc::EPERM))
+    }
+
+    fn errno(&self) -> Option<i32> {
+        match self {
+            ProcError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
     }
 }
 
@@ -62,6 +75,13 @@ impl Default for ProcFs {
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ProcError + '_ {
     move |source| ProcError::Io { path: path.to_path_buf(), source }
+}
+
+/// A command line and name opened for one process, to be read after a check.
+#[derive(Debug)]
+pub struct OpenedCommand {
+    cmdline: Option<(PathBuf, File)>,
+    comm: Option<(PathBuf, File)>,
 }
 
 /// Files opened for one process, to be read after the notification check.
@@ -183,11 +203,24 @@ impl ProcFs {
     }
 
     /// The command line, for reports: the program's base name and its arguments, joined by
-    /// spaces and shortened; `[comm]` if there is none (a kernel thread, a zombie).
+    /// spaces and shortened; `[comm]` if there is none (a kernel thread, a zombie); `?` if
+    /// neither can be read.
     pub fn command(&self, pid: u32) -> String {
+        self.read_command(self.open_command(pid))
+    }
+
+    /// Open what [`ProcFs::read_command`] reads, to read it after a check.
+    pub fn open_command(&self, pid: u32) -> OpenedCommand {
+        OpenedCommand { cmdline: self.open(pid, "cmdline").ok(), comm: self.open(pid, "comm").ok() }
+    }
+
+    /// The command line from [`ProcFs::open_command`] (never fails: `?` when nothing reads).
+    pub fn read_command(&self, opened: OpenedCommand) -> String {
         const MAX: usize = 60;
-        let mut cmd = match self.read_bytes(pid, "cmdline") {
-            Ok(bytes) if !bytes.is_empty() => {
+        let mut bytes = Vec::new();
+        let cmdline = opened.cmdline.and_then(|(_, mut f)| f.read_to_end(&mut bytes).ok()).filter(|n| *n > 0);
+        let mut cmd = match cmdline {
+            Some(_) => {
                 let mut args: Vec<String> = bytes
                     .split(|&b| b == 0)
                     .filter(|a| !a.is_empty())
@@ -200,10 +233,13 @@ impl ProcFs {
                 }
                 args.join(" ")
             }
-            _ => match self.read(pid, "comm") {
-                Ok((_, comm)) => format!("[{}]", comm.trim_end()),
-                Err(_) => "?".to_string(),
-            },
+            None => {
+                let mut comm = String::new();
+                match opened.comm.map(|(_, mut f)| f.read_to_string(&mut comm)) {
+                    Some(Ok(_)) => format!("[{}]", comm.trim_end()),
+                    _ => "?".to_string(),
+                }
+            }
         };
         if cmd.chars().count() > MAX {
             cmd = cmd.chars().take(MAX - 1).collect::<String>() + "…";
@@ -211,11 +247,21 @@ impl ProcFs {
         cmd
     }
 
-    fn read_bytes(&self, pid: u32, file: &str) -> Result<Vec<u8>, ProcError> {
-        let (path, mut f) = self.open(pid, file)?;
-        let mut v = Vec::new();
-        f.read_to_end(&mut v).map_err(io_err(&path))?;
-        Ok(v)
+    /// The thread ids of process `pid` (empty if it cannot be read).
+    pub fn tasks(&self, pid: u32) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir(self.path(pid, "task")) else { return Vec::new() };
+        dir.flatten().filter_map(|t| t.file_name().to_str()?.parse().ok()).collect()
+    }
+
+    /// The children of every thread of `pid` (`/proc/<pid>/task/<tid>/children`).
+    pub fn children(&self, pid: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        for tid in self.tasks(pid) {
+            let path = self.root.join(pid.to_string()).join("task").join(tid.to_string()).join("children");
+            let Ok(text) = std::fs::read_to_string(path) else { continue };
+            out.extend(text.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+        out
     }
 
     /// Open `/proc/<pid>/mem`, to read a caller's memory after the notification check.
