@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use heapcap_policy::{Mode, Quota, Scope};
+use heapcap_policy::{Denial, Mode, Quota, Scope, Size};
 use serde::{Deserialize, Serialize};
 
 mod text;
@@ -87,21 +87,75 @@ pub struct PsReply {
     pub containers: Vec<ContainerView>,
 }
 
-/// A denied growth.
+/// A denied growth. A figure that could not be known is `null`, never a placeholder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// RFC 3339, UTC.
     pub time: String,
     pub container: String,
-    pub pid: u32,
+    /// The calling process; `null` when not even that could be read.
+    pub pid: Option<u32>,
+    /// The calling thread.
+    #[serde(default)]
+    pub tid: Option<u32>,
     pub command: String,
     pub syscall: String,
-    pub requested: u64,
-    pub usage: u64,
+    /// Bytes the call would add; `null` when it cannot be known (a `brk` whose base is unknown).
+    pub requested: Option<u64>,
+    /// The usage held against the limit (the process's, or for scope `total` the container's).
+    pub usage: Option<u64>,
     pub limit: u64,
     /// `"process"` or `"total"`.
     #[serde(with = "text")]
     pub scope: Scope,
+    /// Why, when not simply over the quota: what could not be read about the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Event {
+    /// The event of a denial in `container` (empty: none, as under `heapcap run`).
+    pub fn new(container: &str, d: &Denial) -> Event {
+        Event {
+            time: humantime::format_rfc3339_millis(d.time).to_string(),
+            container: container.to_string(),
+            pid: d.pid,
+            tid: Some(d.tid),
+            command: d.command.clone(),
+            syscall: d.syscall.to_string(),
+            requested: d.request,
+            usage: d.usage,
+            limit: d.limit,
+            scope: d.scope,
+            reason: d.reason.clone(),
+        }
+    }
+
+    /// One line for people: `mmap of 4.0 MiB denied to pid 42 (python3): heap 62.0 MiB + 4.0 MiB >
+    /// limit 64.0 MiB`.
+    pub fn describe(&self) -> String {
+        let unknown = || "?".to_string();
+        let size = |b: Option<u64>| b.map_or_else(unknown, |b| Size(b).to_string());
+        let who = match (self.pid, self.tid) {
+            (Some(pid), _) => format!("pid {pid}"),
+            (None, Some(tid)) => format!("thread {tid}"),
+            (None, None) => "a process".to_string(),
+        };
+        let command = if self.command.is_empty() { String::new() } else { format!(" ({})", self.command) };
+        let (whose, quota) = match self.scope {
+            Scope::Process => ("heap", "limit"),
+            Scope::Total => ("heap of all processes", "total limit"),
+        };
+        let mut line = format!("{} of {} denied to {who}{command}: ", self.syscall, size(self.requested));
+        match &self.reason {
+            None => {
+                line +=
+                    &format!("{whose} {} + {} > {quota} {}", size(self.usage), size(self.requested), Size(self.limit))
+            }
+            Some(reason) => line += &format!("{reason} ({whose} {}, {quota} {})", size(self.usage), Size(self.limit)),
+        }
+        line
+    }
 }
 
 /// Talking to heapcapd failed.
@@ -168,6 +222,51 @@ pub fn call<T: for<'de> Deserialize<'de>>(socket: &Path, request: &Request) -> R
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, SystemTime};
+
+    fn denial() -> Denial {
+        Denial {
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            pid: Some(42),
+            tid: 43,
+            command: "python3 -c x".into(),
+            syscall: "mmap",
+            request: Some(4 << 20),
+            usage: Some(62 << 20),
+            limit: 64 << 20,
+            scope: Scope::Process,
+            reason: None,
+            brk_return: None,
+        }
+    }
+
+    #[test]
+    fn a_denial_is_described_with_its_figures_and_unknowns_as_unknown() {
+        let e = Event::new("web-1", &denial());
+        assert_eq!(e.time, "2023-11-14T22:13:20.000Z");
+        assert_eq!(
+            e.describe(),
+            "mmap of 4.0 MiB denied to pid 42 (python3 -c x): heap 62.0 MiB + 4.0 MiB > limit 64.0 MiB"
+        );
+        let blind = Denial {
+            pid: None,
+            syscall: "brk",
+            request: None,
+            usage: None,
+            reason: Some("cannot read which process thread 43 is in: Too many open files".into()),
+            ..denial()
+        };
+        let e = Event::new("web-1", &blind);
+        assert_eq!(
+            e.describe(),
+            "brk of ? denied to thread 43 (python3 -c x): cannot read which process thread 43 is in: Too many open \
+             files (heap ?, limit 64.0 MiB)"
+        );
+        let json = serde_json::to_value(&e).unwrap();
+        assert!(json["pid"].is_null() && json["usage"].is_null(), "{json}");
+        assert_eq!(serde_json::from_value::<Event>(json).unwrap(), e);
+    }
+
     use super::*;
 
     #[test]
@@ -196,13 +295,15 @@ mod tests {
         let event = Event {
             time: "2025-01-01T00:00:00.000Z".into(),
             container: "c1".into(),
-            pid: 1,
+            pid: Some(1),
+            tid: Some(2),
             command: "x".into(),
             syscall: "mmap".into(),
-            requested: 1,
-            usage: 2,
+            requested: Some(1),
+            usage: Some(2),
             limit: 3,
             scope: Scope::Total,
+            reason: None,
         };
         let mut json = serde_json::to_value(&event).unwrap();
         assert_eq!(json["scope"], "total");

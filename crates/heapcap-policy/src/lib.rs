@@ -5,13 +5,14 @@
 //! - [`syscall`]: which system calls can grow a process's heap, per ABI, and what they ask for.
 //! - [`rules`]: the seccomp notify rules, as data, so the Linux layer and the OCI spec writer agree.
 //! - [`maps`]: parsing `/proc/<pid>/maps` into the counted heap and range queries on it.
-//! - [`ledger`]: per-process bounds, quotas and decisions.
+//! - [`ledger`]: per-process bounds, quotas and decisions; [`denial`]: a refusal as reported.
 //!
 //! What counts as heap: private, anonymous, writable mappings (the `brk` heap, anonymous private
 //! writable `mmap`, memory made writable with `mprotect`, `mremap` growth). File mappings of any
 //! kind, shared memory and the main thread's stack do not count.
 #![forbid(unsafe_code)]
 
+pub mod denial;
 pub mod ledger;
 pub mod maps;
 pub mod quota;
@@ -20,6 +21,7 @@ pub mod settings;
 pub mod size;
 pub mod syscall;
 
+pub use denial::Denial;
 pub use ledger::{Deny, Figure, Ledger, Limits, Mode, NameError, Need, Scope, Step, Verdict};
 pub use quota::{Quota, QuotaError};
 pub use size::{Size, SizeError};

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use heapcap_control::{call, Client, ContainerView, Done, Event, PsReply, Request};
-use heapcap_policy::{Quota, Scope, Size};
+use heapcap_policy::{Quota, Size};
 
 fn size(b: u64) -> String {
     Size(b).to_string()
@@ -117,20 +117,7 @@ pub fn events(socket: &Path, follow: bool, json: bool) -> ExitCode {
         let written = if json {
             serde_json::to_writer(&mut out, &event).map_err(std::io::Error::other).and_then(|()| writeln!(out))
         } else {
-            writeln!(
-                out,
-                "{} {} pid {} ({}): {} of {} denied: {} {} + {} > {}",
-                event.time,
-                event.container,
-                event.pid,
-                event.command,
-                event.syscall,
-                size(event.requested),
-                if event.scope == Scope::Total { "container heap" } else { "heap" },
-                size(event.usage),
-                size(event.requested),
-                size(event.limit)
-            )
+            writeln!(out, "{} {} {}", event.time, event.container, event.describe())
         };
         if written.and_then(|()| out.flush()).is_err() {
             return ExitCode::SUCCESS; // the reader went away (e.g. `| head`)

@@ -4,7 +4,8 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use heapcap_policy::ledger::{Scope, Summary};
+use heapcap_control::Event;
+use heapcap_policy::ledger::Summary;
 use heapcap_policy::Size;
 use heapcap_supervise::Denial;
 
@@ -54,7 +55,7 @@ impl DenialLog {
             return;
         }
         s.1 += 1;
-        eprintln!("heapcap: {}", describe(d));
+        eprintln!("heapcap: {}", Event::new("", d).describe());
     }
 
     /// Say how many lines were held back.
@@ -64,30 +65,4 @@ impl DenialLog {
             eprintln!("heapcap: {} more denials not shown", s.2);
         }
     }
-}
-
-pub fn describe(d: &Denial) -> String {
-    if d.syscall == "unknown" {
-        return format!("denied a memory call of pid {}: its /proc entries could not be read", d.pid);
-    }
-    let quota = match d.scope {
-        Scope::Process => "limit",
-        Scope::Total => "total limit",
-    };
-    let whose = match d.scope {
-        Scope::Process => "heap",
-        Scope::Total => "heap of all processes",
-    };
-    format!(
-        "denied {} of {} to pid {} ({}): {} {} + {} > {} {}",
-        d.syscall,
-        Size(d.request),
-        d.pid,
-        d.command,
-        whose,
-        Size(d.usage),
-        Size(d.request),
-        quota,
-        Size(d.limit)
-    )
 }

@@ -10,7 +10,7 @@ use heapcap_linux::fdpass::recv_fds;
 use heapcap_linux::filter::{LoadFlags, Program};
 use heapcap_linux::notify::Listener;
 use heapcap_linux::spawn::under_filter;
-use heapcap_supervise::{ExitWatcher, Ledger, Limits, Mode, Supervisor};
+use heapcap_supervise::{ExitWatcher, Ledger, Limits, Mode, Serve, Supervisor};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{kill, raise, SigSet, Signal};
@@ -109,12 +109,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let served = server.join().map_err(|_| anyhow::anyhow!("the notification thread panicked"))?;
     log.flush();
     if args.report || args.audit {
-        let shared = supervisor.shared();
-        let s = shared.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rows = s.finished.clone();
-        rows.extend(s.ledger.summaries());
-        rows.sort_by_key(|r| r.pid);
-        let _ = report::table(&mut std::io::stderr(), &rows);
+        let _ = report::table(&mut std::io::stderr(), &supervisor.accounts().report());
     }
     if let Err(e) = served {
         eprintln!("heapcap: supervising failed: {e:#}");
@@ -127,7 +122,10 @@ fn serve(supervisor: &Supervisor, sock: &UnixStream) -> anyhow::Result<()> {
     let got = recv_fds(sock.as_fd(), &mut buf).context("cannot receive the listener fd")?;
     // No fd: the command never got as far as exec (its error is reported by spawn).
     let Some(fd) = got.fds.into_iter().next() else { return Ok(()) };
-    supervisor.serve(&Listener::new(fd)).context("the seccomp listener failed")
+    // The child loads the filter just before it execs the command: until that exec, what the
+    // listener sees is heapcap's own code.
+    let how = Serve { journal: None, runtime: true };
+    supervisor.serve(&Listener::new(fd), how).context("the seccomp listener failed")
 }
 
 /// Reap children and pass signals on until the command has exited and every process under

@@ -73,6 +73,12 @@ impl Account {
         }
     }
 
+    /// The page-aligned program break, when known for the current image: what a refused `brk`
+    /// returns (the kernel's `brk` reports failure with the unchanged break).
+    pub fn brk(&self) -> Option<u64> {
+        self.brk
+    }
+
     pub(super) fn in_flight(&self) -> u64 {
         self.pending.iter().map(|p| p.bytes).fold(0, u64::saturating_add)
     }

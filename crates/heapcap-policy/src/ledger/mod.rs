@@ -41,8 +41,8 @@ use crate::syscall::{page_up, Request};
 pub use account::Account;
 use account::Pending;
 pub use terms::{
-    CallKey, Deny, Figure, Limits, Mode, NameError, Need, Pid, Scope, Snapshot, Step, Summary, ThreadState, Tid,
-    Token, Verdict,
+    CallKey, Deny, Figure, Limits, Mode, NameError, Need, Pid, Scope, Snapshot, Step, Summary, ThreadState, Tid, Token,
+    Verdict,
 };
 
 /// Every process under one set of quotas (a `heapcap run` tree, or one container).

@@ -102,7 +102,6 @@ impl Snapshot {
     }
 }
 
-
 /// Which quota a denial hit. Written `process` and `total` (the control protocol, the logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {

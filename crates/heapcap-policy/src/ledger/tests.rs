@@ -30,12 +30,28 @@ fn admit(l: &mut Ledger, pid: Pid, vmas: Vec<Vma>) {
 }
 
 /// Decide on the exact figure `vmas`, with a token taken now.
-fn exact(l: &mut Ledger, pid: Pid, tid: Tid, req: &Request, k: CallKey, vmas: Vec<Vma>, states: &[(Tid, ThreadState)]) -> Verdict {
+fn exact(
+    l: &mut Ledger,
+    pid: Pid,
+    tid: Tid,
+    req: &Request,
+    k: CallKey,
+    vmas: Vec<Vma>,
+    states: &[(Tid, ThreadState)],
+) -> Verdict {
     let token = l.token(pid).unwrap();
     l.decide(pid, tid, req, k, Figure::Exact(&snap(vmas)), states, token)
 }
 
-fn upper(l: &mut Ledger, pid: Pid, tid: Tid, req: &Request, k: CallKey, figure: u64, states: &[(Tid, ThreadState)]) -> Verdict {
+fn upper(
+    l: &mut Ledger,
+    pid: Pid,
+    tid: Tid,
+    req: &Request,
+    k: CallKey,
+    figure: u64,
+    states: &[(Tid, ThreadState)],
+) -> Verdict {
     let token = l.token(pid).unwrap();
     l.decide(pid, tid, req, k, Figure::Upper(figure), states, token)
 }
@@ -247,7 +263,11 @@ fn an_upper_figure_settles_requests_near_the_quota_that_fit_even_so() {
     assert_eq!(l.fast(1, 2, &map(MIB), key(4)), Step::Allow);
     let req = map(28 * MIB + MIB / 2);
     let busy = [(2, ThreadState::Busy)];
-    assert_eq!(upper(&mut l, 1, 1, &req, key(5), 35 * MIB, &busy), Verdict::MeasureExact, "35 + 1 in flight + 28.5 > 64");
+    assert_eq!(
+        upper(&mut l, 1, 1, &req, key(5), 35 * MIB, &busy),
+        Verdict::MeasureExact,
+        "35 + 1 in flight + 28.5 > 64"
+    );
     assert_eq!(upper(&mut l, 1, 1, &req, key(5), 35 * MIB, &[(2, ThreadState::Idle)]), Verdict::Allow, "landed");
     // Past the peak mark (60 MiB measured, + 1/16) the exact figure is needed to measure it.
     l.thread_seen(1, 1);
