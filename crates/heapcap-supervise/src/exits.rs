@@ -5,15 +5,16 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use heapcap_linux::pidfd::Pidfd;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::procview::Task;
 
 type OnExit = Box<dyn FnOnce() + Send>;
 
 #[derive(Default)]
 struct Watched {
-    by_fd: HashMap<RawFd, (Pidfd, OnExit)>,
+    by_fd: HashMap<RawFd, (Arc<dyn Task>, OnExit)>,
 }
 
 /// Runs a callback when a process exits.
@@ -43,12 +44,14 @@ impl ExitWatcher {
         Ok(ExitWatcher { epoll, watched, stop, thread: Some(thread) })
     }
 
-    /// Call `on_exit` once the process behind `pidfd` has exited.
-    pub fn watch(&self, pidfd: Pidfd, on_exit: OnExit) -> std::io::Result<()> {
-        let fd = pidfd.as_fd().as_raw_fd();
+    /// Call `on_exit` once the process behind `task` has exited. A task that cannot be watched
+    /// is refused (`Unsupported`): its exit is seen when its listener hangs up.
+    pub fn watch(&self, task: Arc<dyn Task>, on_exit: OnExit) -> std::io::Result<()> {
+        let Some(borrowed) = task.fd() else { return Err(std::io::ErrorKind::Unsupported.into()) };
+        let fd = borrowed.as_raw_fd();
         let mut w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        self.epoll.add(pidfd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, fd as u64))?;
-        w.by_fd.insert(fd, (pidfd, on_exit));
+        self.epoll.add(borrowed, EpollEvent::new(EpollFlags::EPOLLIN, fd as u64))?;
+        w.by_fd.insert(fd, (task, on_exit));
         Ok(())
     }
 
@@ -79,8 +82,10 @@ fn run(epoll: &Epoll, watched: &Mutex<Watched>) {
             }
             let fd = ev.data() as RawFd;
             let entry = watched.lock().unwrap_or_else(|e| e.into_inner()).by_fd.remove(&fd);
-            if let Some((pidfd, on_exit)) = entry {
-                let _ = epoll.delete(pidfd.as_fd());
+            if let Some((task, on_exit)) = entry {
+                if let Some(fd) = task.fd() {
+                    let _ = epoll.delete(fd);
+                }
                 on_exit();
             }
         }

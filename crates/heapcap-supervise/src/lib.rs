@@ -1,14 +1,36 @@
-//! heapcap's supervisor: answers one seccomp listener's notifications from a [`Ledger`].
+//! heapcap's supervisor: answers seccomp listeners' notifications from a [`Ledger`].
 //!
-//! One thread per listener blocks in `SECCOMP_IOCTL_NOTIF_RECV` (so the kernel's synchronous
-//! wake-up keeps the caller and the supervisor on one CPU), decides from the ledger, and
-//! answers. Process exits are seen through pidfds by an [`ExitWatcher`] thread.
+//! - [`engine`]: notification -> decision -> answer, in one place ([`Engine::decide`]).
+//! - [`procview`] and [`notifier`]: the two small interfaces the engine reads and answers
+//!   through; production passes the real `/proc` ([`LinuxProc`]) and listener, tests pass
+//!   scripted ones that fail on cue.
+//! - [`accounts`]: a container's ledger and process handles, locked only for pure work.
+//! - [`supervisor`]: one container's supervisor ([`Supervisor`]): accounts, `/proc` view,
+//!   denials, metrics, refreshes for `ps`.
+//! - `serve`: the receive loop, one dedicated thread per listener ([`Supervisor::serve`]), and
+//!   [`wakeup`], the wake-up mode it picks from what each listener sees.
+//! - `recovery`: taking listeners over from a supervisor that died ([`Supervisor::resume`],
+//!   [`Supervisor::adopt`]).
+//! - `threads` and [`exits`]: which process a thread is in, and seeing processes exit.
 #![forbid(unsafe_code)]
 
-mod exits;
+pub mod accounts;
+pub mod engine;
+pub mod exits;
+pub mod notifier;
+pub mod procview;
+mod recovery;
 mod serve;
+pub mod supervisor;
 mod threads;
+pub mod wakeup;
 
+pub use accounts::Accounts;
+pub use engine::{Answer, Engine};
 pub use exits::ExitWatcher;
+pub use heapcap_policy::denial::Denial;
 pub use heapcap_policy::ledger::{Ledger, Limits, Mode, Summary};
-pub use serve::{Denial, Observer, Outcome, Shared, Stats, Supervisor};
+pub use notifier::{Notifier, Reply};
+pub use procview::{LinuxProc, ProcView};
+pub use serve::Serve;
+pub use supervisor::{Observer, Outcome, Stats, Supervisor};

@@ -16,26 +16,27 @@
 //! hooks: about 3x the cost on this project's VM).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 
-use heapcap_linux::pidfd::Pidfd;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
+use crate::procview::Task;
+
 #[derive(Debug)]
-struct Entry {
+struct Entry<T> {
     pid: u32,
-    handle: Pidfd,
+    handle: T,
 }
 
 #[derive(Debug)]
-pub(crate) struct Threads {
-    entries: HashMap<u32, Entry>,
+pub(crate) struct Threads<T> {
+    entries: HashMap<u32, Entry<T>>,
     /// Every entry's pidfd, registered with `tid | fd << 32` as its data. `None` if no epoll
     /// could be made: then nothing is remembered and every lookup resolves afresh.
     exited: Option<Epoll>,
 }
 
-impl Default for Threads {
+impl<T: Task> Default for Threads<T> {
     fn default() -> Self {
         let exited = match Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) {
             Ok(ep) => Some(ep),
@@ -48,11 +49,12 @@ impl Default for Threads {
     }
 }
 
-fn tag(tid: u32, handle: &Pidfd) -> u64 {
-    u64::from(tid) | (handle.as_fd().as_raw_fd() as u64) << 32
+/// `None` for a handle that cannot be watched.
+fn tag<T: Task>(tid: u32, handle: &T) -> Option<u64> {
+    handle.fd().map(|fd| u64::from(tid) | (fd.as_raw_fd() as u64) << 32)
 }
 
-impl Threads {
+impl<T: Task> Threads<T> {
     /// Forget every remembered thread that has exited. If the kernel cannot be asked, forget
     /// everything (safe: the callers resolve again).
     fn forget_exited(&mut self) {
@@ -73,7 +75,7 @@ impl Threads {
             };
             for ev in &events[..n] {
                 let tid = ev.data() as u32;
-                if self.entries.get(&tid).is_some_and(|e| tag(tid, &e.handle) == ev.data()) {
+                if self.entries.get(&tid).is_some_and(|e| tag(tid, &e.handle) == Some(ev.data())) {
                     // Closing the pidfd (its only reference) takes it out of the epoll set too.
                     self.entries.remove(&tid);
                 }
@@ -91,13 +93,15 @@ impl Threads {
     }
 
     /// Remember a thread (only after the notification check proved `handle` is the caller).
-    /// Kernels without thread pidfds (before 6.9) get no entry: the caller resolves each time.
-    pub(crate) fn insert(&mut self, tid: u32, pid: u32, handle: Option<Pidfd>) {
+    /// Kernels without thread pidfds (before 6.9), and handles that cannot be watched, get no
+    /// entry: the caller resolves each time.
+    pub(crate) fn insert(&mut self, tid: u32, pid: u32, handle: Option<T>) {
         let (Some(handle), Some(ep)) = (handle, &self.exited) else { return };
+        let (Some(data), Some(fd)) = (tag(tid, &handle), handle.fd()) else { return };
         // Registered before it is remembered; a thread that has already exited is reported by
         // the next wait (epoll polls the fd when it is added).
-        let event = EpollEvent::new(EpollFlags::EPOLLIN, tag(tid, &handle));
-        if let Err(e) = ep.add(handle.as_fd(), event) {
+        let event = EpollEvent::new(EpollFlags::EPOLLIN, data);
+        if let Err(e) = ep.add(fd, event) {
             tracing::debug!(tid, error = %e, "cannot watch a thread; not remembering it");
             return;
         }
@@ -105,11 +109,10 @@ impl Threads {
         self.entries.insert(tid, Entry { pid, handle });
     }
 
-    /// The thread is known and alive (rare: an exec in flight; the signal check keeps the
-    /// exact meaning the exec bookkeeping relies on, a zombie thread counting as alive).
+    /// The thread is known and has not exited (rare: an exec in flight).
     pub(crate) fn alive(&mut self, tid: u32) -> bool {
         self.forget_exited();
-        self.entries.get(&tid).is_some_and(|e| e.handle.is_alive())
+        self.entries.get(&tid).is_some_and(|e| !e.handle.exited())
     }
 
     #[cfg(test)]
@@ -121,6 +124,7 @@ impl Threads {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use heapcap_linux::pidfd::Pidfd;
     use std::sync::mpsc;
 
     fn gettid() -> u32 {
@@ -140,8 +144,8 @@ mod tests {
 
     #[test]
     fn a_thread_that_exits_is_forgotten_before_its_tid_can_be_looked_up_again() {
-        let Ok(_) = Pidfd::open_thread(gettid()) else { return }; // no thread pidfds: nothing is remembered
-        let mut threads = Threads::default();
+        Pidfd::open_thread(gettid()).expect("thread pidfds (Linux 6.9+)");
+        let mut threads = Threads::<Pidfd>::default();
         let (tid, end, h) = spawn_thread();
         threads.insert(tid, 4242, Some(Pidfd::open_thread(tid).unwrap()));
         let me = gettid();
@@ -164,8 +168,8 @@ mod tests {
 
     #[test]
     fn many_exits_at_once_are_all_forgotten() {
-        let Ok(_) = Pidfd::open_thread(gettid()) else { return };
-        let mut threads = Threads::default();
+        Pidfd::open_thread(gettid()).expect("thread pidfds (Linux 6.9+)");
+        let mut threads = Threads::<Pidfd>::default();
         let spawned: Vec<_> = (0..100).map(|_| spawn_thread()).collect();
         for (tid, _, _) in &spawned {
             threads.insert(*tid, 1, Some(Pidfd::open_thread(*tid).unwrap()));
@@ -185,8 +189,8 @@ mod tests {
 
     #[test]
     fn an_already_exited_thread_is_never_remembered_for_long() {
-        let Ok(_) = Pidfd::open_thread(gettid()) else { return };
-        let mut threads = Threads::default();
+        Pidfd::open_thread(gettid()).expect("thread pidfds (Linux 6.9+)");
+        let mut threads = Threads::<Pidfd>::default();
         let (tid, end, h) = spawn_thread();
         let handle = Pidfd::open_thread(tid).unwrap();
         end.send(()).unwrap();

@@ -68,7 +68,11 @@ fn die_holding_the_big_call(note: bool) -> String {
     assert!(resumed, "the successor found no call left waiting");
     let mut child = child;
     std::thread::scope(|s| {
-        s.spawn(|| successor.serve_journaled(&listener, Some(&slot)).expect("serve"));
+        s.spawn(|| {
+            successor
+                .serve(&listener, heapcap_supervise::Serve { journal: Some(&slot), runtime: false })
+                .expect("serve")
+        });
         let mut out = String::new();
         child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read");
         assert!(child.wait().expect("wait").success());

@@ -54,12 +54,14 @@ impl Events {
             tracing::info!(
                 container = %event.container,
                 pid = event.pid,
+                tid = event.tid,
                 command = %event.command,
                 syscall = %event.syscall,
                 requested = event.requested,
                 usage = event.usage,
                 limit = event.limit,
                 scope = %event.scope,
+                reason = event.reason.as_deref(),
                 "denied"
             );
         } else {
@@ -98,11 +100,13 @@ mod tests {
         Event {
             time: String::new(),
             container: "c".into(),
-            pid: n,
+            pid: Some(n),
+            tid: Some(n),
             command: "x".into(),
             syscall: "mmap".into(),
-            requested: 1,
-            usage: 2,
+            requested: Some(1),
+            usage: Some(2),
+            reason: None,
             limit: 3,
             scope: heapcap_policy::Scope::Process,
         }
@@ -116,10 +120,10 @@ mod tests {
         }
         let recent = events.recent();
         assert_eq!(recent.len(), RECENT);
-        assert_eq!(recent[0].pid, 5);
+        assert_eq!(recent[0].pid, Some(5));
         let (_, rx) = events.follow();
         events.push(ev(99));
-        assert_eq!(rx.recv_timeout(Duration::from_secs(1)).unwrap().pid, 99);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(1)).unwrap().pid, Some(99));
         drop(rx);
         events.push(ev(100));
         assert!(events.lock().followers.is_empty(), "a gone follower is dropped");

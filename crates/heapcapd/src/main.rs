@@ -3,10 +3,12 @@
 //! the container's quota, and serves `heapcap ps`, `set-limit` and `events` on a control socket.
 #![forbid(unsafe_code)]
 
+mod container;
 mod control;
 mod events;
 mod intake;
 mod metrics;
+mod record;
 mod registry;
 #[cfg(test)]
 mod registry_tests;

@@ -82,10 +82,9 @@ impl Metrics {
         self.heap.clear();
         let mut processes = 0;
         for c in &all {
-            let shared = c.supervisor.shared();
-            let s = shared.lock().unwrap_or_else(|e| e.into_inner());
-            processes += s.ledger.len();
-            let heap: u64 = s.ledger.summaries().iter().map(|p| p.heap).sum();
+            let (count, heap) =
+                c.supervisor.accounts().with_ledger(|l| (l.len(), l.summaries().iter().map(|p| p.heap).sum::<u64>()));
+            processes += count;
             self.heap.get_or_create(&ContainerLabels { container: c.id.clone() }).set(heap as i64);
         }
         self.containers.set(all.len() as i64);

@@ -1,0 +1,453 @@
+//! The decision engine: notification -> decision -> answer, in one place.
+//!
+//! For each notification of one listener:
+//! 1. decode the call (and, for i386's old `mmap`, read its arguments from the caller);
+//! 2. learn the caller's process (remembered per thread, with a thread pidfd);
+//! 3. open an account for a process seen for the first time (its mappings, or `statm` when they
+//!    are not readable);
+//! 4. note what the call tells about the process's threads (an exec settling, growth landed);
+//! 5. let it through on the fast path when the bound says it fits, or read a figure and decide
+//!    on it ([`heapcap_policy::ledger`]).
+//!
+//! Every read of `/proc` is open, check the notification, read ([`checked`]), and happens with
+//! no lock held; the ledger is locked only to decide. A notification is dropped unanswered only
+//! when the kernel says it is no longer pending: every other failure is answered, with a denial
+//! that says what could not be read (or, in audit mode and where no quota applies, by letting
+//! the call through).
+
+use std::time::SystemTime;
+
+use heapcap_linux::notify::Notification;
+use heapcap_linux::procfs::ProcError;
+use heapcap_policy::ledger::{CallKey, Deny, Figure, Mode, Need, Scope, Snapshot, Step, ThreadState, Verdict};
+use heapcap_policy::syscall::{MemCall, Request};
+
+use crate::notifier::Notifier;
+use crate::procview::{checked, Baseline, Checked, ProcView, Reading, Want};
+use crate::supervisor::Supervisor;
+use crate::threads::Threads;
+use heapcap_policy::denial::Denial;
+
+/// What a notification needs answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Allow,
+    /// Refused (boxed: denials are rare, and decisions pass answers around).
+    Deny(Box<Denial>),
+    /// The call is no longer pending (its caller left or died): nothing to answer.
+    Drop,
+}
+
+/// Why a read gave nothing.
+#[derive(Debug)]
+enum Miss {
+    /// The notification is no longer pending.
+    Dead,
+    Failed(ProcError),
+}
+
+/// A figure read, owned.
+#[derive(Debug)]
+enum Read {
+    Exact(Snapshot),
+    Upper(u64),
+    UpperOnly(u64),
+    Unread,
+}
+
+impl Read {
+    fn figure(&self) -> Figure<'_> {
+        match self {
+            Read::Exact(s) => Figure::Exact(s),
+            Read::Upper(u) => Figure::Upper(*u),
+            Read::UpperOnly(u) => Figure::UpperOnly(*u),
+            Read::Unread => Figure::Unread,
+        }
+    }
+}
+
+/// How many times a figure is read again when an exec or a pid reuse made it stale.
+const STALE_RETRIES: usize = 3;
+
+/// The engine of one listener.
+pub struct Engine<'s, P: ProcView> {
+    sup: &'s Supervisor<P>,
+    threads: Threads<P::Task>,
+    /// Processes of this listener are still the container runtime's own code: the listener was
+    /// made before the runtime exec'd the container's program, which it has not yet done.
+    runtime: bool,
+}
+
+impl<P: ProcView> std::fmt::Debug for Engine<'_, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("runtime", &self.runtime).finish_non_exhaustive()
+    }
+}
+
+fn pick<T>(reading: Reading<T>, want: Want) -> Result<Reading<T>, Miss> {
+    let fits = matches!(
+        (&reading, want),
+        (Reading::Thread { .. }, Want::Thread)
+            | (Reading::Admission { .. }, Want::Admission { .. })
+            | (Reading::Maps(_), Want::Maps { .. })
+            | (Reading::Upper(_), Want::Upper)
+            | (Reading::Memory(_), Want::Memory { .. })
+            | (Reading::Command(_), Want::Command)
+    );
+    if fits {
+        Ok(reading)
+    } else {
+        Err(Miss::Failed(ProcError::Format {
+            path: "/proc view".into(),
+            text: format!("{want:?} read as something else"),
+        }))
+    }
+}
+
+impl<'s, P: ProcView> Engine<'s, P> {
+    /// The engine for one listener of `sup`'s container. `runtime`: the listener was made for a
+    /// process that has not yet exec'd the container's program (a runtime's init, `heapcap
+    /// run`'s child before its exec): its processes are observed, never denied, until then.
+    pub fn new(sup: &'s Supervisor<P>, runtime: bool) -> Engine<'s, P> {
+        Engine { sup, threads: Threads::default(), runtime }
+    }
+
+    /// Read `want` of `pid` for notification `n`: open, check it is still pending, read.
+    fn read<N: Notifier>(&self, l: &N, n: &Notification, pid: u32, want: Want) -> Result<Reading<P::Task>, Miss> {
+        match checked(&self.sup.proc, pid, want, || l.id_valid(n.id)) {
+            Checked::Read(r) => pick(r, want),
+            Checked::Dead => Err(Miss::Dead),
+            Checked::Failed(e) => Err(Miss::Failed(e)),
+        }
+    }
+
+    /// Decide notification `n` of listener `l`.
+    pub fn decide<N: Notifier>(&mut self, l: &N, n: &Notification) -> Answer {
+        let Some(call) = MemCall::decode(n.arch, n.nr, n.args) else { return Answer::Allow };
+        let key = CallKey { nr: i64::from(n.nr), args: n.args };
+        let call = match call {
+            MemCall::OldMmap { args_ptr } => match self.read(l, n, n.pid, Want::Memory { addr: args_ptr, len: 24 }) {
+                Ok(Reading::Memory(raw)) => {
+                    let mut words = [0u32; 6];
+                    for (w, c) in words.iter_mut().zip(raw.chunks_exact(4)) {
+                        *w = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                    MemCall::from_old_mmap_args(words)
+                }
+                Ok(_) | Err(Miss::Dead) => return Answer::Drop,
+                Err(Miss::Failed(e)) => {
+                    return self.unreadable(n, None, call, format!("the arguments of old_mmap: {}", chain(&e)))
+                }
+            },
+            c => c,
+        };
+        let pid = match self.process_of(l, n, call) {
+            Ok(pid) => pid,
+            Err(answer) => return answer,
+        };
+        // Note what this call tells: the thread's earlier calls are done, an exec may have settled.
+        let (mut settled, exec_thread) = {
+            let mut g = self.sup.accounts.lock();
+            (g.ledger.thread_seen(pid, n.pid), g.ledger.exec_thread(pid))
+        };
+        if let Some(t) = exec_thread.filter(|t| *t != n.pid) {
+            if !self.threads.alive(t) {
+                self.sup.accounts.lock().ledger.exec_thread_gone(pid);
+                settled = true;
+            }
+        }
+        if call == MemCall::Exec {
+            let mut g = self.sup.accounts.lock();
+            g.ledger.exec_started(pid, n.pid);
+            if g.ledger.account(pid).is_some_and(|a| a.runtime) {
+                // The runtime execs the container's program: whatever this listener sees from
+                // now on is the container's.
+                self.runtime = false;
+            }
+            return Answer::Allow;
+        }
+        let Some(req) = call.request(self.sup.page) else { return Answer::Allow };
+        if settled {
+            // A new image: its name, for reports.
+            if let Ok(Reading::Command(command)) = self.read(l, n, pid, Want::Command) {
+                self.sup.accounts.lock().ledger.set_command(pid, command);
+            }
+        }
+        let need = if settled {
+            Need::Exact
+        } else {
+            let step = self.sup.accounts.lock().ledger.fast(pid, n.pid, &req, key);
+            match step {
+                Step::Allow => {
+                    self.sup.stats.fast.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Answer::Allow;
+                }
+                Step::Measure { need, refresh_others } => {
+                    if refresh_others {
+                        let stale = self.sup.accounts.lock().ledger.stale(pid);
+                        self.sup.refresh(&stale);
+                    }
+                    need
+                }
+            }
+        };
+        self.sup.stats.exact.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.measure_and_decide(l, n, pid, &req, key, need)
+    }
+
+    /// The caller's process, learnt once per thread; an account opened for it if it has none.
+    fn process_of<N: Notifier>(&mut self, l: &N, n: &Notification, call: MemCall) -> Result<u32, Answer> {
+        if let Some(pid) = self.threads.lookup(n.pid) {
+            // A remembered thread is alive, so its process is the one accounted.
+            if self.sup.accounts.lock().ledger.contains(pid) {
+                return Ok(pid);
+            }
+            return self.admit(l, n, pid, call).map(|()| pid);
+        }
+        let pid = match self.read(l, n, n.pid, Want::Thread) {
+            Ok(Reading::Thread { tgid, handle }) => {
+                self.threads.insert(n.pid, tgid, handle);
+                tgid
+            }
+            Ok(_) | Err(Miss::Dead) => return Err(Answer::Drop),
+            Err(Miss::Failed(e)) => {
+                return Err(self.unreadable(
+                    n,
+                    None,
+                    call,
+                    format!("which process thread {} is in: {}", n.pid, chain(&e)),
+                ))
+            }
+        };
+        // First seen from this thread: the account under that pid may be an earlier process's.
+        let task = self.sup.accounts.lock().task(pid);
+        match task {
+            Some(task) if !task.exited() => Ok(pid),
+            _ => self.admit(l, n, pid, call).map(|()| pid),
+        }
+    }
+
+    /// Open an account for `pid`, measured now: its mappings, or `statm` if they are refused.
+    fn admit<N: Notifier>(&mut self, l: &N, n: &Notification, pid: u32, call: MemCall) -> Result<(), Answer> {
+        let mut blind = false;
+        loop {
+            match self.read(l, n, pid, Want::Admission { blind }) {
+                Ok(Reading::Admission { task, command, figure }) => {
+                    let task: std::sync::Arc<dyn crate::procview::Task> = std::sync::Arc::new(task);
+                    let read = match figure {
+                        Baseline::Exact(snap) => Read::Exact(snap),
+                        Baseline::Upper(upper) => Read::UpperOnly(upper),
+                    };
+                    if blind {
+                        self.sup.warn_blind(pid, &command);
+                    }
+                    tracing::debug!(pid, command = %command, blind, runtime = self.runtime, "new process");
+                    let opened = self.sup.accounts.lock().open(pid, task.clone(), command, read.figure(), self.runtime);
+                    if let Some(generation) = opened {
+                        self.sup.watch_exit(pid, generation, task);
+                    }
+                    return Ok(());
+                }
+                Err(Miss::Failed(e)) if e.is_denied() && !blind => blind = true,
+                Ok(_) | Err(Miss::Dead) => return Err(Answer::Drop),
+                Err(Miss::Failed(e)) => {
+                    let what = format!("/proc/{pid}, to open its account: {}", chain(&e));
+                    return Err(self.unreadable(n, Some(pid), call, what));
+                }
+            }
+        }
+    }
+
+    /// Read a figure of `pid` and decide `req` on it; a figure that fails gives way to the next
+    /// best (the mappings, then `statm`, then the bound alone).
+    fn measure_and_decide<N: Notifier>(
+        &mut self,
+        l: &N,
+        n: &Notification,
+        pid: u32,
+        req: &Request,
+        key: CallKey,
+        mut need: Need,
+    ) -> Answer {
+        let mut why: Option<String> = None;
+        let mut retries = 0;
+        loop {
+            let (token, pending, blind) = {
+                let g = self.sup.accounts.lock();
+                let blind = g.ledger.account(pid).is_some_and(|a| a.blind);
+                (g.ledger.token(pid), g.ledger.pending_threads(pid, n.pid), blind)
+            };
+            let Some(token) = token else {
+                // Closed meanwhile: the process exited, so its calls are no longer pending.
+                if !l.id_valid(n.id) {
+                    return Answer::Drop;
+                }
+                let call = MemCall::decode(n.arch, n.nr, n.args).unwrap_or(MemCall::Exec);
+                return self.unreadable(
+                    n,
+                    Some(pid),
+                    call,
+                    format!("/proc/{pid}: its account was closed while it was read"),
+                );
+            };
+            // Thread states first, the figure second: a thread seen to have moved past its
+            // allowed call finished it before the figure was read. (The other order can miss a
+            // growth that lands between the two reads, and retire it: an under-count.)
+            let states: Vec<(u32, ThreadState)> =
+                pending.into_iter().map(|t| (t, self.sup.proc.thread_state(t))).collect();
+            let read = if retries > STALE_RETRIES {
+                why.get_or_insert_with(|| "its figures kept changing under each read".into());
+                Read::Unread
+            } else {
+                match self.figure(l, n, pid, req, need, blind, &mut why) {
+                    Ok(read) => read,
+                    Err(()) => return Answer::Drop,
+                }
+            };
+            let verdict = self.sup.accounts.lock().ledger.decide(pid, n.pid, req, key, read.figure(), &states, token);
+            match verdict {
+                Verdict::Allow => return Answer::Allow,
+                Verdict::Deny(deny) => {
+                    let brk_return = match (&read, req) {
+                        (Read::Exact(snap), Request::Brk { .. }) => Some(snap.brk(self.sup.page).unwrap_or(0)),
+                        (_, Request::Brk { .. }) => {
+                            Some(self.sup.accounts.lock().ledger.account(pid).and_then(|a| a.brk()).unwrap_or(0))
+                        }
+                        _ => None,
+                    };
+                    return Answer::Deny(Box::new(self.denial(n, Some(pid), req.name(), deny, why, brk_return)));
+                }
+                Verdict::MeasureExact => need = Need::Exact,
+                Verdict::Stale => retries += 1,
+            }
+        }
+    }
+
+    /// Read the figure `need` asks for; on failure the next best, noting why in `why`.
+    /// `Err`: the notification is no longer pending.
+    #[allow(clippy::too_many_arguments)]
+    fn figure<N: Notifier>(
+        &self,
+        l: &N,
+        n: &Notification,
+        pid: u32,
+        req: &Request,
+        need: Need,
+        blind: bool,
+        why: &mut Option<String>,
+    ) -> Result<Read, ()> {
+        if need == Need::Upper && !blind {
+            match self.read(l, n, pid, Want::Upper) {
+                Ok(Reading::Upper(u)) => return Ok(Read::Upper(u)),
+                Ok(_) | Err(Miss::Dead) => return Err(()),
+                Err(Miss::Failed(_)) => {} // the mappings may still be read
+            }
+        }
+        if blind {
+            *why = Some(format!(
+                "the mappings of /proc/{pid} cannot be read (not dumpable, or refused); decided on /proc/{pid}/statm"
+            ));
+        }
+        if !blind {
+            // An mprotect looks at memory not counted yet: the query reads that range too.
+            let range = match *req {
+                Request::Protect { addr, len } => Some((addr, addr.saturating_add(len))),
+                _ => None,
+            };
+            match self.read(l, n, pid, Want::Maps { range }) {
+                Ok(Reading::Maps(snap)) => return Ok(Read::Exact(snap)),
+                Ok(_) | Err(Miss::Dead) => return Err(()),
+                Err(Miss::Failed(e)) => {
+                    if e.is_denied() && self.sup.accounts.lock().ledger.account(pid).is_some_and(|a| !a.blind) {
+                        self.sup.accounts.lock().ledger.set_blind(pid);
+                        let command = self.command_of(pid);
+                        self.sup.warn_blind(pid, &command);
+                    }
+                    *why = Some(format!("{}; decided on /proc/{pid}/statm", chain(&e)));
+                }
+            }
+        }
+        match self.read(l, n, pid, Want::Upper) {
+            Ok(Reading::Upper(u)) => Ok(Read::UpperOnly(u)),
+            Ok(_) | Err(Miss::Dead) => Err(()),
+            Err(Miss::Failed(e)) => {
+                let before = why.take().map(|w| format!("{w}, which failed too: ")).unwrap_or_default();
+                *why = Some(format!("{before}{}; decided on the growth let through so far", chain(&e)));
+                Ok(Read::Unread)
+            }
+        }
+    }
+
+    fn command_of(&self, pid: u32) -> String {
+        self.sup.accounts.lock().ledger.account(pid).map(|a| a.command.clone()).unwrap_or_default()
+    }
+
+    fn denial(
+        &self,
+        n: &Notification,
+        pid: Option<u32>,
+        syscall: &'static str,
+        deny: Deny,
+        reason: Option<String>,
+        brk_return: Option<u64>,
+    ) -> Denial {
+        Denial {
+            time: SystemTime::now(),
+            pid,
+            tid: n.pid,
+            command: pid.map(|p| self.command_of(p)).unwrap_or_default(),
+            syscall,
+            request: deny.request,
+            usage: Some(deny.usage),
+            limit: deny.limit,
+            scope: deny.scope,
+            reason,
+            brk_return,
+        }
+    }
+
+    /// A read `/proc` refused for a live caller: never let growth through unchecked where a
+    /// quota applies. Let through in audit mode, and where no quota applies, with a warning.
+    fn unreadable(&self, n: &Notification, pid: Option<u32>, call: MemCall, what: String) -> Answer {
+        let reason = format!("cannot read {what}");
+        let (mode, limits, own, usage) = {
+            let g = self.sup.accounts.lock();
+            let acct = pid.and_then(|p| g.ledger.account(p));
+            (g.ledger.mode(), g.ledger.limits(), acct.and_then(|a| a.limit), acct.map(|a| a.bound))
+        };
+        let quota = match (own.or(limits.process), limits.total) {
+            (Some(limit), _) => Some((Scope::Process, limit, usage)),
+            (None, Some(total)) => Some((Scope::Total, total, None)),
+            (None, None) => None,
+        };
+        let Some((scope, limit, usage)) = quota.filter(|_| mode == Mode::Enforce) else {
+            self.sup.warn(n.pid, pid, &format!("{reason}: letting the call through (no quota is enforced)"));
+            return Answer::Allow;
+        };
+        self.sup.warn(n.pid, pid, &format!("{reason}: refusing the call"));
+        let req = call.request(self.sup.page);
+        let request = req.and_then(|r| match r {
+            Request::Brk { .. } => None,
+            Request::Map { len, .. } | Request::Protect { len, .. } => Some(len),
+            Request::Remap { old_len, new_len, dontunmap, .. } if dontunmap || old_len == 0 => Some(new_len),
+            Request::Remap { old_len, new_len, .. } => Some(new_len.saturating_sub(old_len)),
+        });
+        let deny = Deny { scope, usage: usage.unwrap_or(0), request, limit };
+        let brk_return = matches!(call, MemCall::Brk { .. }).then_some(0);
+        let mut denial = self.denial(n, pid, call.name(), deny, Some(reason), brk_return);
+        denial.usage = usage;
+        Answer::Deny(Box::new(denial))
+    }
+}
+
+/// An error and its sources, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

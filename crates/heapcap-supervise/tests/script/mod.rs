@@ -1,0 +1,381 @@
+//! A scripted world for the engine: processes, threads and their mappings as data, a listener
+//! whose notifications stay pending until answered or their caller dies, and reads of `/proc`
+//! that fail on cue. The mappings are rendered as `/proc/<pid>/maps` text and parsed by the real
+//! parser, so a garbled or truncated read goes through the code a real one would.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use heapcap_linux::notify::{Answered, Notification, Recv};
+use heapcap_linux::procfs::ProcError;
+use heapcap_policy::ledger::{Snapshot, ThreadState};
+use heapcap_policy::maps::{Maps, Vma};
+use heapcap_policy::syscall::AUDIT_ARCH_X86_64;
+use heapcap_supervise::procview::{Baseline, Reading, Task, Want};
+use heapcap_supervise::{Notifier, ProcView, Reply};
+
+pub const PAGE: u64 = 4096;
+pub const MIB: u64 = 1 << 20;
+
+/// One simulated process.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub vmas: Vec<Vma>,
+    pub start_brk: u64,
+    /// What `statm` shows beyond the counted heap (stacks, private file data).
+    pub statm_extra: u64,
+    pub command: String,
+    /// False: reads that need ptrace rights are refused (`EACCES`), as for a process that called
+    /// `prctl(PR_SET_DUMPABLE, 0)`.
+    pub dumpable: bool,
+    alive: Arc<AtomicBool>,
+}
+
+impl Proc {
+    pub fn counted(&self) -> u64 {
+        self.vmas.iter().filter(|v| v.counted()).map(|v| v.len()).sum()
+    }
+}
+
+/// Which read a fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    Thread,
+    Admission,
+    Maps,
+    Upper,
+    Any,
+}
+
+impl What {
+    fn matches(self, want: Want) -> bool {
+        match self {
+            What::Any => true,
+            What::Thread => matches!(want, Want::Thread),
+            What::Admission => matches!(want, Want::Admission { .. }),
+            What::Maps => matches!(want, Want::Maps { .. }),
+            What::Upper => matches!(want, Want::Upper),
+        }
+    }
+}
+
+/// How a read fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The open fails with this errno.
+    Open(i32),
+    /// The read fails with this errno.
+    Read(i32),
+    /// The maps text has a garbled line.
+    Garbled,
+    /// The maps text stops in the middle of a line.
+    Truncated,
+}
+
+/// Something that happens between an open and its read.
+pub type Between = Box<dyn FnMut(&mut State) + Send>;
+
+#[derive(Default)]
+pub struct State {
+    pub procs: HashMap<u32, Proc>,
+    /// Thread id -> process.
+    pub threads: HashMap<u32, u32>,
+    pub thread_states: HashMap<u32, ThreadState>,
+    faults: Vec<(Option<u32>, What, Failure, usize)>,
+    between: VecDeque<(u32, What, Between)>,
+    /// Notifications received and not yet answered, by id, with their calling thread.
+    pending: HashMap<u64, u32>,
+    queue: VecDeque<(Notification, Option<Between>)>,
+    next_id: u64,
+    pub answers: Vec<(u64, Reply)>,
+    pub sync_wakeup: Vec<bool>,
+}
+
+impl State {
+    /// The next `times` reads of `what` (of `pid`, or any) fail as `failure`.
+    pub fn fail(&mut self, pid: Option<u32>, what: What, failure: Failure, times: usize) {
+        self.faults.push((pid, what, failure, times));
+    }
+
+    /// Process `pid` (all its threads) exits: its pending calls are no longer pending.
+    pub fn kill(&mut self, pid: u32) {
+        if let Some(p) = self.procs.remove(&pid) {
+            p.alive.store(false, Ordering::SeqCst);
+        }
+        let tids: Vec<u32> = self.threads.iter().filter(|(_, p)| **p == pid).map(|(t, _)| *t).collect();
+        for t in tids {
+            self.threads.remove(&t);
+            self.pending.retain(|_, tid| *tid != t);
+        }
+    }
+}
+
+/// The world, shared by the `/proc` view and the listener.
+#[derive(Clone, Default)]
+pub struct World(Arc<Mutex<State>>);
+
+impl World {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.0.lock().unwrap()
+    }
+
+    /// A process with one thread (its own id) and these mappings.
+    pub fn spawn(&self, pid: u32, command: &str, vmas: Vec<Vma>) {
+        let mut s = self.lock();
+        s.kill(pid);
+        let p = Proc {
+            vmas,
+            start_brk: 0x5555_0000_0000,
+            statm_extra: 512 << 10,
+            command: command.to_string(),
+            dumpable: true,
+            alive: Arc::new(AtomicBool::new(true)),
+        };
+        s.procs.insert(pid, p);
+        s.threads.insert(pid, pid);
+    }
+
+    pub fn thread(&self, tid: u32, pid: u32) {
+        self.lock().threads.insert(tid, pid);
+    }
+
+    pub fn set_dumpable(&self, pid: u32, dumpable: bool) {
+        self.lock().procs.get_mut(&pid).unwrap().dumpable = dumpable;
+    }
+
+    /// The next `times` reads of `what` (of `pid`, or any) fail as `failure`.
+    pub fn fail(&self, pid: Option<u32>, what: What, failure: Failure, times: usize) {
+        self.lock().fail(pid, what, failure, times);
+    }
+
+    /// After the next open of `what` of `pid`, before its read, run `f`.
+    pub fn between(&self, pid: u32, what: What, f: impl FnMut(&mut State) + Send + 'static) {
+        self.lock().between.push_back((pid, what, Box::new(f)));
+    }
+
+    /// Thread `tid` makes a call: a pending notification.
+    pub fn call(&self, tid: u32, nr: i32, args: [u64; 6]) -> Notification {
+        let mut s = self.lock();
+        s.next_id += 1;
+        let n = Notification { id: s.next_id, pid: tid, arch: AUDIT_ARCH_X86_64, nr, args };
+        s.pending.insert(n.id, tid);
+        n
+    }
+
+    /// Queue a call for [`Notifier::recv`].
+    pub fn queue(&self, tid: u32, nr: i32, args: [u64; 6]) -> Notification {
+        let n = self.call(tid, nr, args);
+        self.lock().queue.push_back((n, None));
+        n
+    }
+
+    /// Queue a call; `then` runs when it is received (before it is decided).
+    pub fn queue_then(
+        &self,
+        tid: u32,
+        nr: i32,
+        args: [u64; 6],
+        then: impl FnMut(&mut State) + Send + 'static,
+    ) -> Notification {
+        let n = self.call(tid, nr, args);
+        self.lock().queue.push_back((n, Some(Box::new(then))));
+        n
+    }
+
+    pub fn heap(&self, pid: u32) -> u64 {
+        self.lock().procs.get(&pid).map_or(0, Proc::counted)
+    }
+
+    /// Let an allowed anonymous mapping land.
+    pub fn map(&self, pid: u32, start: u64, len: u64) {
+        self.lock().procs.get_mut(&pid).unwrap().vmas.push(anon(start, len));
+    }
+
+    pub fn unmap_all(&self, pid: u32) {
+        self.lock().procs.get_mut(&pid).unwrap().vmas.clear();
+    }
+
+    /// The view the engine reads through.
+    pub fn view(&self) -> View {
+        View(self.clone())
+    }
+}
+
+pub fn anon(start: u64, len: u64) -> Vma {
+    Vma { start, end: start + len, writable: true, anon_private: true, is_heap: false }
+}
+
+fn errno(e: i32, what: &str) -> ProcError {
+    ProcError::Io { path: format!("/proc/scripted/{what}").into(), source: io::Error::from_raw_os_error(e) }
+}
+
+/// A scripted task handle: no fd, so neither cached nor watched.
+#[derive(Debug)]
+pub struct ScriptedTask(Arc<AtomicBool>);
+
+impl Task for ScriptedTask {
+    fn exited(&self) -> bool {
+        !self.0.load(Ordering::SeqCst)
+    }
+
+    fn signal(&self, _sig: i32) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
+
+/// The `/proc` view of a [`World`].
+pub struct View(World);
+
+/// What [`View::open`] opened: bound to the process as it was then.
+pub struct Opened {
+    pid: u32,
+    want: Want,
+    alive: Arc<AtomicBool>,
+}
+
+impl View {
+    fn fault(s: &mut State, pid: u32, want: Want, open: bool) -> Option<Failure> {
+        let i = s.faults.iter().position(|(p, what, failure, times)| {
+            *times > 0
+                && p.is_none_or(|p| p == pid)
+                && what.matches(want)
+                && matches!(failure, Failure::Open(_)) == open
+        })?;
+        s.faults[i].3 -= 1;
+        Some(s.faults[i].2)
+    }
+}
+
+fn maps_text(vmas: &[Vma]) -> String {
+    vmas.iter()
+        .map(|v| {
+            let perms = format!("r{}-{}", if v.writable { 'w' } else { '-' }, if v.anon_private { 'p' } else { 's' });
+            let name = if v.is_heap { "[heap]" } else { "" };
+            format!("{:x}-{:x} {perms} 00000000 00:00 0 {name}\n", v.start, v.end)
+        })
+        .collect()
+}
+
+impl ProcView for View {
+    type Opened = Opened;
+    type Task = ScriptedTask;
+
+    fn open(&self, pid: u32, want: Want) -> Result<Opened, ProcError> {
+        let mut s = self.0.lock();
+        if let Some(Failure::Open(e)) = View::fault(&mut s, pid, want, true) {
+            return Err(errno(e, "open"));
+        }
+        let proc_of = match want {
+            Want::Thread => s.threads.get(&pid).copied(),
+            _ => Some(pid),
+        };
+        let Some(p) = proc_of.and_then(|p| s.procs.get(&p)) else { return Err(errno(libc::ENOENT, "open")) };
+        let needs_ptrace = matches!(want, Want::Maps { .. } | Want::Memory { .. } | Want::Admission { blind: false });
+        if needs_ptrace && !p.dumpable {
+            return Err(errno(libc::EACCES, "open"));
+        }
+        let alive = p.alive.clone();
+        let i = s.between.iter().position(|(p, what, _)| *p == pid && what.matches(want));
+        if let Some(i) = i {
+            let (_, _, mut f) = s.between.remove(i).unwrap();
+            f(&mut s);
+        }
+        Ok(Opened { pid, want, alive })
+    }
+
+    fn read(&self, o: Opened) -> Result<Reading<ScriptedTask>, ProcError> {
+        let mut s = self.0.lock();
+        let failure = View::fault(&mut s, o.pid, o.want, false);
+        if let Some(Failure::Read(e)) = failure {
+            return Err(errno(e, "read"));
+        }
+        if !o.alive.load(Ordering::SeqCst) {
+            return Err(errno(libc::ESRCH, "read")); // the task opened is gone
+        }
+        let pid_of =
+            |s: &State| if matches!(o.want, Want::Thread) { s.threads.get(&o.pid).copied() } else { Some(o.pid) };
+        let Some(p) = pid_of(&s).and_then(|p| s.procs.get(&p)).cloned() else { return Err(errno(libc::ESRCH, "read")) };
+        let snapshot = |vmas: &[Vma]| -> Result<Snapshot, ProcError> {
+            let mut text = maps_text(vmas);
+            match failure {
+                Some(Failure::Garbled) => text.push_str("this is not a maps line\n"),
+                Some(Failure::Truncated) => text.truncate(text.len().saturating_sub(text.len() / 3)),
+                _ => {}
+            }
+            Ok(Snapshot { maps: Maps::parse(&text)?, start_brk: Some(p.start_brk) })
+        };
+        Ok(match o.want {
+            Want::Thread => Reading::Thread { tgid: pid_of(&s).unwrap(), handle: None },
+            Want::Admission { blind } => Reading::Admission {
+                task: ScriptedTask(p.alive.clone()),
+                command: p.command.clone(),
+                figure: if blind {
+                    Baseline::Upper(p.counted() + p.statm_extra)
+                } else {
+                    Baseline::Exact(snapshot(&p.vmas)?)
+                },
+            },
+            Want::Maps { .. } => Reading::Maps(snapshot(&p.vmas)?),
+            Want::Upper => Reading::Upper(p.counted() + p.statm_extra),
+            Want::Memory { len, .. } => Reading::Memory(vec![0; len]),
+            Want::Command => Reading::Command(p.command.clone()),
+        })
+    }
+
+    fn thread_state(&self, tid: u32) -> ThreadState {
+        let s = self.0.lock();
+        if !s.threads.contains_key(&tid) {
+            return ThreadState::Gone;
+        }
+        s.thread_states.get(&tid).copied().unwrap_or(ThreadState::Idle)
+    }
+
+    fn tasks(&self, pid: u32) -> Vec<u32> {
+        self.0.lock().threads.iter().filter(|(_, p)| **p == pid).map(|(t, _)| *t).collect()
+    }
+
+    fn children(&self, _pid: u32) -> Vec<u32> {
+        Vec::new()
+    }
+}
+
+impl Notifier for World {
+    fn recv(&self) -> io::Result<Recv> {
+        let mut s = self.lock();
+        loop {
+            let Some((n, then)) = s.queue.pop_front() else { return Ok(Recv::HungUp) };
+            if let Some(mut then) = then {
+                then(&mut s);
+            }
+            // A caller that died before its call was received: the kernel drops it.
+            if s.pending.contains_key(&n.id) {
+                return Ok(Recv::Notification(n));
+            }
+        }
+    }
+
+    fn answer(&self, id: u64, reply: Reply) -> io::Result<Answered> {
+        let mut s = self.lock();
+        if s.pending.remove(&id).is_none() {
+            return Ok(Answered::Gone);
+        }
+        s.answers.push((id, reply));
+        Ok(Answered::Yes)
+    }
+
+    fn id_valid(&self, id: u64) -> bool {
+        self.lock().pending.contains_key(&id)
+    }
+
+    fn set_sync_wakeup(&self, on: bool) -> io::Result<bool> {
+        self.lock().sync_wakeup.push(on);
+        Ok(true)
+    }
+}
