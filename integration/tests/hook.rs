@@ -468,3 +468,39 @@ fn a_profile_with_a_listener_is_not_injected_twice() {
         assert!(stderr(&out).contains("only one seccomp listener"), "{rt:?}: {}", show(&out));
     }
 }
+
+#[test]
+fn the_runtimes_own_code_before_its_exec_is_never_charged() {
+    // runc's init is Go: under a filter injected before its exec it maps ~80 MiB of thread
+    // stacks and builds its own seccomp filter. None of that is the container's heap.
+    let d = Daemon::start();
+    let t = Duration::from_secs(120);
+    let alloc = ["/alloc", "mmap", "1048576", "0"];
+    for quota in [16 * MIB, 32 * MIB] {
+        let annotation = format!("heapcap.io/limit={}Mi", quota / MIB);
+        for file in ["heapcap-prestart.json", "heapcap-precreate.json"] {
+            let dir = hooks_dir(file, &d);
+            for runtime in ["runc", "crun"] {
+                let global = ["--runtime", runtime, "--hooks-dir", dir.to_str().expect("utf-8")];
+                let out = podman::run_full(&global, &["--annotation", &annotation], None, &alloc, t);
+                let (allocated, result) = fixture_result(&out);
+                let what = format!("podman --runtime {runtime} with {file} at {annotation}");
+                assert!(!stderr(&out).contains("cannot allocate memory"), "{what}: {}", show(&out));
+                assert_at_quota(&what, allocated, &result, quota, MIB);
+            }
+        }
+        // runc's own config.json prestart hook.
+        for rt in Runtime::ALL {
+            let b = bundle(&d.agent, &[("heapcap.io/limit", &annotation["heapcap.io/limit=".len()..])], &alloc);
+            let out = b.run(rt, &unique_id("hook-runtime"));
+            let (allocated, result) = fixture_result(&out);
+            assert_at_quota(&format!("{rt:?} config.json prestart at {annotation}"), allocated, &result, quota, MIB);
+        }
+    }
+    // What the runtime did is not in any denial: the containers were denied only at their quota.
+    let events = d.heapcap(&["events", "--json"]);
+    for line in stdout(&events).lines() {
+        let e: Value = serde_json::from_str(line).expect("an event");
+        assert_ne!(e["command"], "runc:[2:INIT]", "the runtime was denied: {line}");
+    }
+}
