@@ -66,6 +66,13 @@ pub struct ProcessView {
     pub peak: u64,
     pub limit: Option<u64>,
     pub denials: u64,
+    /// The container runtime's own code before it execs the container's program: observed,
+    /// never denied.
+    #[serde(default)]
+    pub runtime: bool,
+    /// Its mappings cannot be read (it is not dumpable): `heap` is an upper figure, from statm.
+    #[serde(default)]
+    pub blind: bool,
 }
 
 /// One container.

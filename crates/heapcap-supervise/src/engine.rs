@@ -145,12 +145,31 @@ impl<'s, P: ProcView> Engine<'s, P> {
             Ok(pid) => pid,
             Err(answer) => return answer,
         };
-        // Note what this call tells: the thread's earlier calls are done, an exec may have settled.
-        let (mut settled, exec_thread) = {
+        let req = call.request(self.sup.page);
+        // Note what this call tells (the thread's earlier calls are done, an exec may have
+        // settled) and, on the common path, decide it: one short hold of the lock.
+        let (mut settled, exec_thread, step) = {
             let mut g = self.sup.accounts.lock();
-            (g.ledger.thread_seen(pid, n.pid), g.ledger.exec_thread(pid))
+            if !g.ledger.contains(pid) {
+                drop(g);
+                if let Err(answer) = self.admit(l, n, pid, call) {
+                    return answer;
+                }
+                g = self.sup.accounts.lock();
+            }
+            let settled = g.ledger.thread_seen(pid, n.pid);
+            let exec_thread = g.ledger.exec_thread(pid).filter(|t| *t != n.pid);
+            let step = match req {
+                Some(req) if !settled && exec_thread.is_none() => Some(g.ledger.fast(pid, n.pid, &req, key)),
+                _ => None,
+            };
+            (settled, exec_thread, step)
         };
-        if let Some(t) = exec_thread.filter(|t| *t != n.pid) {
+        if step == Some(Step::Allow) {
+            self.sup.stats.fast.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Answer::Allow;
+        }
+        if let Some(t) = exec_thread {
             if !self.threads.alive(t) {
                 self.sup.accounts.lock().ledger.exec_thread_gone(pid);
                 settled = true;
@@ -166,43 +185,41 @@ impl<'s, P: ProcView> Engine<'s, P> {
             }
             return Answer::Allow;
         }
-        let Some(req) = call.request(self.sup.page) else { return Answer::Allow };
+        let Some(req) = req else { return Answer::Allow };
         if settled {
             // A new image: its name, for reports.
             if let Ok(Reading::Command(command)) = self.read(l, n, pid, Want::Command) {
                 self.sup.accounts.lock().ledger.set_command(pid, command);
             }
         }
-        let need = if settled {
-            Need::Exact
-        } else {
-            let step = self.sup.accounts.lock().ledger.fast(pid, n.pid, &req, key);
-            match step {
-                Step::Allow => {
-                    self.sup.stats.fast.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Answer::Allow;
+        let step = match step {
+            Some(step) => step,
+            None if settled => Step::Measure { need: Need::Exact, refresh_others: false },
+            None => self.sup.accounts.lock().ledger.fast(pid, n.pid, &req, key),
+        };
+        let need = match step {
+            Step::Allow => {
+                self.sup.stats.fast.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Answer::Allow;
+            }
+            Step::Measure { need, refresh_others } => {
+                if refresh_others {
+                    let stale = self.sup.accounts.lock().ledger.stale(pid);
+                    self.sup.refresh(&stale);
                 }
-                Step::Measure { need, refresh_others } => {
-                    if refresh_others {
-                        let stale = self.sup.accounts.lock().ledger.stale(pid);
-                        self.sup.refresh(&stale);
-                    }
-                    need
-                }
+                need
             }
         };
         self.sup.stats.exact.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.measure_and_decide(l, n, pid, &req, key, need)
     }
 
-    /// The caller's process, learnt once per thread; an account opened for it if it has none.
+    /// The caller's process, learnt once per thread. Learnt afresh, an account left under its pid
+    /// by an earlier process is replaced.
     fn process_of<N: Notifier>(&mut self, l: &N, n: &Notification, call: MemCall) -> Result<u32, Answer> {
         if let Some(pid) = self.threads.lookup(n.pid) {
-            // A remembered thread is alive, so its process is the one accounted.
-            if self.sup.accounts.lock().ledger.contains(pid) {
-                return Ok(pid);
-            }
-            return self.admit(l, n, pid, call).map(|()| pid);
+            // A remembered thread is alive, so its process is the one accounted (if any).
+            return Ok(pid);
         }
         let pid = match self.read(l, n, n.pid, Want::Thread) {
             Ok(Reading::Thread { tgid, handle }) => {

@@ -76,9 +76,10 @@ fn print_ps(out: &mut impl Write, containers: &[ContainerView]) -> std::io::Resu
                 "{:<w$} {:>8}  {cmd:<28} {:>10} {:>10} {:>10} {:>7}",
                 "",
                 p.pid,
-                size(p.heap),
+                // An upper figure (statm: its mappings cannot be read).
+                if p.blind { format!("<={}", size(p.heap)) } else { size(p.heap) },
                 size(p.peak),
-                quota(p.limit),
+                if p.runtime { "runtime".to_string() } else { quota(p.limit) },
                 p.denials
             )?;
         }

@@ -80,6 +80,8 @@ impl Container {
                 peak: p.peak,
                 limit: p.limit,
                 denials: p.denials,
+                runtime: p.runtime,
+                blind: p.blind,
             })
             .collect();
         ContainerView {
