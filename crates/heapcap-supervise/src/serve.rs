@@ -68,6 +68,9 @@ impl<P: ProcView> Supervisor<P> {
         // Timed only for an observer (heapcapd's metrics): `heapcap run` saves the clock reads.
         let started = self.observer.is_some().then(Instant::now);
         let answer = engine.decide(listener, n);
+        // Clocked before the send: the send may hand this CPU to the caller (synchronous
+        // wake-up), and the time this thread then waits to run again is not the caller's wait.
+        let decided = started.map(|t| t.elapsed());
         let mut outcome = Outcome::Allowed;
         let sent = match &answer {
             Answer::Allow => listener.answer(n.id, Reply::Continue),
@@ -82,8 +85,6 @@ impl<P: ProcView> Supervisor<P> {
             }
             Answer::Drop => Ok(Answered::Gone),
         };
-        // The caller waits until the answer is handed to the kernel; what follows is not its wait.
-        let decided = started.map(|t| t.elapsed());
         if let Answer::Deny(d) = &answer {
             (self.on_denial)(d);
         }
