@@ -35,7 +35,7 @@ pub struct Fixtures {
     pub nbench: PathBuf,
     /// The same, static (for the busybox-free container root).
     pub nbench_static: PathBuf,
-    /// Minimal supervisor: `minsup SYNC PROGRAM ARGS...`.
+    /// The floor: a minimal listener notifying heapcap's set of calls, `minsup SYNC PROGRAM ARGS...`.
     pub minsup: PathBuf,
     /// Loads an allow-only filter, execs its arguments.
     pub allowall: PathBuf,
@@ -43,6 +43,8 @@ pub struct Fixtures {
     pub stress: PathBuf,
     /// Hovers just under its quota with N VMAs: `hover VMAS CAP ITERATIONS`.
     pub hover: PathBuf,
+    /// The workload matrix's shapes: `shapes SHAPE SIZE ITERS THREADS PROCS WORK BALLAST`.
+    pub shapes: PathBuf,
 }
 
 fn gcc(src: &Path, out: &Path, extra: &[&str]) -> Result<()> {
@@ -68,6 +70,7 @@ pub fn build(src_dir: &Path, work: &Path) -> Result<Fixtures> {
     }
     gcc(&c("nbench"), &b("nbench-static"), &["-static"])?;
     gcc(&c("stress"), &b("stress"), &["-pthread"])?;
+    gcc(&c("shapes"), &b("shapes"), &["-pthread"])?;
     Ok(Fixtures {
         nbench: b("nbench"),
         nbench_static: b("nbench-static"),
@@ -75,5 +78,6 @@ pub fn build(src_dir: &Path, work: &Path) -> Result<Fixtures> {
         allowall: b("allowall"),
         stress: b("stress"),
         hover: b("hover"),
+        shapes: b("shapes"),
     })
 }

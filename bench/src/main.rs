@@ -7,6 +7,7 @@
 
 mod container;
 mod fixtures;
+mod matrix;
 mod nearquota;
 mod plot;
 mod programs;
@@ -42,8 +43,9 @@ pub struct Args {
     /// Notified mmap+munmap pairs per run in measurement 1 (default 200000, tiny 2000).
     #[arg(long)]
     pub calls: Option<u64>,
-    /// Measurements to run, comma-separated, from 1 (syscall), 2 (programs), 3 (near quota), 4 (scale), 5 (container start).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
+    /// Measurements to run, comma-separated, from 1 (syscall), 2 (programs), 3 (near quota), 4 (scale), 5 (container
+    /// start), 6 (workload matrix).
+    #[arg(long, value_delimiter = ',', default_value = "1,6,2,3,4,5")]
     pub only: Vec<u32>,
     /// Container counts for measurement 4.
     #[arg(long, value_delimiter = ',')]
@@ -116,7 +118,8 @@ fn run(args: &Args) -> Result<usize> {
             3 => nearquota::run(args, &fx),
             4 => container::scale(args, &fx, work.path()),
             5 => container::start(args, &fx, work.path()),
-            other => anyhow::bail!("no measurement {other} (1..5)"),
+            6 => matrix::run(args, &fx, work.path()),
+            other => anyhow::bail!("no measurement {other} (1..6)"),
         };
         sections.push(section.unwrap_or_else(|e| Section {
             markdown: format!("_Measurement {m} did not run: {e:#}_\n\n"),
