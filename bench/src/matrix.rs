@@ -74,7 +74,7 @@ fn write_project(dir: &Path, files: usize) -> Result<()> {
     let mut main = String::from("#include <stdio.h>\n");
     let mut calls = String::new();
     for i in 0..files {
-        let mut src = format!("#include <string.h>\n#include <stdlib.h>\n");
+        let mut src = String::from("#include <string.h>\n#include <stdlib.h>\n");
         for f in 0..6 {
             writeln!(
                 src,
