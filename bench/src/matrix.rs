@@ -171,7 +171,7 @@ impl Ctx<'_> {
         let mut s = Samples { secs: Default::default(), calls: Vec::new() };
         let timed = matches!(cell.work, Work::Shape { .. });
         for r in 0..rounds {
-            for side in 0..SIDES.len() {
+            for (side, side_name) in SIDES.iter().enumerate() {
                 if let Work::Make { .. } = cell.work {
                     let clean = Command::new("make").args(["-s", "-C"]).arg(&self.project).arg("clean").status();
                     if !clean.is_ok_and(|st| st.success()) {
@@ -179,7 +179,7 @@ impl Ctx<'_> {
                     }
                 }
                 let (secs, count) = run_once(&self.argv(cell, side, near), timed).unwrap_or_else(|e| {
-                    failures.push(format!("measurement 6, {}, {}, round {r}: {e:#}", cell.name, SIDES[side]));
+                    failures.push(format!("measurement 6, {}, {side_name}, round {r}: {e:#}", cell.name));
                     (f64::NAN, None)
                 });
                 s.secs[side].push(secs);
