@@ -146,7 +146,9 @@ impl ProcFs {
         let (path, mut maps) = opened.maps;
         if self.maps == MapsReader::Auto && procmap::supported() {
             match procmap::walk(&maps, range, Some(start_brk)) {
-                Ok(vmas) => return Ok(Snapshot { maps: Maps::from_vmas(vmas), start_brk: Some(start_brk) }),
+                Ok(vmas) => {
+                    return Ok(Snapshot { maps: Maps::from_vmas(vmas), start_brk: Some(start_brk), upper: None })
+                }
                 Err(procmap::WalkError::Io(source)) => return Err(ProcError::Io { path, source }),
                 Err(procmap::WalkError::Unsupported) => {} // the text, from the same fd
             }
@@ -154,7 +156,7 @@ impl ProcFs {
         buf.clear();
         maps.read_to_string(buf).map_err(io_err(&path))?;
         let maps = Maps::parse(buf)?;
-        Ok(Snapshot { maps, start_brk: Some(start_brk) })
+        Ok(Snapshot { maps, start_brk: Some(start_brk), upper: None })
     }
 
     /// Open and read a snapshot at once (for a process whose identity is otherwise checked).
@@ -178,6 +180,53 @@ impl ProcFs {
         let mut s = String::with_capacity(64);
         f.read_to_string(&mut s).map_err(io_err(&path))?;
         parse_statm_data(&s).map(|pages| pages.saturating_mul(page)).ok_or(ProcError::Format { path, text: s })
+    }
+
+    /// `statm`'s upper figure ([`ProcFs::read_upper`]) from a file kept open and read again
+    /// (`pread` from the start: the kernel writes it afresh at each read, for the task the file
+    /// was opened for, so the figure is always that process's now).
+    pub fn read_upper_at(&self, statm: &(PathBuf, File), page: u64) -> Result<u64, ProcError> {
+        let text = read_all_at(statm, 64)?;
+        parse_statm_data(&text)
+            .map(|pages| pages.saturating_mul(page))
+            .ok_or_else(|| ProcError::Format { path: statm.0.clone(), text })
+    }
+
+    /// `start_brk` from a `stat` file kept open, read again; `None` when the kernel hides it (0:
+    /// no ptrace rights over the process).
+    pub fn read_start_brk_at(&self, stat: &(PathBuf, File)) -> Result<Option<u64>, ProcError> {
+        let text = read_all_at(stat, 1024)?;
+        let brk = parse_stat_start_brk(&text).ok_or_else(|| ProcError::Format { path: stat.0.clone(), text })?;
+        Ok((brk != 0).then_some(brk))
+    }
+
+    /// Open `stat`, to be kept and read again with [`ProcFs::read_start_brk_at`].
+    pub fn open_stat(&self, pid: u32) -> Result<(PathBuf, File), ProcError> {
+        self.open(pid, "stat")
+    }
+
+    /// Open `maps`, to be kept for [`procmap::walk`] (`PROCMAP_QUERY`). The file is bound to the
+    /// address space the process had when it was opened: open it again after an exec.
+    pub fn open_maps(&self, pid: u32) -> Result<(PathBuf, File), ProcError> {
+        self.open(pid, "maps")
+    }
+
+    /// The mappings through a `maps` file kept open, with `PROCMAP_QUERY` (`None` where the
+    /// kernel has no such query: read the text of a freshly opened file instead).
+    pub fn walk_at(
+        &self,
+        maps: &(PathBuf, File),
+        range: Option<(u64, u64)>,
+        start_brk: Option<u64>,
+    ) -> Option<Result<Maps, ProcError>> {
+        if self.maps != MapsReader::Auto || !procmap::supported() {
+            return None;
+        }
+        match procmap::walk(&maps.1, range, start_brk) {
+            Ok(vmas) => Some(Ok(Maps::from_vmas(vmas))),
+            Err(procmap::WalkError::Io(source)) => Some(Err(ProcError::Io { path: maps.0.clone(), source })),
+            Err(procmap::WalkError::Unsupported) => None,
+        }
     }
 
     /// Open `status` (to learn a thread's process) for reading after the notification check.
@@ -273,6 +322,25 @@ impl ProcFs {
     pub fn read_mem(&self, opened: &(PathBuf, File), addr: u64, buf: &mut [u8]) -> Result<(), ProcError> {
         opened.1.read_exact_at(buf, addr).map_err(io_err(&opened.0))
     }
+}
+
+/// The whole of a `/proc` file kept open, read from its start (`pread`), `hint` bytes expected.
+fn read_all_at(opened: &(PathBuf, File), hint: usize) -> Result<String, ProcError> {
+    let mut buf = vec![0u8; hint.max(64)];
+    let mut len = 0;
+    loop {
+        let n = opened.1.read_at(&mut buf[len..], len as u64).map_err(io_err(&opened.0))?;
+        len += n;
+        if n == 0 || len < buf.len() {
+            break;
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|e| ProcError::Format {
+        path: opened.0.clone(),
+        text: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
 }
 
 /// `Tgid:` from `/proc/<tid>/status`.

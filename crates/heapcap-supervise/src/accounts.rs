@@ -104,6 +104,14 @@ impl Accounts {
         f(&mut self.lock().ledger)
     }
 
+    /// Whether a process's command line is wanted when it is first seen: its figures are kept
+    /// after it ends (a final report), or its peak is logged then (audit mode). Else it is read
+    /// when first needed (a denial, `ps`), while the process runs.
+    pub(crate) fn wants_commands(&self) -> bool {
+        let g = self.lock();
+        g.keep_finished || g.ledger.mode() == Mode::Audit
+    }
+
     /// Keep (or not) the figures of processes that ended, for a final report.
     pub fn keep_finished(&self, keep: bool) {
         self.lock().keep_finished = keep;

@@ -23,7 +23,7 @@ use heapcap_policy::ledger::{CallKey, Deny, Figure, Mode, Need, Scope, Snapshot,
 use heapcap_policy::syscall::{MemCall, Request};
 
 use crate::notifier::Notifier;
-use crate::procview::{checked, Baseline, Checked, ProcView, Reading, Want};
+use crate::procview::{checked, Baseline, Checked, Kept, ProcView, Reading, Want};
 use crate::supervisor::Supervisor;
 use crate::threads::Threads;
 use heapcap_policy::denial::Denial;
@@ -51,6 +51,7 @@ enum Miss {
 enum Read {
     Exact(Snapshot),
     Upper(u64),
+    Image { upper: u64, start_brk: Option<u64> },
     UpperOnly(u64),
     Unread,
 }
@@ -60,6 +61,7 @@ impl Read {
         match self {
             Read::Exact(s) => Figure::Exact(s),
             Read::Upper(u) => Figure::Upper(*u),
+            Read::Image { upper, start_brk } => Figure::Image { upper: *upper, start_brk: *start_brk },
             Read::UpperOnly(u) => Figure::UpperOnly(*u),
             Read::Unread => Figure::Unread,
         }
@@ -136,7 +138,7 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 }
                 Ok(_) | Err(Miss::Dead) => return Answer::Drop,
                 Err(Miss::Failed(e)) => {
-                    return self.unreadable(n, None, call, format!("the arguments of old_mmap: {}", chain(&e)))
+                    return self.unreadable(l, n, None, call, format!("the arguments of old_mmap: {}", chain(&e)))
                 }
             },
             c => c,
@@ -175,6 +177,22 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 settled = true;
             }
         }
+        if settled {
+            // A new image: the maps kept are the old one's, and its name is new (read now where
+            // it is kept after the process ends, else when first needed).
+            let task = self.sup.accounts.lock().task(pid);
+            if let Some(k) = task.as_deref().and_then(|t| t.kept()) {
+                k.new_image();
+            }
+            let command = match self.sup.accounts.wants_commands() {
+                true => match self.read(l, n, pid, Want::Command) {
+                    Ok(Reading::Command(command)) => command,
+                    _ => String::new(),
+                },
+                false => String::new(),
+            };
+            self.sup.accounts.lock().ledger.set_command(pid, command);
+        }
         if call == MemCall::Exec {
             let mut g = self.sup.accounts.lock();
             g.ledger.exec_started(pid, n.pid);
@@ -186,15 +204,9 @@ impl<'s, P: ProcView> Engine<'s, P> {
             return Answer::Allow;
         }
         let Some(req) = req else { return Answer::Allow };
-        if settled {
-            // A new image: its name, for reports.
-            if let Ok(Reading::Command(command)) = self.read(l, n, pid, Want::Command) {
-                self.sup.accounts.lock().ledger.set_command(pid, command);
-            }
-        }
         let step = match step {
             Some(step) => step,
-            None if settled => Step::Measure { need: Need::Exact, refresh_others: false },
+            None if settled => Step::Measure { need: Need::Image, refresh_others: false },
             None => self.sup.accounts.lock().ledger.fast(pid, n.pid, &req, key),
         };
         let need = match step {
@@ -229,6 +241,7 @@ impl<'s, P: ProcView> Engine<'s, P> {
             Ok(_) | Err(Miss::Dead) => return Err(Answer::Drop),
             Err(Miss::Failed(e)) => {
                 return Err(self.unreadable(
+                    l,
                     n,
                     None,
                     call,
@@ -244,33 +257,29 @@ impl<'s, P: ProcView> Engine<'s, P> {
         }
     }
 
-    /// Open an account for `pid`, measured now: its mappings, or `statm` if they are refused.
+    /// Open an account for `pid`, measured now (`statm`, or its mappings where the view reads
+    /// them at once). Its command line is read now only where it is kept after the process ends
+    /// (a final report, audit peaks); else when first needed.
     fn admit<N: Notifier>(&mut self, l: &N, n: &Notification, pid: u32, call: MemCall) -> Result<(), Answer> {
-        let mut blind = false;
-        loop {
-            match self.read(l, n, pid, Want::Admission { blind }) {
-                Ok(Reading::Admission { task, command, figure }) => {
-                    let task: std::sync::Arc<dyn crate::procview::Task> = std::sync::Arc::new(task);
-                    let read = match figure {
-                        Baseline::Exact(snap) => Read::Exact(snap),
-                        Baseline::Upper(upper) => Read::UpperOnly(upper),
-                    };
-                    if blind {
-                        self.sup.warn_blind(pid, &command);
-                    }
-                    tracing::debug!(pid, command = %command, blind, runtime = self.runtime, "new process");
-                    let opened = self.sup.accounts.lock().open(pid, task.clone(), command, read.figure(), self.runtime);
-                    if let Some(generation) = opened {
-                        self.sup.watch_exit(pid, generation, task);
-                    }
-                    return Ok(());
+        let command = self.sup.accounts.wants_commands();
+        match self.read(l, n, pid, Want::Admission { command }) {
+            Ok(Reading::Admission { task, command, figure }) => {
+                let task: std::sync::Arc<dyn crate::procview::Task> = std::sync::Arc::new(task);
+                let read = match figure {
+                    Baseline::Exact(snap) => Read::Exact(snap),
+                    Baseline::Upper(upper) => Read::Upper(upper),
+                };
+                tracing::debug!(pid, command = %command, runtime = self.runtime, "new process");
+                let opened = self.sup.accounts.lock().open(pid, task.clone(), command, read.figure(), self.runtime);
+                if let Some(generation) = opened {
+                    self.sup.watch_exit(pid, generation, task);
                 }
-                Err(Miss::Failed(e)) if e.is_denied() && !blind => blind = true,
-                Ok(_) | Err(Miss::Dead) => return Err(Answer::Drop),
-                Err(Miss::Failed(e)) => {
-                    let what = format!("/proc/{pid}, to open its account: {}", chain(&e));
-                    return Err(self.unreadable(n, Some(pid), call, what));
-                }
+                Ok(())
+            }
+            Ok(_) | Err(Miss::Dead) => Err(Answer::Drop),
+            Err(Miss::Failed(e)) => {
+                let what = format!("/proc/{pid}, to open its account: {}", chain(&e));
+                Err(self.unreadable(l, n, Some(pid), call, what))
             }
         }
     }
@@ -289,10 +298,10 @@ impl<'s, P: ProcView> Engine<'s, P> {
         let mut why: Option<String> = None;
         let mut retries = 0;
         loop {
-            let (token, pending, blind) = {
+            let (token, pending, blind, task) = {
                 let g = self.sup.accounts.lock();
                 let blind = g.ledger.account(pid).is_some_and(|a| a.blind);
-                (g.ledger.token(pid), g.ledger.pending_threads(pid, n.pid), blind)
+                (g.ledger.token(pid), g.ledger.pending_threads(pid, n.pid), blind, g.task(pid))
             };
             let Some(token) = token else {
                 // Closed meanwhile: the process exited, so its calls are no longer pending.
@@ -301,6 +310,7 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 }
                 let call = MemCall::decode(n.arch, n.nr, n.args).unwrap_or(MemCall::Exec);
                 return self.unreadable(
+                    l,
                     n,
                     Some(pid),
                     call,
@@ -316,7 +326,8 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 why.get_or_insert_with(|| "its figures kept changing under each read".into());
                 Read::Unread
             } else {
-                match self.figure(l, n, pid, req, need, blind, &mut why) {
+                let kept = task.as_deref().and_then(|t| t.kept());
+                match self.figure(l, n, pid, req, need, blind, kept, &mut why) {
                     Ok(read) => read,
                     Err(()) => return Answer::Drop,
                 }
@@ -332,7 +343,9 @@ impl<'s, P: ProcView> Engine<'s, P> {
                         }
                         _ => None,
                     };
-                    return Answer::Deny(Box::new(self.denial(n, Some(pid), req.name(), deny, why, brk_return)));
+                    let mut denial = self.denial(l, n, Some(pid), req.name(), deny, why);
+                    denial.brk_return = brk_return;
+                    return Answer::Deny(Box::new(denial));
                 }
                 Verdict::MeasureExact => need = Need::Exact,
                 Verdict::Stale => retries += 1,
@@ -340,8 +353,9 @@ impl<'s, P: ProcView> Engine<'s, P> {
         }
     }
 
-    /// Read the figure `need` asks for; on failure the next best, noting why in `why`.
-    /// `Err`: the notification is no longer pending.
+    /// Read the figure `need` asks for, through the files the process's handle keeps (`kept`)
+    /// or else opened afresh; on failure the next best, noting why in `why`. `Err`: the
+    /// notification is no longer pending.
     #[allow(clippy::too_many_arguments)]
     fn figure<N: Notifier>(
         &self,
@@ -351,12 +365,32 @@ impl<'s, P: ProcView> Engine<'s, P> {
         req: &Request,
         need: Need,
         blind: bool,
+        kept: Option<&dyn Kept>,
         why: &mut Option<String>,
     ) -> Result<Read, ()> {
+        // A kept file of a process that is gone: its call is gone too, unless the kernel says not.
+        let dead = |e: &ProcError| e.is_gone() && !l.id_valid(n.id);
+        if need == Need::Image {
+            if let Some(k) = kept {
+                match k.image() {
+                    Ok((upper, start_brk)) => return Ok(Read::Image { upper, start_brk }),
+                    Err(e) if dead(&e) => return Err(()),
+                    Err(_) => {} // the mappings tell the break and the heap too
+                }
+            }
+        }
         if need == Need::Upper && !blind {
-            match self.read(l, n, pid, Want::Upper) {
-                Ok(Reading::Upper(u)) => return Ok(Read::Upper(u)),
-                Ok(_) | Err(Miss::Dead) => return Err(()),
+            let upper = match kept {
+                Some(k) => k.upper().map_err(Miss::Failed),
+                None => self.read(l, n, pid, Want::Upper).and_then(|r| match r {
+                    Reading::Upper(u) => Ok(u),
+                    _ => Err(Miss::Dead),
+                }),
+            };
+            match upper {
+                Ok(u) => return Ok(Read::Upper(u)),
+                Err(Miss::Dead) => return Err(()),
+                Err(Miss::Failed(e)) if dead(&e) => return Err(()),
                 Err(Miss::Failed(_)) => {} // the mappings may still be read
             }
         }
@@ -364,29 +398,44 @@ impl<'s, P: ProcView> Engine<'s, P> {
             *why = Some(format!(
                 "the mappings of /proc/{pid} cannot be read (not dumpable, or refused); decided on /proc/{pid}/statm"
             ));
-        }
-        if !blind {
+        } else {
             // An mprotect looks at memory not counted yet: the query reads that range too.
             let range = match *req {
                 Request::Protect { addr, len } => Some((addr, addr.saturating_add(len))),
                 _ => None,
             };
-            match self.read(l, n, pid, Want::Maps { range }) {
-                Ok(Reading::Maps(snap)) => return Ok(Read::Exact(snap)),
-                Ok(_) | Err(Miss::Dead) => return Err(()),
+            let snapshot = match kept.and_then(|k| k.maps(range)) {
+                Some(read) => read.map_err(Miss::Failed),
+                None => self.read(l, n, pid, Want::Maps { range }).and_then(|r| match r {
+                    Reading::Maps(snap) => Ok(snap),
+                    _ => Err(Miss::Dead),
+                }),
+            };
+            match snapshot {
+                Ok(snap) => return Ok(Read::Exact(snap)),
+                Err(Miss::Dead) => return Err(()),
+                Err(Miss::Failed(e)) if dead(&e) => return Err(()),
                 Err(Miss::Failed(e)) => {
                     if e.is_denied() && self.sup.accounts.lock().ledger.account(pid).is_some_and(|a| !a.blind) {
                         self.sup.accounts.lock().ledger.set_blind(pid);
-                        let command = self.command_of(pid);
+                        let command = self.command_of(l, n, pid);
                         self.sup.warn_blind(pid, &command);
                     }
                     *why = Some(format!("{}; decided on /proc/{pid}/statm", chain(&e)));
                 }
             }
         }
-        match self.read(l, n, pid, Want::Upper) {
-            Ok(Reading::Upper(u)) => Ok(Read::UpperOnly(u)),
-            Ok(_) | Err(Miss::Dead) => Err(()),
+        let upper = match kept {
+            Some(k) => k.upper().map_err(Miss::Failed),
+            None => self.read(l, n, pid, Want::Upper).and_then(|r| match r {
+                Reading::Upper(u) => Ok(u),
+                _ => Err(Miss::Dead),
+            }),
+        };
+        match upper {
+            Ok(u) => Ok(Read::UpperOnly(u)),
+            Err(Miss::Dead) => Err(()),
+            Err(Miss::Failed(e)) if dead(&e) => Err(()),
             Err(Miss::Failed(e)) => {
                 let before = why.take().map(|w| format!("{w}, which failed too: ")).unwrap_or_default();
                 *why = Some(format!("{before}{}; decided on the growth let through so far", chain(&e)));
@@ -395,37 +444,56 @@ impl<'s, P: ProcView> Engine<'s, P> {
         }
     }
 
-    fn command_of(&self, pid: u32) -> String {
-        self.sup.accounts.lock().ledger.account(pid).map(|a| a.command.clone()).unwrap_or_default()
+    /// The command line of `pid`, read now if it was not yet (commands are read when first
+    /// needed), while its call `n` is pending.
+    fn command_of<N: Notifier>(&self, l: &N, n: &Notification, pid: u32) -> String {
+        let known = self.sup.accounts.lock().ledger.account(pid).map(|a| a.command.clone()).unwrap_or_default();
+        if !known.is_empty() {
+            return known;
+        }
+        match self.read(l, n, pid, Want::Command) {
+            Ok(Reading::Command(command)) => {
+                self.sup.accounts.lock().ledger.set_command(pid, command.clone());
+                command
+            }
+            _ => String::new(),
+        }
     }
 
-    fn denial(
+    fn denial<N: Notifier>(
         &self,
+        l: &N,
         n: &Notification,
         pid: Option<u32>,
         syscall: &'static str,
         deny: Deny,
         reason: Option<String>,
-        brk_return: Option<u64>,
     ) -> Denial {
         Denial {
             time: SystemTime::now(),
             pid,
             tid: n.pid,
-            command: pid.map(|p| self.command_of(p)).unwrap_or_default(),
+            command: pid.map(|p| self.command_of(l, n, p)).unwrap_or_default(),
             syscall,
             request: deny.request,
             usage: Some(deny.usage),
             limit: deny.limit,
             scope: deny.scope,
             reason,
-            brk_return,
+            brk_return: None,
         }
     }
 
     /// A read `/proc` refused for a live caller: never let growth through unchecked where a
     /// quota applies. Let through in audit mode, and where no quota applies, with a warning.
-    fn unreadable(&self, n: &Notification, pid: Option<u32>, call: MemCall, what: String) -> Answer {
+    fn unreadable<N: Notifier>(
+        &self,
+        l: &N,
+        n: &Notification,
+        pid: Option<u32>,
+        call: MemCall,
+        what: String,
+    ) -> Answer {
         let reason = format!("cannot read {what}");
         let (mode, limits, own, usage) = {
             let g = self.sup.accounts.lock();
@@ -451,8 +519,9 @@ impl<'s, P: ProcView> Engine<'s, P> {
         });
         let deny = Deny { scope, usage: usage.unwrap_or(0), request, limit };
         let brk_return = matches!(call, MemCall::Brk { .. }).then_some(0);
-        let mut denial = self.denial(n, pid, call.name(), deny, Some(reason), brk_return);
+        let mut denial = self.denial(l, n, pid, call.name(), deny, Some(reason));
         denial.usage = usage;
+        denial.brk_return = brk_return;
         Answer::Deny(Box::new(denial))
     }
 }

@@ -6,9 +6,11 @@
 //! the task it means ([`checked`]): `open` binds to a task (an open `/proc/<pid>` file stays
 //! bound to the task it was opened for), `read` reads what was opened.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use heapcap_linux::pidfd::Pidfd;
 use heapcap_linux::procfs::{Opened, OpenedCommand, ProcError, ProcFs};
@@ -24,6 +26,28 @@ pub trait Task: Send + Sync + 'static {
     /// `None`: not watchable (such tasks are looked up afresh each time, and their exit is seen
     /// when the listener hangs up).
     fn fd(&self) -> Option<BorrowedFd<'_>>;
+    /// The files this handle keeps open to read its process again; `None`: it keeps none (the
+    /// engine opens, checks and reads afresh).
+    fn kept(&self) -> Option<&dyn Kept> {
+        None
+    }
+}
+
+/// Files a process handle keeps open, to read the process again without opening anything (no
+/// path walk, no permission check, no check that the pid is still the process: an open `/proc`
+/// file stays bound to the task it was opened for). `statm` and `stat` follow the task; the
+/// maps are bound to its address space, so they are dropped at each exec ([`Kept::new_image`])
+/// and opened again when next needed.
+pub trait Kept: Send + Sync {
+    /// `statm`'s upper figure of the counted heap.
+    fn upper(&self) -> Result<u64, ProcError>;
+    /// A new image's figure: `statm`, and `start_brk` (`None` when hidden).
+    fn image(&self) -> Result<(u64, Option<u64>), ProcError>;
+    /// The mappings (and `statm` read with them) plus every mapping overlapping `range`;
+    /// `None` where this kernel needs a fresh open for them (no `PROCMAP_QUERY`).
+    fn maps(&self, range: Option<(u64, u64)>) -> Option<Result<Snapshot, ProcError>>;
+    /// An exec settled: the maps kept are the old address space's.
+    fn new_image(&self);
 }
 
 /// What to open.
@@ -31,9 +55,9 @@ pub trait Task: Send + Sync + 'static {
 pub enum Want {
     /// A thread's process (`status`), and a handle on the thread.
     Thread,
-    /// A process first seen: a handle on it, its command line, and its mappings, or, when
-    /// `blind`, only `statm`.
-    Admission { blind: bool },
+    /// A process first seen: a handle on it (keeping its files open where it can), a figure of
+    /// it (`statm`, or its mappings), and its command line if `command`.
+    Admission { command: bool },
     /// The mappings and the program break, plus every mapping overlapping `range`.
     Maps { range: Option<(u64, u64)> },
     /// `statm`'s upper figure of the counted heap.
@@ -47,8 +71,16 @@ pub enum Want {
 /// What was read.
 #[derive(Debug)]
 pub enum Reading<T> {
-    Thread { tgid: u32, handle: Option<T> },
-    Admission { task: T, command: String, figure: Baseline },
+    Thread {
+        tgid: u32,
+        handle: Option<T>,
+    },
+    /// `command`: empty when not asked for.
+    Admission {
+        task: T,
+        command: String,
+        figure: Baseline,
+    },
     Maps(Snapshot),
     Upper(u64),
     Memory(Vec<u8>),
@@ -108,17 +140,122 @@ pub fn checked<P: ProcView>(proc: &P, pid: u32, want: Want, still: impl Fn() -> 
     }
 }
 
-impl Task for Pidfd {
+/// A `/proc` file opened, with its path for errors.
+type OpenedFile = (PathBuf, File);
+
+/// A process or thread handle of the real kernel: a pidfd, and for a process the files kept open
+/// to read it again.
+#[derive(Debug)]
+pub struct LinuxTask {
+    pidfd: Pidfd,
+    files: Option<KeptFiles>,
+}
+
+#[derive(Debug)]
+struct KeptFiles {
+    proc: ProcFs,
+    pid: u32,
+    page: u64,
+    statm: (PathBuf, File),
+    stat: Mutex<Option<(PathBuf, File)>>,
+    maps: Mutex<Option<(PathBuf, File)>>,
+}
+
+/// A handle that keeps no files (a thread's).
+impl From<Pidfd> for LinuxTask {
+    fn from(pidfd: Pidfd) -> LinuxTask {
+        LinuxTask { pidfd, files: None }
+    }
+}
+
+impl LinuxTask {
+    /// Open `file` of the process lazily; alive after the open, it is this process's.
+    fn open_later(
+        &self,
+        files: &KeptFiles,
+        open: fn(&ProcFs, u32) -> Result<OpenedFile, ProcError>,
+    ) -> Result<(PathBuf, File), ProcError> {
+        let f = open(&files.proc, files.pid)?;
+        if self.pidfd.has_exited() {
+            return Err(ProcError::Io {
+                path: f.0,
+                source: io::Error::from_raw_os_error(nix::errno::Errno::ESRCH as i32),
+            });
+        }
+        Ok(f)
+    }
+
+    fn start_brk(&self, files: &KeptFiles) -> Result<Option<u64>, ProcError> {
+        let mut stat = files.stat.lock().unwrap_or_else(|e| e.into_inner());
+        if stat.is_none() {
+            *stat = Some(self.open_later(files, ProcFs::open_stat)?);
+        }
+        files.proc.read_start_brk_at(stat.as_ref().expect("opened above"))
+    }
+}
+
+impl Task for LinuxTask {
     fn exited(&self) -> bool {
-        self.has_exited()
+        self.pidfd.has_exited()
     }
 
     fn signal(&self, sig: i32) -> io::Result<()> {
-        Pidfd::signal(self, sig)
+        self.pidfd.signal(sig)
     }
 
     fn fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.as_fd())
+        Some(self.pidfd.as_fd())
+    }
+
+    fn kept(&self) -> Option<&dyn Kept> {
+        self.files.as_ref().map(|_| self as &dyn Kept)
+    }
+}
+
+impl Kept for LinuxTask {
+    fn upper(&self) -> Result<u64, ProcError> {
+        let files = self.files.as_ref().expect("kept() said so");
+        files.proc.read_upper_at(&files.statm, files.page)
+    }
+
+    fn image(&self) -> Result<(u64, Option<u64>), ProcError> {
+        let files = self.files.as_ref().expect("kept() said so");
+        let start_brk = self.start_brk(files)?;
+        Ok((files.proc.read_upper_at(&files.statm, files.page)?, start_brk))
+    }
+
+    fn maps(&self, range: Option<(u64, u64)>) -> Option<Result<Snapshot, ProcError>> {
+        let files = self.files.as_ref().expect("kept() said so");
+        let read = || -> Option<Result<Snapshot, ProcError>> {
+            let start_brk = match self.start_brk(files) {
+                Ok(b) => b,
+                Err(e) => return Some(Err(e)),
+            };
+            let mut maps = files.maps.lock().unwrap_or_else(|e| e.into_inner());
+            if maps.is_none() {
+                match self.open_later(files, ProcFs::open_maps) {
+                    Ok(m) => *maps = Some(m),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            let walked = files.proc.walk_at(maps.as_ref().expect("opened above"), range, start_brk)?;
+            if walked.as_ref().is_err_and(ProcError::is_gone) {
+                *maps = None; // an address space left behind by an exec not yet settled
+            }
+            let upper = files.proc.read_upper_at(&files.statm, files.page).ok();
+            Some(walked.map(|maps| Snapshot { maps, start_brk, upper }))
+        };
+        match read() {
+            // Once more, through a fresh open, if the kept file was an old address space's.
+            Some(Err(e)) if e.is_gone() && !self.pidfd.has_exited() => read(),
+            other => other,
+        }
+    }
+
+    fn new_image(&self) {
+        if let Some(files) = &self.files {
+            *files.maps.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 }
 
@@ -137,19 +274,32 @@ impl LinuxProc {
 /// What [`LinuxProc`] opened.
 #[derive(Debug)]
 pub enum LinuxOpened {
-    Thread { status: (PathBuf, std::fs::File), handle: Option<Pidfd> },
-    Admission { task: Pidfd, command: OpenedCommand, figure: Box<AdmissionFiles> },
-    Maps { files: Opened, range: Option<(u64, u64)> },
-    Upper((PathBuf, std::fs::File)),
-    Memory { mem: (PathBuf, std::fs::File), addr: u64, len: usize },
+    Thread {
+        status: (PathBuf, File),
+        handle: Option<Pidfd>,
+    },
+    /// A thread that is its process's leader: its pid is its id, and its process handle is its handle.
+    Leader {
+        pid: u32,
+        handle: Pidfd,
+    },
+    Admission {
+        task: Pidfd,
+        pid: u32,
+        statm: (PathBuf, File),
+        command: Option<OpenedCommand>,
+    },
+    Maps {
+        files: Opened,
+        range: Option<(u64, u64)>,
+    },
+    Upper((PathBuf, File)),
+    Memory {
+        mem: (PathBuf, File),
+        addr: u64,
+        len: usize,
+    },
     Command(OpenedCommand),
-}
-
-/// The figure files of an admission.
-#[derive(Debug)]
-pub enum AdmissionFiles {
-    Maps(Opened),
-    Statm((PathBuf, std::fs::File)),
 }
 
 fn pidfd_error(pid: u32, source: io::Error) -> ProcError {
@@ -158,20 +308,30 @@ fn pidfd_error(pid: u32, source: io::Error) -> ProcError {
 
 impl ProcView for LinuxProc {
     type Opened = LinuxOpened;
-    type Task = Pidfd;
+    type Task = LinuxTask;
 
     fn open(&self, pid: u32, want: Want) -> Result<LinuxOpened, ProcError> {
         Ok(match want {
-            Want::Thread => {
-                LinuxOpened::Thread { status: self.proc.open_status(pid)?, handle: Pidfd::open_thread(pid).ok() }
-            }
-            Want::Admission { blind } => {
-                let figure = match blind {
-                    false => AdmissionFiles::Maps(self.proc.open_snapshot(pid)?),
-                    true => AdmissionFiles::Statm(self.proc.open_statm(pid)?),
-                };
+            // A process pidfd opens only for a thread-group leader: then the thread is its
+            // process (and that pidfd tells when its id can be handed out again: not before the
+            // whole process is gone). Other threads read their process from `status`.
+            Want::Thread => match Pidfd::open(pid) {
+                Ok(handle) => LinuxOpened::Leader { pid, handle },
+                // Not a leader: EINVAL, or ENOENT on recent kernels (as for an id with no process).
+                Err(e)
+                    if matches!(
+                        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                        nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT
+                    ) =>
+                {
+                    LinuxOpened::Thread { status: self.proc.open_status(pid)?, handle: Pidfd::open_thread(pid).ok() }
+                }
+                Err(e) => return Err(pidfd_error(pid, e)),
+            },
+            Want::Admission { command } => {
+                let statm = self.proc.open_statm(pid)?;
                 let task = Pidfd::open(pid).map_err(|e| pidfd_error(pid, e))?;
-                LinuxOpened::Admission { task, command: self.proc.open_command(pid), figure: Box::new(figure) }
+                LinuxOpened::Admission { task, pid, statm, command: command.then(|| self.proc.open_command(pid)) }
             }
             Want::Maps { range } => LinuxOpened::Maps { files: self.proc.open_snapshot(pid)?, range },
             Want::Upper => LinuxOpened::Upper(self.proc.open_statm(pid)?),
@@ -180,17 +340,34 @@ impl ProcView for LinuxProc {
         })
     }
 
-    fn read(&self, opened: LinuxOpened) -> Result<Reading<Pidfd>, ProcError> {
+    fn read(&self, opened: LinuxOpened) -> Result<Reading<LinuxTask>, ProcError> {
         let page = heapcap_linux::page_size();
         Ok(match opened {
-            LinuxOpened::Thread { status, handle } => Reading::Thread { tgid: self.proc.read_tgid(status)?, handle },
-            LinuxOpened::Admission { task, command, figure } => {
-                let figure = match *figure {
-                    // Grown on the first read of the maps as text (kernels before 6.11 only).
-                    AdmissionFiles::Maps(files) => Baseline::Exact(self.proc.read_snapshot(files, &mut String::new())?),
-                    AdmissionFiles::Statm(statm) => Baseline::Upper(self.proc.read_upper(statm, page)?),
+            LinuxOpened::Thread { status, handle } => Reading::Thread {
+                tgid: self.proc.read_tgid(status)?,
+                handle: handle.map(|pidfd| LinuxTask { pidfd, files: None }),
+            },
+            LinuxOpened::Leader { pid, handle } => {
+                Reading::Thread { tgid: pid, handle: Some(LinuxTask { pidfd: handle, files: None }) }
+            }
+            LinuxOpened::Admission { task, pid, statm, command } => {
+                // statm: one short line whatever the number of mappings; the mappings are read
+                // when a decision needs them.
+                let upper = self.proc.read_upper_at(&statm, page)?;
+                let files = KeptFiles {
+                    proc: self.proc.clone(),
+                    pid,
+                    page,
+                    statm,
+                    stat: Mutex::new(None),
+                    maps: Mutex::new(None),
                 };
-                Reading::Admission { task, command: self.proc.read_command(command), figure }
+                let command = command.map(|c| self.proc.read_command(c)).unwrap_or_default();
+                Reading::Admission {
+                    task: LinuxTask { pidfd: task, files: Some(files) },
+                    command,
+                    figure: Baseline::Upper(upper),
+                }
             }
             LinuxOpened::Maps { files, range } => {
                 Reading::Maps(self.proc.read_snapshot_for(files, &mut String::new(), range)?)

@@ -88,18 +88,14 @@ impl<P: ProcView> Supervisor<P> {
             }
             // Not about a notification: the process's own handle, opened with the files, says
             // whether they are still about it. Refused mappings: statm, as for any blind process.
-            let mut read = None;
-            for blind in [false, true] {
-                // The handle comes with the files; alive after the read, they were its own.
-                match checked(&self.proc, pid, Want::Admission { blind }, || true) {
-                    Checked::Read(Reading::Admission { task, command, figure }) if !task.exited() => {
-                        read = Some((Arc::new(task) as Arc<dyn Task>, command, figure));
-                        break;
-                    }
-                    Checked::Failed(e) if e.is_denied() && !blind => continue,
-                    _ => break,
+            // The handle comes with the files; alive after the read, they were its own.
+            let command = self.accounts.wants_commands();
+            let read = match checked(&self.proc, pid, Want::Admission { command }, || true) {
+                Checked::Read(Reading::Admission { task, command, figure }) if !task.exited() => {
+                    Some((Arc::new(task) as Arc<dyn Task>, command, figure))
                 }
-            }
+                _ => None,
+            };
             let Some((task, command, figure)) = read else { continue };
             let opened = {
                 let mut g = self.accounts.lock();

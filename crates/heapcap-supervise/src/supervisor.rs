@@ -12,6 +12,12 @@ use crate::exits::ExitWatcher;
 use crate::procview::{checked, Checked, LinuxProc, ProcView, Reading, Task, Want};
 use heapcap_policy::denial::Denial;
 
+/// A figure read outside a decision.
+enum Fresh {
+    Exact(heapcap_policy::ledger::Snapshot),
+    Upper(u64),
+}
+
 /// Counters, for reports and metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -138,14 +144,29 @@ impl<P: ProcView> Supervisor<P> {
         }
     }
 
-    /// Bring every process's figure to an exact one now (for `ps`), reading with no lock held.
+    /// Bring every process's figure to an exact one now, and read the command lines not read yet
+    /// (for `ps`), with no lock held.
     pub fn measure(&self) {
         let pids: Vec<u32> = self.accounts.lock().ledger.pids().collect();
         self.refresh(&pids);
+        let unnamed: Vec<(u32, Arc<dyn Task>)> = {
+            let g = self.accounts.lock();
+            pids.iter()
+                .filter(|p| g.ledger.account(**p).is_some_and(|a| a.command.is_empty()))
+                .filter_map(|p| g.task(*p).map(|t| (*p, t)))
+                .collect()
+        };
+        for (pid, task) in unnamed {
+            if let Checked::Read(Reading::Command(command)) = checked(&self.proc, pid, Want::Command, || !task.exited())
+            {
+                self.accounts.lock().ledger.set_command(pid, command);
+            }
+        }
     }
 
-    /// Fresh figures for `pids`: for each, copy what is needed under the lock, read without it,
-    /// hand the figure back with its token.
+    /// Fresh figures for `pids`: for each, copy what is needed under the lock, read without it
+    /// (through the files its handle keeps, else opened afresh), hand the figure back with its
+    /// token.
     pub(crate) fn refresh(&self, pids: &[u32]) {
         for &pid in pids {
             let (token, pending, task, blind) = {
@@ -155,19 +176,32 @@ impl<P: ProcView> Supervisor<P> {
                 (token, g.ledger.pending_threads(pid, 0), task, blind)
             };
             let states: Vec<(u32, ThreadState)> = pending.into_iter().map(|t| (t, self.proc.thread_state(t))).collect();
-            // Not about a notification: the process's own handle says whether the files opened
+            // Not about a notification: the process's own handle says whether files opened now
             // are still its own (alive after the open: the pid was not reused in between).
-            let want = if blind { Want::Upper } else { Want::Maps { range: None } };
-            let snap;
-            let figure = match checked(&self.proc, pid, want, || !task.exited()) {
-                Checked::Read(Reading::Maps(s)) => {
-                    snap = s;
-                    Figure::Exact(&snap)
-                }
-                Checked::Read(Reading::Upper(u)) => Figure::UpperOnly(u),
-                _ => continue,
+            let read = match (task.kept(), blind) {
+                (Some(k), true) => k.upper().map(Fresh::Upper).ok(),
+                (Some(k), false) => match k.maps(None) {
+                    Some(read) => read.map(Fresh::Exact).ok(),
+                    None => self.fresh(pid, &*task, false),
+                },
+                (None, blind) => self.fresh(pid, &*task, blind),
+            };
+            let figure = match &read {
+                Some(Fresh::Exact(snap)) => Figure::Exact(snap),
+                Some(Fresh::Upper(u)) => Figure::UpperOnly(*u),
+                None => continue,
             };
             self.accounts.lock().ledger.refresh(pid, figure, &states, token);
+        }
+    }
+
+    /// A figure of `pid` opened afresh, checked against its handle.
+    fn fresh(&self, pid: u32, task: &dyn Task, blind: bool) -> Option<Fresh> {
+        let want = if blind { Want::Upper } else { Want::Maps { range: None } };
+        match checked(&self.proc, pid, want, || !task.exited()) {
+            Checked::Read(Reading::Maps(s)) => Some(Fresh::Exact(s)),
+            Checked::Read(Reading::Upper(u)) => Some(Fresh::Upper(u)),
+            _ => None,
         }
     }
 

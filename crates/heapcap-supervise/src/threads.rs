@@ -124,6 +124,7 @@ impl<T: Task> Threads<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::procview::LinuxTask;
     use heapcap_linux::pidfd::Pidfd;
     use std::sync::mpsc;
 
@@ -145,11 +146,11 @@ mod tests {
     #[test]
     fn a_thread_that_exits_is_forgotten_before_its_tid_can_be_looked_up_again() {
         Pidfd::open_thread(gettid()).expect("thread pidfds (Linux 6.9+)");
-        let mut threads = Threads::<Pidfd>::default();
+        let mut threads = Threads::<LinuxTask>::default();
         let (tid, end, h) = spawn_thread();
-        threads.insert(tid, 4242, Some(Pidfd::open_thread(tid).unwrap()));
+        threads.insert(tid, 4242, Some(Pidfd::open_thread(tid).unwrap().into()));
         let me = gettid();
-        threads.insert(me, 4243, Some(Pidfd::open_thread(me).unwrap()));
+        threads.insert(me, 4243, Some(Pidfd::open_thread(me).unwrap().into()));
         assert_eq!(threads.lookup(tid), Some(4242));
         assert!(threads.alive(tid));
         end.send(()).unwrap();
@@ -169,10 +170,10 @@ mod tests {
     #[test]
     fn many_exits_at_once_are_all_forgotten() {
         Pidfd::open_thread(gettid()).expect("thread pidfds (Linux 6.9+)");
-        let mut threads = Threads::<Pidfd>::default();
+        let mut threads = Threads::<LinuxTask>::default();
         let spawned: Vec<_> = (0..100).map(|_| spawn_thread()).collect();
         for (tid, _, _) in &spawned {
-            threads.insert(*tid, 1, Some(Pidfd::open_thread(*tid).unwrap()));
+            threads.insert(*tid, 1, Some(Pidfd::open_thread(*tid).unwrap().into()));
         }
         let tids: Vec<u32> = spawned.iter().map(|s| s.0).collect();
         for (_, end, h) in spawned {
@@ -190,13 +191,13 @@ mod tests {
     #[test]
     fn an_already_exited_thread_is_never_remembered_for_long() {
         Pidfd::open_thread(gettid()).expect("thread pidfds (Linux 6.9+)");
-        let mut threads = Threads::<Pidfd>::default();
+        let mut threads = Threads::<LinuxTask>::default();
         let (tid, end, h) = spawn_thread();
         let handle = Pidfd::open_thread(tid).unwrap();
         end.send(()).unwrap();
         h.join().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        threads.insert(tid, 7, Some(handle));
+        threads.insert(tid, 7, Some(handle.into()));
         assert_eq!(threads.lookup(tid), None);
     }
 }

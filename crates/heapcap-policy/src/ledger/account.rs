@@ -21,15 +21,21 @@ pub(super) struct Pending {
 #[derive(Debug, Clone)]
 pub struct Account {
     pub command: String,
-    /// Upper bound of the counted heap now.
+    /// Upper bound of the counted heap now: what the quotas are held against.
     pub bound: u64,
+    /// The best estimate of the counted heap now: the last figure (an exact one, or `statm` less
+    /// what it showed beyond the heap at the last exact read) plus the growth let through since.
+    pub estimate: u64,
     /// The counted heap at the last exact read.
     pub last_exact: u64,
-    /// High-water mark of `bound`: an upper estimate of the peak heap, at most the larger of
-    /// 1 MiB and 1/16 above the true peak (the fast path measures again past that).
+    /// High-water mark of `estimate`: the peak heap, within the larger of 1 MiB and 1/16 (the
+    /// fast path measures again past that).
     pub peak: u64,
-    /// Highest counted heap actually measured: drives the peak mark.
+    /// Highest heap measured (exactly, or by `statm` for a blind or new image): drives the peak mark.
     pub(super) measured: u64,
+    /// What `statm` showed beyond the counted heap at the last read of both (private file data,
+    /// stacks); `None` until one.
+    pub(super) offset: Option<u64>,
     pub denials: u64,
     /// This process's own quota, when set apart from the ledger's.
     pub limit: Option<u64>,
@@ -57,6 +63,8 @@ impl Account {
         Account {
             command,
             bound: counted,
+            estimate: counted,
+            offset: None,
             last_exact: counted,
             peak: counted,
             measured: counted,

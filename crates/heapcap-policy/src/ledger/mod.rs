@@ -121,21 +121,29 @@ impl Ledger {
         self.images
     }
 
-    /// Start accounting a process first seen now, measured as `baseline`: the mappings, or, for a
-    /// process whose mappings cannot be read, `statm` ([`Figure::UpperOnly`], a blind account).
+    /// Start accounting a process first seen now, measured as `baseline`: the mappings; `statm`
+    /// ([`Figure::Upper`]: cheap, an upper figure until an exact read); or, for a process whose
+    /// mappings cannot be read, `statm` for good ([`Figure::UpperOnly`], a blind account).
     /// `runtime`: the process is the container runtime's own code, before the program's exec.
     /// Returns false (nothing opened) for a figure that is no baseline ([`Figure::Unread`]).
     pub fn admit(&mut self, pid: Pid, command: String, baseline: Figure<'_>, runtime: bool) -> bool {
-        let (counted, brk, blind) = match baseline {
-            Figure::Exact(snap) => (snap.maps.counted(), snap.brk(self.page), false),
-            Figure::Upper(upper) => (upper, None, false),
-            Figure::UpperOnly(upper) => (upper, None, true),
+        let (counted, brk, blind, offset) = match baseline {
+            Figure::Exact(snap) => {
+                let counted = snap.maps.counted();
+                (counted, snap.brk(self.page), false, snap.upper.map(|u| u.saturating_sub(counted)))
+            }
+            Figure::Upper(upper) => (upper, None, false, None),
+            Figure::Image { upper, start_brk } => {
+                (upper, start_brk.filter(|b| *b != 0).and_then(|b| page_up(b, self.page)), false, None)
+            }
+            Figure::UpperOnly(upper) => (upper, None, true, None),
             Figure::Unread => return false,
         };
         let image = self.next_image();
         let mut acct = Account::new(command, image, counted, brk);
         acct.runtime = runtime;
         acct.blind = blind;
+        acct.offset = offset;
         self.close(pid);
         if !runtime {
             self.total_bound += counted;
@@ -293,7 +301,8 @@ impl Ledger {
             acct.brk_seq = seq;
         }
         acct.bound += growth;
-        acct.peak = acct.peak.max(acct.bound);
+        acct.estimate += growth;
+        acct.peak = acct.peak.max(acct.estimate);
         let missable = Self::missable(req, growth);
         if missable > 0 {
             acct.pending.push(Pending { tid, bytes: missable, key, seq });
@@ -312,16 +321,24 @@ impl Ledger {
 
     /// The fast path: decide from the bound alone, or say which figure to read.
     pub fn fast(&mut self, pid: Pid, tid: Tid, req: &Request, key: CallKey) -> Step {
-        let exact = Step::Measure { need: Need::Exact, refresh_others: false };
-        let Some(acct) = self.accounts.get(&pid) else { return exact };
-        let Some(growth) = self.upper_growth(acct, req) else { return exact };
+        let Some(acct) = self.accounts.get(&pid) else {
+            return Step::Measure { need: Need::Exact, refresh_others: false };
+        };
+        let Some(growth) = self.upper_growth(acct, req) else {
+            let need = if acct.new_image { Need::Image } else { Need::Exact };
+            return Step::Measure { need, refresh_others: false };
+        };
+        if acct.new_image {
+            // The first call of a new image: its statm and start_brk.
+            return Step::Measure { need: Need::Image, refresh_others: false };
+        }
         if let Err(deny) = self.check_account(acct, Some(growth)) {
             // A quota is in question: statm may show that the request fits even so.
-            let need = if acct.new_image { Need::Exact } else { Need::Upper };
-            return Step::Measure { need, refresh_others: deny.scope == Scope::Total };
+            return Step::Measure { need: Need::Upper, refresh_others: deny.scope == Scope::Total };
         }
-        if acct.new_image || (!acct.blind && acct.bound.saturating_add(growth) > acct.peak_mark()) {
-            return exact; // a new peak to measure
+        if !acct.blind && acct.estimate.saturating_add(growth) > acct.peak_mark() {
+            // Perhaps a new peak: statm tells (through its offset) whether the heap really grew.
+            return Step::Measure { need: Need::Upper, refresh_others: false };
         }
         self.track(pid, tid, req, key, growth);
         Step::Allow
@@ -339,31 +356,51 @@ impl Ledger {
         let Some(acct) = self.accounts.get_mut(&pid).filter(|a| a.image == token.image) else { return false };
         acct.retire(states, token);
         let in_flight = acct.in_flight();
-        // The first figure of a runtime's new image (any but a tentative one) makes it the program's.
+        // A figure of a new image (any but a tentative upper one) makes a runtime's account the
+        // program's.
         let joins = acct.runtime && acct.new_image && !matches!(figure, Figure::Upper(_));
-        let bound = match figure {
+        // A figure read after an exec is the new image's: its figures start afresh from it (the
+        // old image's bound says nothing about it: its loader maps bss without any call).
+        let fresh = acct.new_image && !matches!(figure, Figure::Unread);
+        if fresh {
+            acct.new_image = false;
+            acct.peak = 0;
+            acct.offset = None;
+        }
+        let (bound, estimate) = match figure {
             Figure::Exact(snap) => {
                 let counted = snap.maps.counted();
                 acct.last_exact = counted;
-                if std::mem::take(&mut acct.new_image) {
-                    acct.measured = counted;
-                    acct.peak = 0;
+                acct.measured = if fresh { counted } else { acct.measured.max(counted) };
+                if let Some(upper) = snap.upper {
+                    acct.offset = Some(upper.saturating_sub(counted));
                 }
-                acct.measured = acct.measured.max(counted);
                 // A break moved by a call let through after the token is newer than the snapshot's.
                 if acct.exec_by.is_none() && acct.brk_seq <= token.seq {
                     acct.brk = snap.brk(page);
                 }
-                counted.saturating_add(in_flight)
+                let usage = counted.saturating_add(in_flight);
+                (usage, usage)
             }
-            Figure::UpperOnly(upper) if std::mem::take(&mut acct.new_image) => {
-                // A blind process's new image: nothing better than statm will come.
-                acct.measured = upper;
-                acct.peak = 0;
-                upper.saturating_add(in_flight)
+            Figure::Upper(upper) | Figure::UpperOnly(upper) | Figure::Image { upper, .. } => {
+                let usage = upper.saturating_add(in_flight);
+                let heap = upper.saturating_sub(acct.offset.unwrap_or(0)).saturating_add(in_flight);
+                if let Figure::Image { start_brk, .. } = figure {
+                    if acct.exec_by.is_none() && acct.brk_seq <= token.seq {
+                        acct.brk = start_brk.filter(|b| *b != 0).and_then(|b| page_up(b, page));
+                    }
+                }
+                if fresh || acct.blind {
+                    // Nothing better will come for a blind process; a new image starts from it.
+                    acct.measured = if fresh { heap } else { acct.measured.max(heap) };
+                }
+                if fresh {
+                    (usage, heap)
+                } else {
+                    (acct.bound.min(usage), acct.estimate.min(heap))
+                }
             }
-            Figure::Upper(upper) | Figure::UpperOnly(upper) => acct.bound.min(upper.saturating_add(in_flight)),
-            Figure::Unread => acct.bound,
+            Figure::Unread => (acct.bound, acct.estimate),
         };
         if joins {
             acct.runtime = false;
@@ -372,7 +409,8 @@ impl Ledger {
             self.total_bound = self.total_bound - acct.bound + bound;
         }
         acct.bound = bound;
-        acct.peak = acct.peak.max(bound);
+        acct.estimate = estimate.min(bound);
+        acct.peak = acct.peak.max(acct.estimate);
         true
     }
 
@@ -398,7 +436,8 @@ impl Ledger {
             return Verdict::Stale;
         }
         let acct = &self.accounts[&pid];
-        let tentative = matches!(figure, Figure::Upper(_)) && !acct.blind;
+        // Upper figures settle what fits even so; the rest needs the mappings.
+        let tentative = matches!(figure, Figure::Upper(_) | Figure::Image { .. }) && !acct.blind;
         let growth = match figure {
             Figure::Exact(snap) => self.exact_growth(req, snap),
             _ => self.upper_growth(acct, req),
@@ -415,8 +454,8 @@ impl Ledger {
         if let Err(deny) = self.check_account(acct, Some(growth)) {
             return if tentative { Verdict::MeasureExact } else { self.deny(pid, deny) };
         }
-        if tentative && (acct.new_image || acct.bound.saturating_add(growth) > acct.peak_mark()) {
-            return Verdict::MeasureExact; // a new peak to measure
+        if tentative && acct.estimate.saturating_add(growth) > acct.peak_mark() {
+            return Verdict::MeasureExact; // the heap really grows past its mark: a new peak to measure
         }
         let last_exact = acct.last_exact;
         self.track(pid, tid, req, key, growth);
@@ -446,7 +485,7 @@ impl Ledger {
         Summary {
             pid,
             command: a.command.clone(),
-            heap: a.bound,
+            heap: a.estimate,
             peak: a.peak,
             denials: a.denials,
             limit: self.process_limit(a),

@@ -92,6 +92,9 @@ pub struct Snapshot {
     pub maps: Maps,
     /// `start_brk` from `/proc/<pid>/stat`: the program break while the heap was never grown.
     pub start_brk: Option<u64>,
+    /// `statm`'s upper figure read with the maps, when it was: what it shows beyond the counted
+    /// heap (private file data, stacks) lets later `statm` figures estimate the heap.
+    pub upper: Option<u64>,
 }
 
 impl Snapshot {
@@ -160,6 +163,10 @@ pub enum Figure<'a> {
     /// As `Upper`, when the mappings cannot be read (the process is not dumpable, or `/proc` is
     /// refused): the best figure there is.
     UpperOnly(u64),
+    /// A new image's first figure, after an exec: `statm`, and `start_brk` from
+    /// `/proc/<pid>/stat` (a new image's break, its heap not grown yet). Cheap whatever the
+    /// number of mappings; an upper figure like [`Figure::Upper`].
+    Image { upper: u64, start_brk: Option<u64> },
     /// Nothing could be read: decide from what the notifications told.
     Unread,
 }
@@ -167,10 +174,12 @@ pub enum Figure<'a> {
 /// Which figure a request needs before it can be decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
-    /// `/proc/<pid>/statm` may settle it (a quota is in question, not a peak).
+    /// `/proc/<pid>/statm` may settle it (a quota in question, or a peak past its mark).
     Upper,
-    /// The mappings (a new peak to measure, a new image, a `brk` whose base is unknown).
+    /// The mappings (a new peak confirmed, a `brk` whose base is unknown, a denial).
     Exact,
+    /// A new image's `statm` and `start_brk` ([`Figure::Image`]).
+    Image,
 }
 
 /// The outcome of the fast path ([`crate::ledger::Ledger::fast`]).
@@ -200,7 +209,8 @@ pub enum Verdict {
     /// Let it through; charged.
     Allow,
     Deny(Deny),
-    /// The upper figure did not settle it: read the mappings and decide again.
+    /// The upper figure did not settle it (a quota in question, or a peak past its mark): read
+    /// the mappings and decide again.
     MeasureExact,
     /// The figure is not of the process the ledger now accounts under that pid (an exec settled,
     /// or the pid was reused, while it was read): read again.

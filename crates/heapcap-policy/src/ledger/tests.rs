@@ -10,7 +10,7 @@ fn anon(start: u64, len: u64) -> Vma {
 }
 
 fn snap(vmas: Vec<Vma>) -> Snapshot {
-    Snapshot { maps: Maps::from_vmas(vmas), start_brk: None }
+    Snapshot { maps: Maps::from_vmas(vmas), ..Snapshot::default() }
 }
 
 fn key(n: u64) -> CallKey {
@@ -56,6 +56,43 @@ fn upper(
     l.decide(pid, tid, req, k, Figure::Upper(figure), states, token)
 }
 
+/// `statm`'s excess over the counted heap in these tests (stacks, private file data).
+const EXTRA: u64 = 256 << 10;
+
+/// What the engine does: the fast path; else `statm` (the counted heap of `vmas` plus
+/// [`EXTRA`]), then the mappings when `statm` does not settle it. Returns the verdict and
+/// whether the mappings were read.
+fn engine(
+    l: &mut Ledger,
+    pid: Pid,
+    tid: Tid,
+    req: &Request,
+    k: CallKey,
+    vmas: &[Vma],
+    states: &[(Tid, ThreadState)],
+) -> (Verdict, bool) {
+    let need = match l.fast(pid, tid, req, k) {
+        Step::Allow => return (Verdict::Allow, false),
+        Step::Measure { need, .. } => need,
+    };
+    let snapshot = Snapshot { maps: Maps::from_vmas(vmas.to_vec()), start_brk: None, upper: None };
+    let upper = snapshot.maps.counted() + EXTRA;
+    if need != Need::Exact {
+        let token = l.token(pid).unwrap();
+        let figure = match need {
+            Need::Image => Figure::Image { upper, start_brk: None },
+            _ => Figure::Upper(upper),
+        };
+        match l.decide(pid, tid, req, k, figure, states, token) {
+            Verdict::MeasureExact => {}
+            v => return (v, false),
+        }
+    }
+    let token = l.token(pid).unwrap();
+    let exact = Snapshot { upper: Some(upper), ..snapshot };
+    (l.decide(pid, tid, req, k, Figure::Exact(&exact), states, token), true)
+}
+
 fn deny(scope: Scope, usage: u64, request: u64, limit: u64) -> Verdict {
     Verdict::Deny(Deny { scope, usage, request: Some(request), limit })
 }
@@ -67,21 +104,18 @@ fn fast_path_below_quota_then_exact_near_it() {
     // Grows through the peak marks: sometimes measured, never denied far below the quota.
     let mut held = vec![anon(0, MIB)];
     let mut at = 1 << 30;
+    let mut exact_reads = 0;
     for i in 0..62 {
-        let d = match l.fast(1, 1, &map(MIB), key(i)) {
-            Step::Allow => Verdict::Allow,
-            Step::Measure { need, .. } => {
-                assert_eq!(need, Need::Exact, "far below the quota only peaks are measured");
-                exact(&mut l, 1, 1, &map(MIB), key(i), held.clone(), &[])
-            }
-        };
+        let (d, read) = engine(&mut l, 1, 1, &map(MIB), key(i), &held, &[]);
+        exact_reads += usize::from(read);
         assert_eq!(d, Verdict::Allow, "request {i}");
         l.thread_seen(1, 1);
         held.push(anon(at, MIB));
         at += MIB;
     }
+    assert!(exact_reads < 40, "a heap that only grows is measured at its new peaks: {exact_reads} exact reads");
     // 63 MiB held; one more fits exactly, the next does not.
-    assert_eq!(l.fast(1, 1, &map(MIB), key(100)), Step::Measure { need: Need::Exact, refresh_others: false }, "a peak");
+    assert_eq!(l.fast(1, 1, &map(MIB), key(100)), Step::Measure { need: Need::Upper, refresh_others: false }, "a peak");
     assert_eq!(exact(&mut l, 1, 1, &map(MIB), key(100), held.clone(), &[]), Verdict::Allow);
     l.thread_seen(1, 1);
     held.push(anon(at, MIB));
@@ -183,13 +217,23 @@ fn brk_is_charged_from_the_known_break_and_exec_resets_it() {
     l.exec_started(1, 7);
     assert!(matches!(l.fast(1, 8, &brk(0x40000), key(3)), Step::Measure { need: Need::Exact, .. }));
     assert!(l.thread_seen(1, 7), "the exec'ing thread's next call settles the exec");
-    assert!(matches!(l.fast(1, 7, &brk(0x40000), key(4)), Step::Measure { need: Need::Exact, .. }), "new image");
-    let new_image = Snapshot { maps: Maps::default(), start_brk: Some(0x9000_0000) };
+    assert!(matches!(l.fast(1, 7, &brk(0x40000), key(4)), Step::Measure { need: Need::Image, .. }), "new image");
+    // Its statm and start_brk (from /proc/<pid>/stat) tell the heap and the break: no maps.
     let old_threads = [(1, ThreadState::Gone)];
     let token = l.token(1).unwrap();
-    let d = l.decide(1, 7, &brk(0x9000_1000), key(4), Figure::Exact(&new_image), &old_threads, token);
+    let image = Figure::Image { upper: 0x2000, start_brk: Some(0x9000_0000) };
+    let d = l.decide(1, 7, &brk(0x9000_1000), key(4), image, &old_threads, token);
     assert_eq!(d, Verdict::Allow);
-    assert_eq!(l.account(1).unwrap().bound, 0x1000, "the new image starts afresh");
+    assert_eq!(l.account(1).unwrap().bound, 0x3000, "the new image starts afresh");
+    assert_eq!(l.fast(1, 7, &brk(0x9000_3000), key(5)), Step::Allow, "its break is known");
+    // A big bss the loader mapped without a call counts from the image's first figure: the old
+    // image's small bound never hides it.
+    l.exec_started(1, 7);
+    l.thread_seen(1, 7);
+    let token = l.token(1).unwrap();
+    let bss = Figure::Image { upper: 40 * MIB, start_brk: Some(0x9000_0000) };
+    assert_eq!(l.decide(1, 7, &map(PAGE), key(6), bss, &[], token), Verdict::Allow);
+    assert_eq!(l.account(1).unwrap().bound, 40 * MIB + PAGE);
 }
 
 #[test]
@@ -230,17 +274,29 @@ fn audit_never_denies_and_measures_peaks() {
     admit(&mut l, 1, vec![]);
     let mut held = vec![];
     for i in 0..200u64 {
-        let req = map(MIB);
-        if let Step::Measure { need, .. } = l.fast(1, 1, &req, key(i)) {
-            assert_eq!(need, Need::Exact);
-            assert_eq!(exact(&mut l, 1, 1, &req, key(i), held.clone(), &[]), Verdict::Allow);
-        }
+        let (d, _) = engine(&mut l, 1, 1, &map(MIB), key(i), &held, &[]);
+        assert_eq!(d, Verdict::Allow);
         l.thread_seen(1, 1);
         held.push(anon((i + 1) << 30, MIB));
     }
     let s = l.exit(1).unwrap();
     assert_eq!(s.denials, 0);
     assert_eq!(s.peak, 200 * MIB, "a program that only grows has an exact peak");
+
+    // A program that churns (frees unseen between calls) far below its quota is measured by
+    // statm, not by its mappings, and its peak stays exact.
+    let mut l = Ledger::new(Limits { process: Some(1 << 40), total: None }, Mode::Audit, PAGE);
+    admit(&mut l, 1, vec![anon(0, MIB)]);
+    let mut exact_reads = 0;
+    for i in 0..1000u64 {
+        let (d, read) = engine(&mut l, 1, 1, &map(16 * MIB), key(i), &[anon(0, MIB)], &[]);
+        assert_eq!(d, Verdict::Allow);
+        exact_reads += usize::from(read);
+        l.thread_seen(1, 1);
+    }
+    assert!(exact_reads <= 2, "{exact_reads} reads of the mappings for a churn that never grows the heap");
+    let s = l.exit(1).unwrap();
+    assert_eq!(s.peak, 17 * MIB, "1 MiB held and a 16 MiB block at a time");
 }
 
 #[test]
@@ -273,10 +329,10 @@ fn an_upper_figure_settles_requests_near_the_quota_that_fit_even_so() {
     l.thread_seen(1, 1);
     let d = upper(&mut l, 1, 1, &map(MIB / 2), key(6), 63 * MIB + MIB / 2, &[]);
     assert_eq!(d, Verdict::MeasureExact, "63.5 + 0.5 fits the quota, not the mark");
-    // In audit mode no quota is in question: only peaks are measured, exactly.
+    // In audit mode no quota is in question: only peaks are measured, statm first.
     let mut a = Ledger::new(Limits { process: Some(MIB), total: None }, Mode::Audit, PAGE);
     admit(&mut a, 1, vec![]);
-    assert_eq!(a.fast(1, 1, &map(2 * MIB), key(1)), Step::Measure { need: Need::Exact, refresh_others: false });
+    assert_eq!(a.fast(1, 1, &map(2 * MIB), key(1)), Step::Measure { need: Need::Upper, refresh_others: false });
 }
 
 #[test]
@@ -285,7 +341,7 @@ fn a_runtime_account_is_observed_never_denied_and_starts_afresh_at_its_exec() {
     // runc's init: 80 MiB of Go thread stacks, then more while it sets the container up.
     assert!(l.admit(1, "runc:[2:INIT]".into(), Figure::Exact(&snap(vec![anon(0, 80 * MIB)])), true));
     assert_eq!(l.total_bound(), 0, "the runtime is not the container's heap");
-    assert!(matches!(l.fast(1, 1, &map(8 * MIB), key(1)), Step::Measure { need: Need::Exact, .. }), "a peak");
+    assert!(matches!(l.fast(1, 1, &map(8 * MIB), key(1)), Step::Measure { need: Need::Upper, .. }), "a peak");
     assert_eq!(exact(&mut l, 1, 1, &map(8 * MIB), key(1), vec![anon(0, 80 * MIB)], &[]), Verdict::Allow);
     assert_eq!(l.check(1, 100 * MIB), Ok(()));
     assert!(l.summaries()[0].runtime);
@@ -337,7 +393,7 @@ fn a_blind_account_is_decided_on_statm_or_the_notifications_alone() {
 
 #[test]
 fn a_hidden_start_brk_is_no_break() {
-    let s = Snapshot { maps: Maps::default(), start_brk: Some(0) };
+    let s = Snapshot { maps: Maps::default(), start_brk: Some(0), upper: None };
     assert_eq!(s.brk(PAGE), None, "the kernel shows 0 to a reader without ptrace rights");
 }
 

@@ -14,7 +14,7 @@ use heapcap_linux::procfs::ProcError;
 use heapcap_policy::ledger::{Snapshot, ThreadState};
 use heapcap_policy::maps::{Maps, Vma};
 use heapcap_policy::syscall::AUDIT_ARCH_X86_64;
-use heapcap_supervise::procview::{Baseline, Reading, Task, Want};
+use heapcap_supervise::procview::{Baseline, Kept, Reading, Task, Want};
 use heapcap_supervise::{Notifier, ProcView, Reply};
 
 pub const PAGE: u64 = 4096;
@@ -212,13 +212,63 @@ fn errno(e: i32, what: &str) -> ProcError {
     ProcError::Io { path: format!("/proc/scripted/{what}").into(), source: io::Error::from_raw_os_error(e) }
 }
 
-/// A scripted task handle: no fd, so neither cached nor watched.
-#[derive(Debug)]
-pub struct ScriptedTask(Arc<AtomicBool>);
+/// A scripted task handle: no fd, so neither cached nor watched. A process's handle keeps its
+/// files like the Linux one: its reads go through the same scripted opens and faults, without
+/// the check a fresh read makes.
+pub struct ScriptedTask {
+    alive: Arc<AtomicBool>,
+    kept: Option<(World, u32)>,
+}
+
+impl std::fmt::Debug for ScriptedTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScriptedTask").finish_non_exhaustive()
+    }
+}
+
+impl ScriptedTask {
+    fn kept_read(&self, want: Want) -> Result<Reading<ScriptedTask>, ProcError> {
+        let (world, pid) = self.kept.as_ref().expect("kept() said so");
+        if !self.alive.load(Ordering::SeqCst) {
+            return Err(errno(libc::ESRCH, "kept"));
+        }
+        let view = View(world.clone());
+        let opened = view.open(*pid, want)?;
+        view.read(opened)
+    }
+}
+
+impl Kept for ScriptedTask {
+    fn upper(&self) -> Result<u64, ProcError> {
+        match self.kept_read(Want::Upper)? {
+            Reading::Upper(u) => Ok(u),
+            _ => unreachable!("an upper read"),
+        }
+    }
+
+    fn image(&self) -> Result<(u64, Option<u64>), ProcError> {
+        let (world, pid) = self.kept.as_ref().expect("kept() said so");
+        let start_brk = world.lock().procs.get(pid).map(|p| p.start_brk).filter(|b| *b != 0);
+        Ok((self.upper()?, start_brk))
+    }
+
+    fn maps(&self, range: Option<(u64, u64)>) -> Option<Result<Snapshot, ProcError>> {
+        Some(self.kept_read(Want::Maps { range }).map(|r| match r {
+            Reading::Maps(s) => s,
+            _ => unreachable!("a maps read"),
+        }))
+    }
+
+    fn new_image(&self) {}
+}
 
 impl Task for ScriptedTask {
     fn exited(&self) -> bool {
-        !self.0.load(Ordering::SeqCst)
+        !self.alive.load(Ordering::SeqCst)
+    }
+
+    fn kept(&self) -> Option<&dyn Kept> {
+        self.kept.as_ref().map(|_| self as &dyn Kept)
     }
 
     fn signal(&self, _sig: i32) -> io::Result<()> {
@@ -277,7 +327,7 @@ impl ProcView for View {
             _ => Some(pid),
         };
         let Some(p) = proc_of.and_then(|p| s.procs.get(&p)) else { return Err(errno(libc::ENOENT, "open")) };
-        let needs_ptrace = matches!(want, Want::Maps { .. } | Want::Memory { .. } | Want::Admission { blind: false });
+        let needs_ptrace = matches!(want, Want::Maps { .. } | Want::Memory { .. });
         if needs_ptrace && !p.dumpable {
             return Err(errno(libc::EACCES, "open"));
         }
@@ -309,18 +359,19 @@ impl ProcView for View {
                 Some(Failure::Truncated) => text.truncate(text.len().saturating_sub(text.len() / 3)),
                 _ => {}
             }
-            Ok(Snapshot { maps: Maps::parse(&text)?, start_brk: Some(p.start_brk) })
+            Ok(Snapshot {
+                maps: Maps::parse(&text)?,
+                start_brk: Some(p.start_brk),
+                upper: Some(p.counted() + p.statm_extra),
+            })
         };
         Ok(match o.want {
             Want::Thread => Reading::Thread { tgid: pid_of(&s).unwrap(), handle: None },
-            Want::Admission { blind } => Reading::Admission {
-                task: ScriptedTask(p.alive.clone()),
-                command: p.command.clone(),
-                figure: if blind {
-                    Baseline::Upper(p.counted() + p.statm_extra)
-                } else {
-                    Baseline::Exact(snapshot(&p.vmas)?)
-                },
+            // As on Linux: statm, and files kept open for the account's later reads.
+            Want::Admission { command } => Reading::Admission {
+                task: ScriptedTask { alive: p.alive.clone(), kept: Some((self.0.clone(), o.pid)) },
+                command: if command { p.command.clone() } else { String::new() },
+                figure: Baseline::Upper(p.counted() + p.statm_extra),
             },
             Want::Maps { .. } => Reading::Maps(snapshot(&p.vmas)?),
             Want::Upper => Reading::Upper(p.counted() + p.statm_extra),
