@@ -100,6 +100,7 @@ mod tests {
         Event {
             time: String::new(),
             container: "c".into(),
+            pod: None,
             pid: Some(n),
             tid: Some(n),
             command: "x".into(),
