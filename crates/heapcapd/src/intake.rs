@@ -135,7 +135,7 @@ pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettin
         // listener fails them with ENOSYS); the pod's heapcap settings it carries are meant for the
         // pod's containers: never a quota for the sandbox, never a refusal of it.
         _ if sandbox => {
-            tracing::info!(container = %id, pod = ?pod, "a pod's sandbox: served without a quota, its settings left to the pod's containers");
+            tracing::info!(container = %id, pod = pod.as_ref().map(|p| p.to_string()), "a pod's sandbox: served without a quota, its settings left to the pod's containers");
             Settings::default()
         }
         Ok(Some(s)) => s,
