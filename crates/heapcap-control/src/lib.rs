@@ -349,6 +349,29 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_names_travel_when_known_and_earlier_json_still_reads() {
+        let pod = Pod { namespace: "default".into(), name: "web".into(), container: "app".into() };
+        let view = ContainerView {
+            id: "c1".into(),
+            pod: Some(pod.clone()),
+            mode: Mode::Enforce,
+            limit: None,
+            total_limit: None,
+            heap: 0,
+            processes: Vec::new(),
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["pod"], serde_json::json!({"namespace": "default", "name": "web", "container": "app"}));
+        assert_eq!(serde_json::from_value::<ContainerView>(json.clone()).unwrap(), view);
+        let mut earlier = json;
+        earlier.as_object_mut().unwrap().remove("pod");
+        let read: ContainerView = serde_json::from_value(earlier).unwrap();
+        assert_eq!(read.pod, None);
+        assert!(serde_json::to_value(&read).unwrap().get("pod").is_none(), "no pod: no field");
+        assert_eq!(pod.to_string(), "default/web/app");
+    }
+
+    #[test]
     fn quotas_travel_as_users_write_them() {
         let request = |limit, total| Request::SetLimit { container: "c1".into(), pid: Some(7), limit, total };
         let r = request(Some(Quota::Limit(heapcap_policy::Size(64 << 20))), Some(Quota::Unlimited));
