@@ -8,6 +8,8 @@ packages=(
   gcc              # test fixtures
   gcc-multilib     # 32-bit (i386) fixtures: gcc -m32
   python3          # python3 under a quota (/usr/bin/python3)
+  protobuf-compiler # protoc: the k8s-cri crate of the CRI test (integration/tests/cri) builds the CRI API with it
+  binutils         # strip and readelf for scripts/image.sh
 )
 
 missing=()

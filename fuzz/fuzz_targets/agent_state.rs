@@ -7,7 +7,7 @@
 //! - `parse` agrees with reading the message the way heapcapd's intake did before it had `parse`:
 //!   a JSON object with "fds" and "state", `ContainerProcessState` from serde, the `seccompFd` index, the fd count, the id, and
 //!   `settings::resolve` on the state's annotations and `metadata` (bad settings are reported in
-//!   the message, not lost);
+//!   the message, not lost), and `kubernetes::pod` and `kubernetes::is_sandbox` on the annotations;
 //! - an id is taken exactly when it is runc's rule written out here again (1 to 1024 bytes of
 //!   ASCII letters, digits, `_+-.`, not `.` or `..`), and a refused one is refused with the pid
 //!   (the caller stops that container);
@@ -16,6 +16,7 @@
 #![no_main]
 
 use heapcap_oci::agent::{parse, valid_id, AgentError, AgentMessage, MAX_ID, MAX_MESSAGE};
+use heapcap_oci::kubernetes;
 use heapcap_policy::settings;
 use libfuzzer_sys::fuzz_target;
 use oci_spec::runtime::{ContainerProcessState, SECCOMP_FD_NAME};
@@ -54,8 +55,9 @@ fn reference(data: &[u8], fds_received: usize) -> Result<AgentMessage, AgentErro
     }
     let annotations = state.state().annotations().clone().unwrap_or_default();
     let pairs = annotations.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-    let settings = settings::resolve(pairs, state.metadata().as_deref());
-    Ok(AgentMessage { id, pid, seccomp_fd, settings })
+    let settings = settings::resolve(pairs.clone(), state.metadata().as_deref());
+    let (pod, sandbox) = (kubernetes::pod(pairs.clone()), kubernetes::is_sandbox(pairs));
+    Ok(AgentMessage { id, pid, seccomp_fd, settings, pod, sandbox })
 }
 
 /// Equal, error messages from serde aside.

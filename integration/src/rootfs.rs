@@ -127,7 +127,7 @@ pub(crate) fn populate_rootfs(rootfs: &Path) {
 /// The host's `/usr` and `/lib*` directories that exist, each as (its real
 /// location, where to mount it): `/lib64` on a merged-/usr host is
 /// (`/usr/lib64`, `/lib64`).
-pub(crate) fn host_system_mounts() -> Vec<(PathBuf, String)> {
+pub fn host_system_mounts() -> Vec<(PathBuf, String)> {
     HOST_SYSTEM_DIRS
         .iter()
         .filter_map(|dir| {

@@ -177,6 +177,52 @@ fn bad_annotations_are_refused_with_the_reason() {
     assert!(lenient.log().contains("running unquota'd"), "{}", lenient.log());
 }
 
+/// The last line behind the shim and the hooks, which never send a Kubernetes pod's sandbox: one
+/// that reaches heapcapd anyway (a hand-written `listenerPath`) is served, never refused for the
+/// pod's settings, never held to them, and named by its pod.
+#[test]
+fn a_pods_sandbox_sent_to_heapcapd_is_served_without_a_quota_and_never_refused() {
+    let d = Daemon::start();
+    for (rt, kind_key, value) in [
+        (Runtime::Runc, "io.kubernetes.cri.container-type", "lots"),
+        (Runtime::Crun, "io.kubernetes.cri-o.ContainerType", "8Mi"),
+    ] {
+        let annotations = [
+            (kind_key, "sandbox"),
+            ("io.kubernetes.cri.sandbox-namespace", "default"),
+            ("io.kubernetes.cri.sandbox-name", "web"),
+            ("heapcap.io/limit", value),
+        ];
+        let b = d.bundle(&annotations, &["/bin/sh", "-c", "/alloc mmap 4194304 67108864; exec sleep 60"]);
+        let c = b.create(rt, &unique_id("sandbox"));
+        c.start();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let view = loop {
+            let ps = d.ps();
+            if let Some(view) = ps["containers"].as_array().and_then(|v| v.iter().find(|x| x["id"] == c.id()).cloned())
+            {
+                if view["processes"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|p| p["command"].as_str() == Some("sleep 60")))
+                {
+                    break view;
+                }
+            }
+            assert!(Instant::now() < deadline, "{rt:?}: the sandbox is not listed: {ps}\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(view["limit"].is_null(), "{rt:?}: no quota for a sandbox: {view}");
+        let out = c.wait_for_stdout("allocated=", Duration::from_secs(30));
+        assert_eq!(
+            parse_allocated(&out),
+            (64 * MIB, "ok".to_string()),
+            "{rt:?}: the pod's {value} is not the sandbox's"
+        );
+        assert_eq!(view["pod"]["name"], "web", "{rt:?}: {view}");
+        assert!(!d.log().contains("container refused"), "{rt:?}: {}", d.log());
+    }
+}
+
 #[test]
 fn ended_containers_leave_nothing_behind() {
     let d = Daemon::start();

@@ -61,6 +61,26 @@ fn a_container_without_the_annotation_is_untouched() {
     assert!(ps["containers"].as_array().is_some_and(|c| c.is_empty()), "heapcapd saw a container: {ps}");
 }
 
+/// CRI-O runs the hooks.d hook for a pod's infra (pause) container too, with the pod's annotations:
+/// the hook leaves it alone, whatever they say (the quota, or a bad value's failure, is the pod's
+/// containers').
+#[test]
+fn a_pods_sandbox_is_untouched_whatever_its_annotations() {
+    let d = Daemon::start();
+    for (rt, value) in [(Runtime::Runc, "64Mi"), (Runtime::Crun, "lots")] {
+        let script = "grep -E '^Seccomp:' /proc/self/status; /alloc mmap 4194304 268435456";
+        let annotations = [("io.kubernetes.cri-o.ContainerType", "sandbox"), ("heapcap.io/limit", value)];
+        let b = bundle(&d.agent, &annotations, &["/bin/sh", "-c", script]);
+        let out = b.run(rt, &unique_id("hook-sandbox"));
+        assert!(out.status.success(), "{rt:?}: {}", show(&out));
+        let said = stdout(&out);
+        assert!(said.contains("Seccomp:\t0"), "{rt:?}: no filter expected: {}", show(&out));
+        assert!(said.contains("allocated=268435456 result=ok"), "{rt:?}: {}", show(&out));
+    }
+    let ps = d.ps();
+    assert!(ps["containers"].as_array().is_some_and(|c| c.is_empty()), "heapcapd saw a sandbox: {ps}");
+}
+
 /// Every fd link and the status of each thread of `pid`, as seen from the host.
 fn fds_and_threads(pid: u32) -> (Vec<String>, Vec<String>) {
     let links = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -3,12 +3,14 @@
 //! subcommand exactly the runtime's own), podman `--runtime`, and containerd 1.6 with `ctr` and
 //! the runc v2 shim (the shim as its runc binary), and Docker 20.10 (`dockerd --add-runtime`, the limit
 //! from `docker run -e HEAPCAP_LIMIT=...`). With heapcapd down or wedged, a start fails with how to
-//! fix it, or runs unquota'd with `allow_unsupervised`.
+//! fix it, or runs unquota'd with `allow_unsupervised`. heapcap's own image (`scripts/image.sh`)
+//! loads into podman and Docker as it is (containerd: `tests/cri`).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use heapcap_integration::binaries;
@@ -414,6 +416,40 @@ fn podman_with_the_shim_as_its_runtime() {
     assert!(stderr(&out).contains("enforce or audit"), "podman shows the shim's reason: {}", show(&out));
 }
 
+/// heapcap's own image as `scripts/image.sh` builds it, once per test process: (the archive, its
+/// name as the archive's `docker save` manifest gives it).
+fn heapcap_image() -> &'static (PathBuf, String) {
+    static IMAGE: OnceLock<(PathBuf, String)> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let archive = Path::new(env!("CARGO_TARGET_TMPDIR")).join("heapcap-image-runtime-shim.tar");
+        let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/image.sh"));
+        cmd.arg("--out").arg(&archive);
+        let out = run_captured(cmd, Duration::from_secs(1200));
+        assert!(out.status.success(), "scripts/image.sh: {}", show(&out));
+        let manifest = Command::new("tar").arg("-xOf").arg(&archive).arg("manifest.json").output().unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&manifest.stdout).expect("manifest.json");
+        (archive, manifest[0]["RepoTags"][0].as_str().expect("a name").to_string())
+    })
+}
+
+#[test]
+fn heapcaps_image_loads_in_podman() {
+    let (archive, name) = heapcap_image();
+    let mut load = podman::command();
+    load.arg("load").arg("-i").arg(archive);
+    let out = run_captured(load, TIMEOUT);
+    assert!(out.status.success() && stdout(&out).contains(&format!("Loaded image: {name}")), "{}", show(&out));
+    let mut run = podman::command();
+    run.args(["run", "--rm", "--network", "none", name, "/bin/sh", "-c", "heapcapd --version; heapcap --version"]);
+    let out = run_captured(run, TIMEOUT);
+    let mut rmi = podman::command();
+    rmi.args(["rmi", name]);
+    let removed = run_captured(rmi, TIMEOUT);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(stdout(&out), format!("heapcapd {version}\nheapcap {version}\n"), "{}", show(&out));
+    assert!(removed.status.success(), "{}", show(&removed));
+}
+
 // ------------------------------------------------------------------ containerd
 
 /// A containerd of our own: private root, state and socket; stopped on drop.
@@ -641,4 +677,15 @@ fn docker_with_the_shim_as_a_runtime_reads_heapcap_limit() {
     let out = docker_run(&["-e", "HEAPCAP_LIMIT=lots"], &["true"]);
     assert!(!out.status.success(), "{}", show(&out));
     assert!(stderr(&out).contains("HEAPCAP_LIMIT: heapcap.io/limit: 'lots' is not a size"), "{}", show(&out));
+
+    // heapcap's own image (scripts/image.sh; the DaemonSet's) loads into Docker 20.10 as it is.
+    let (archive, name) = heapcap_image();
+    let mut load = docker.docker();
+    load.arg("load").arg("-i").arg(archive);
+    let out = run_captured(load, TIMEOUT);
+    assert!(out.status.success() && stdout(&out).contains(&format!("Loaded image: {name}")), "{}", show(&out));
+    let mut run = docker.docker();
+    run.args(["run", "--rm", "--network", "none", name, "/opt/heapcap/bin/heapcapd", "--version"]);
+    let out = run_captured(run, TIMEOUT);
+    assert_eq!(stdout(&out), format!("heapcapd {}\n", env!("CARGO_PKG_VERSION")), "{}", show(&out));
 }

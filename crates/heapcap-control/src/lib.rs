@@ -75,10 +75,32 @@ pub struct ProcessView {
     pub blind: bool,
 }
 
+/// Who a container is in Kubernetes terms: its pod's namespace and name, and its own name in the
+/// pod, as the CRI runtime (containerd's CRI plugin, CRI-O) wrote them into its annotations.
+/// Shown beside the runtime's container id, which is all a runtime outside Kubernetes gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Pod {
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+    /// The container's name in the pod spec.
+    pub container: String,
+}
+
+impl std::fmt::Display for Pod {
+    /// `namespace/pod/container`, what `heapcap ps` shows and the events name.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.namespace, self.name, self.container)
+    }
+}
+
 /// One container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerView {
     pub id: String,
+    /// Its Kubernetes names, when a CRI runtime started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<Pod>,
     /// `"enforce"` or `"audit"`.
     #[serde(with = "text")]
     pub mode: Mode,
@@ -100,6 +122,9 @@ pub struct Event {
     /// RFC 3339, UTC.
     pub time: String,
     pub container: String,
+    /// The container's Kubernetes names, when a CRI runtime started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<Pod>,
     /// The calling process; `null` when not even that could be read.
     pub pid: Option<u32>,
     /// The calling thread.
@@ -126,6 +151,7 @@ impl Event {
         Event {
             time: humantime::format_rfc3339_millis(d.time).to_string(),
             container: container.to_string(),
+            pod: None,
             pid: d.pid,
             tid: Some(d.tid),
             command: d.command.clone(),
@@ -290,6 +316,7 @@ mod tests {
     fn modes_and_scopes_travel_as_lowercase_names() {
         let view = ContainerView {
             id: "c1".into(),
+            pod: None,
             mode: Mode::Audit,
             limit: None,
             total_limit: Some(1),
@@ -302,6 +329,7 @@ mod tests {
         let event = Event {
             time: "2025-01-01T00:00:00.000Z".into(),
             container: "c1".into(),
+            pod: None,
             pid: Some(1),
             tid: Some(2),
             command: "x".into(),
@@ -318,6 +346,29 @@ mod tests {
         json["scope"] = "Total".into();
         let e = serde_json::from_value::<Event>(json).unwrap_err().to_string();
         assert!(e.contains("'Total' is not a scope: write process or total"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_names_travel_when_known_and_earlier_json_still_reads() {
+        let pod = Pod { namespace: "default".into(), name: "web".into(), container: "app".into() };
+        let view = ContainerView {
+            id: "c1".into(),
+            pod: Some(pod.clone()),
+            mode: Mode::Enforce,
+            limit: None,
+            total_limit: None,
+            heap: 0,
+            processes: Vec::new(),
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["pod"], serde_json::json!({"namespace": "default", "name": "web", "container": "app"}));
+        assert_eq!(serde_json::from_value::<ContainerView>(json.clone()).unwrap(), view);
+        let mut earlier = json;
+        earlier.as_object_mut().unwrap().remove("pod");
+        let read: ContainerView = serde_json::from_value(earlier).unwrap();
+        assert_eq!(read.pod, None);
+        assert!(serde_json::to_value(&read).unwrap().get("pod").is_none(), "no pod: no field");
+        assert_eq!(pod.to_string(), "default/web/app");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! container's state on stdin while its init is paused before running the user's program. The
 //! hook installs heapcap's filter into the init with ptrace (x86_64), takes the listener fd and
 //! hands it with the state to heapcapd's agent socket, like runc and crun do for
-//! `listenerPath`. A container without `heapcap.io/` annotations is left untouched.
+//! `listenerPath`. A container without `heapcap.io/` annotations is left untouched, and so is a
+//! Kubernetes pod's sandbox (`heapcap_oci::kubernetes::is_sandbox`), whatever its annotations.
 //!
 //! Processes started later with `runc exec`/`podman exec` do not inherit the filter: where exec
 //! coverage matters, use the container's seccomp profile with `listenerPath` (`heapcap-oci`) or
@@ -28,7 +29,7 @@ use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
 use heapcap_linux::fdpass::send_fd;
 use heapcap_linux::filter::Program;
 use heapcap_linux::inject::install_listener;
-use heapcap_oci::{apply_json, cmdline, Defaults, Outcome};
+use heapcap_oci::{apply_json, cmdline, kubernetes, Defaults, Outcome};
 use heapcap_policy::settings;
 use oci_spec::runtime::{State, SECCOMP_FD_NAME};
 
@@ -139,6 +140,11 @@ fn prestart(cli: &Cli) -> Result<()> {
         .context("stdin is not an OCI container state: run heapcap-hook as an OCI prestart/createRuntime hook")?;
     let id = state.id();
     let annotations = state.annotations().clone().unwrap_or_default();
+    if kubernetes::is_sandbox(annotations.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        // A pod's sandbox (pause) container: the pod's heapcap.io/ annotations that CRI-O copies to
+        // it are for the pod's containers, which get the quota (or fail on a bad setting) themselves.
+        return Ok(());
+    }
     let wanted = settings::resolve(annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())), None)
         .with_context(|| format!("container {id}: bad heapcap annotation"))?;
     if wanted.is_none() {

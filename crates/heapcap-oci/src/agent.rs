@@ -13,6 +13,8 @@ use std::fmt;
 use heapcap_policy::settings::{self, Settings, SettingsError};
 use oci_spec::runtime::{ContainerProcessState, SECCOMP_FD_NAME};
 
+use crate::kubernetes::{self, Pod};
+
 /// The largest message taken, annotations included.
 pub const MAX_MESSAGE: usize = 1 << 20;
 
@@ -64,6 +66,12 @@ pub struct AgentMessage {
     /// `Ok(None)` when it asks for none, `Err` with what to write instead when they are bad.
     /// The message itself is fine either way: what to do with bad settings is the caller's policy.
     pub settings: Result<Option<Settings>, SettingsError>,
+    /// The container's Kubernetes names, from the annotations a CRI runtime wrote
+    /// ([`kubernetes::pod`]).
+    pub pod: Option<Pod>,
+    /// A Kubernetes pod's sandbox (pause) container ([`kubernetes::is_sandbox`]): its settings are
+    /// the pod's, meant for the pod's containers, and are not its own.
+    pub sandbox: bool,
 }
 
 /// Why a message cannot be taken. Each says what the sender got wrong.
@@ -131,9 +139,10 @@ pub fn parse(data: &[u8], fds_received: usize) -> Result<AgentMessage, AgentErro
         return Err(AgentError::BadId { id, pid });
     }
     let annotations = container.annotations().as_ref();
-    let pairs = annotations.into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_str()));
-    let settings = settings::resolve(pairs, state.metadata().as_deref());
-    Ok(AgentMessage { id, pid, seccomp_fd, settings })
+    let pairs = || annotations.into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_str()));
+    let settings = settings::resolve(pairs(), state.metadata().as_deref());
+    let (pod, sandbox) = (kubernetes::pod(pairs()), kubernetes::is_sandbox(pairs()));
+    Ok(AgentMessage { id, pid, seccomp_fd, settings, pod, sandbox })
 }
 
 #[cfg(test)]
@@ -166,6 +175,24 @@ mod tests {
         let s = m.settings.unwrap().unwrap();
         assert_eq!(s.limits.process, Some(64 << 20));
         assert_eq!(s.mode, Mode::Enforce);
+    }
+
+    #[test]
+    fn kubernetes_names_and_sandboxes() {
+        let cri = |kind: &str| {
+            json!({"io.kubernetes.cri.container-type": kind, "io.kubernetes.cri.sandbox-namespace": "default",
+                   "io.kubernetes.cri.sandbox-name": "web", "io.kubernetes.cri.container-name": "app",
+                   "heapcap.io/limit": "lots"})
+        };
+        let m = parse(&state(&["seccompFd"], "c1", cri("container"), None), 1).unwrap();
+        let pod = Pod { namespace: "default".into(), name: "web".into(), container: "app".into() };
+        assert_eq!((m.pod, m.sandbox), (Some(pod), false));
+        assert!(m.settings.is_err(), "the settings are read as for any container");
+        let m = parse(&state(&["seccompFd"], "s1", cri("sandbox"), None), 1).unwrap();
+        assert!(m.sandbox);
+        assert_eq!(m.pod.map(|p| p.to_string()), Some("default/web/".to_string()));
+        let m = parse(&state(&["seccompFd"], "c1", json!({"heapcap.io/limit": "64Mi"}), None), 1).unwrap();
+        assert_eq!((m.pod, m.sandbox), (None, false));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - [`condition`]: argument conditions as sets of calls, to split a rule exactly in two.
 //! - [`seccomp`]: the notify rules as OCI syscall entries ([`notify_syscalls`]), what they mean
 //!   on each ABI, and [`heapcap_profile`].
+//! - [`kubernetes`]: what containerd's CRI plugin and CRI-O write into annotations: whether a
+//!   container is a pod's sandbox (never put under heapcap), and its pod's names.
 //! - [`merge`]: [`merge_into`] an OCI `LinuxSeccomp`.
 //! - [`containers`]: the same merge for the profile format of podman, CRI-O and Docker
 //!   (`/usr/share/containers/seccomp.json`), which keeps its `archMap`, `includes` and `excludes`.
@@ -22,6 +24,7 @@ pub mod condition;
 pub mod containers;
 #[cfg(test)]
 mod eval;
+pub mod kubernetes;
 pub mod merge;
 pub mod seccomp;
 pub mod spec;

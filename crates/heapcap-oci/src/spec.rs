@@ -14,7 +14,10 @@
 //! notify rules ([`merge_into`] an existing profile, which never widens it, or
 //! [`heapcap_profile`] when there is none), `listenerPath`, and the settings as
 //! `listenerMetadata` (`key=value` pairs), so heapcapd has them also when they did not come from
-//! annotations. A container that asks for nothing is not touched: [`Outcome::Unchanged`].
+//! annotations. A container that asks for nothing is not touched: [`Outcome::Unchanged`]; nor is a
+//! Kubernetes pod's sandbox ([`kubernetes::is_sandbox`]), whatever its annotations say: containerd
+//! copies the pod's `heapcap.io/*` annotations to it, and they are meant for the pod's containers
+//! (a bad one fails the container that gets it, never the pod's sandbox).
 //!
 //! [`apply_json`] changes only `linux.seccomp` of a `config.json` read as JSON, so fields this
 //! crate's `oci-spec` does not know survive; [`apply`] does the same for a typed [`Spec`].
@@ -27,7 +30,7 @@ use heapcap_policy::settings::{self, Settings, SettingsError, LIMIT, MODE, TOTAL
 use oci_spec::runtime::{Linux, LinuxSeccomp, Spec};
 use serde_json::Value;
 
-use crate::{heapcap_profile, merge_into, MergeError};
+use crate::{heapcap_profile, kubernetes, merge_into, MergeError};
 
 /// The environment variables read with [`Defaults::env_fallback`], and the setting each gives.
 pub const ENV_VARS: [(&str, &str); 3] =
@@ -72,7 +75,8 @@ impl std::fmt::Display for Source {
 /// What [`apply`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The container asks for no heapcap setting (or already has heapcap's listener): not touched.
+    /// The container asks for no heapcap setting (or already has heapcap's listener, or is a
+    /// Kubernetes pod's sandbox): not touched.
     Unchanged,
     /// The spec now sends heap growth to heapcapd with these settings (also in `listenerMetadata`).
     Changed { settings: Settings, metadata: String },
@@ -195,6 +199,9 @@ fn decide(
     existing: Option<LinuxSeccomp>,
     defaults: &Defaults,
 ) -> Result<(Outcome, Option<LinuxSeccomp>), SpecError> {
+    if kubernetes::is_sandbox(annotations.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        return Ok((Outcome::Unchanged, None));
+    }
     let wanted = requested(annotations, env, defaults)?;
     if wanted.is_empty() {
         return Ok((Outcome::Unchanged, None));
@@ -395,6 +402,34 @@ mod tests {
         let d = Defaults { settings: vec![(LIMIT.into(), "0".into())], ..defaults() };
         let e = apply_json(&mut runc_spec(), &d).unwrap_err().to_string();
         assert!(e.contains("default settings"), "{e}");
+    }
+
+    #[test]
+    fn a_pods_sandbox_is_never_touched_and_its_containers_are() {
+        // containerd copies the pod's annotations to the sandbox (pause) container and to each
+        // container; CRI-O marks its sandbox with its own key.
+        let d = Defaults { settings: vec![(TOTAL_LIMIT.into(), "1Gi".into())], env_fallback: true, ..defaults() };
+        for (key, limit) in
+            [("io.kubernetes.cri.container-type", "64Mi"), ("io.kubernetes.cri-o.ContainerType", "lots")]
+        {
+            let mut spec = runc_spec();
+            annotate(&mut spec, key, "sandbox");
+            annotate(&mut spec, LIMIT, limit);
+            spec["process"]["env"] = json!(["HEAPCAP_MODE=strict"]);
+            let before = spec.clone();
+            assert_eq!(apply_json(&mut spec, &d).unwrap(), Outcome::Unchanged, "{key}");
+            assert_eq!(spec, before, "{key}");
+            let mut typed: Spec = serde_json::from_value(before.clone()).unwrap();
+            assert_eq!(apply(&mut typed, &d).unwrap(), Outcome::Unchanged, "{key}");
+
+            let mut container = before.clone();
+            annotate(&mut container, key, "container");
+            container["process"]["env"] = json!([]);
+            match limit {
+                "64Mi" => assert!(matches!(apply_json(&mut container, &d).unwrap(), Outcome::Changed { .. })),
+                _ => assert!(apply_json(&mut container, &d).unwrap_err().to_string().contains("'lots' is not a size")),
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! It takes exactly runc's command line. On `create` and `run` it applies heapcap's spec change
 //! ([`heapcap_oci::spec`]) to the bundle's `config.json` when the container asks for heapcap
 //! (annotations `heapcap.io/*`, env `HEAPCAP_LIMIT`..., or the config file's defaults), then execs
-//! the real runtime with the same arguments; every other invocation is an exec of the real runtime
+//! the real runtime with the same arguments (a Kubernetes pod's sandbox, the pause container, is
+//! never changed: [`heapcap_oci::kubernetes`]); every other invocation is an exec of the real runtime
 //! straight away, so output and exit status are the runtime's own. Configuration: [`config`].
 //!
 //! An error of the shim itself (unreadable bundle, bad settings, a profile heapcap cannot merge

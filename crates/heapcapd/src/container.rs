@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use heapcap_control::{ContainerView, ProcessView};
+use heapcap_control::{ContainerView, Pod, ProcessView};
 use heapcap_holder::Client;
 use heapcap_linux::journal::Slot;
 use heapcap_linux::notify::Listener;
@@ -26,6 +26,8 @@ pub enum ControlError {
 #[derive(Debug)]
 pub struct Container {
     pub id: String,
+    /// Its Kubernetes names, when a CRI runtime started it.
+    pub pod: Option<Pod>,
     pub supervisor: Supervisor,
     pub(crate) holder: Option<Arc<Client>>,
 }
@@ -60,7 +62,7 @@ impl Container {
     /// Tell the holder the container's quotas now.
     fn save(&self) {
         let Some(holder) = &self.holder else { return };
-        let record = self.supervisor.accounts().with_ledger(|l| Record::of(l));
+        let record = self.supervisor.accounts().with_ledger(|l| Record::of(l, self.pod.clone()));
         if let Err(e) = holder.update(&self.id, record.to_json()) {
             tracing::warn!(container = %self.id, error = %e, "cannot tell the holder the new quotas");
         }
@@ -86,6 +88,7 @@ impl Container {
             .collect();
         ContainerView {
             id: self.id.clone(),
+            pod: self.pod.clone(),
             mode,
             limit: limits.process,
             total_limit: limits.total,

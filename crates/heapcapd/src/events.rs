@@ -53,6 +53,7 @@ impl Events {
             window.logged += 1;
             tracing::info!(
                 container = %event.container,
+                pod = event.pod.as_ref().map(|p| p.to_string()),
                 pid = event.pid,
                 tid = event.tid,
                 command = %event.command,
@@ -100,6 +101,7 @@ mod tests {
         Event {
             time: String::new(),
             container: "c".into(),
+            pod: None,
             pid: Some(n),
             tid: Some(n),
             command: "x".into(),

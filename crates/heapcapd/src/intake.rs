@@ -128,8 +128,16 @@ pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettin
     };
     let listener = Listener::verify(fds.swap_remove(message.seccomp_fd)).map_err(|_| IntakeError::NotAListener)?;
     drop(fds);
-    let AgentMessage { id, pid, settings, .. } = message;
+    let AgentMessage { id, pid, settings, pod, sandbox, .. } = message;
     let settings = match settings {
+        // The last line: the runtime shim and the hooks never send a pod's sandbox (pause)
+        // container, but a hand-written listenerPath may. Its calls must still be answered (a closed
+        // listener fails them with ENOSYS); the pod's heapcap settings it carries are meant for the
+        // pod's containers: never a quota for the sandbox, never a refusal of it.
+        _ if sandbox => {
+            tracing::info!(container = %id, pod = pod.as_ref().map(|p| p.to_string()), "a pod's sandbox: served without a quota, its settings left to the pod's containers");
+            Settings::default()
+        }
         Ok(Some(s)) => s,
         Ok(None) => {
             tracing::info!(container = %id, "no heapcap settings: tracked without a quota");
@@ -146,7 +154,7 @@ pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettin
             }
         },
     };
-    registry.attach_process(&id, settings, listener, pid).map_err(IntakeError::Serve)
+    registry.attach_process(&id, pod, settings, listener, pid).map_err(IntakeError::Serve)
 }
 
 /// Stop a container whose settings (or id) are bad before it runs the user's program, and say

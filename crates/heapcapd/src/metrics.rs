@@ -24,9 +24,14 @@ struct CallLabels {
     decision: &'static str,
 }
 
+/// A container: the runtime's id, and for a container a CRI runtime started its pod's namespace and
+/// name and its own name in the pod (empty otherwise). `container_name`, as `container` is the id.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ContainerLabels {
     container: String,
+    namespace: String,
+    pod: String,
+    container_name: String,
 }
 
 /// heapcapd's metrics. Units are in the names and recorded in those units.
@@ -85,7 +90,14 @@ impl Metrics {
             let (count, heap) =
                 c.supervisor.accounts().with_ledger(|l| (l.len(), l.summaries().iter().map(|p| p.heap).sum::<u64>()));
             processes += count;
-            self.heap.get_or_create(&ContainerLabels { container: c.id.clone() }).set(heap as i64);
+            let pod = c.pod.clone().unwrap_or_default();
+            let labels = ContainerLabels {
+                container: c.id.clone(),
+                namespace: pod.namespace,
+                pod: pod.name,
+                container_name: pod.container,
+            };
+            self.heap.get_or_create(&labels).set(heap as i64);
         }
         self.containers.set(all.len() as i64);
         self.processes.set(processes as i64);

@@ -1,7 +1,8 @@
 //! What the holder keeps for a container, so the next heapcapd enforces what this one did: its
-//! settings and the quotas set for single processes. Its JSON is read by heapcapds of other
+//! settings, the quotas set for single processes and its Kubernetes names. Its JSON is read by heapcapds of other
 //! versions (an upgrade hands the listeners over), so its fields stay as they are.
 
+use heapcap_control::Pod;
 use heapcap_policy::ledger::{Ledger, Limits, Mode};
 use heapcap_policy::settings::Settings;
 
@@ -14,22 +15,26 @@ pub struct Record {
     /// Quotas set for single processes (`heapcap set-limit --pid`).
     #[serde(default)]
     pub process_limits: Vec<(u32, Option<u64>)>,
+    /// The container's Kubernetes names (absent from earlier heapcapds' records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<Pod>,
 }
 
 impl Record {
-    pub fn new(settings: &Settings) -> Record {
+    pub fn new(settings: &Settings, pod: Option<Pod>) -> Record {
         Record {
             limit: settings.limits.process,
             total_limit: settings.limits.total,
             audit: settings.mode == Mode::Audit,
             process_limits: Vec::new(),
+            pod,
         }
     }
 
-    /// What the ledger holds now.
-    pub fn of(ledger: &Ledger) -> Record {
+    /// What the ledger holds now, for the container named `pod`.
+    pub fn of(ledger: &Ledger, pod: Option<Pod>) -> Record {
         let limits = ledger.limits();
-        let mut record = Record::new(&Settings { limits, mode: ledger.mode() });
+        let mut record = Record::new(&Settings { limits, mode: ledger.mode() }, pod);
         record.process_limits =
             ledger.summaries().into_iter().filter(|p| p.limit != limits.process).map(|p| (p.pid, p.limit)).collect();
         record
@@ -38,7 +43,7 @@ impl Record {
     /// A record that could not be read: the container is served unquota'd in audit mode (never
     /// dropped: its programs would fail).
     pub fn unreadable() -> Record {
-        Record { limit: None, total_limit: None, audit: true, process_limits: Vec::new() }
+        Record { limit: None, total_limit: None, audit: true, process_limits: Vec::new(), pod: None }
     }
 
     pub fn settings(&self) -> Settings {
@@ -65,10 +70,20 @@ mod tests {
         assert_eq!(old.settings().limits.process, Some(64 << 20));
         let mut ledger = Ledger::new(old.settings().limits, Mode::Audit, 4096);
         ledger.set_limits(Limits { process: None, total: Some(1 << 30) });
-        let now = Record::of(&ledger);
+        let now = Record::of(&ledger, None);
         assert_eq!(
             now.to_json(),
             serde_json::json!({"limit": null, "total_limit": 1073741824, "audit": true, "process_limits": []})
         );
+    }
+
+    #[test]
+    fn kubernetes_names_travel_to_the_next_heapcapd() {
+        let pod = Pod { namespace: "default".into(), name: "web".into(), container: "app".into() };
+        let record = Record::new(&Settings::default(), Some(pod.clone()));
+        let json = record.to_json();
+        assert_eq!(json["pod"], serde_json::json!({"namespace": "default", "name": "web", "container": "app"}));
+        let back: Record = serde_json::from_value(json).unwrap();
+        assert_eq!(back.pod, Some(pod));
     }
 }

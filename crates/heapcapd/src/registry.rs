@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use heapcap_control::Event;
+use heapcap_control::{Event, Pod};
 use heapcap_holder::{Client, Held};
 use heapcap_linux::journal::Slot;
 use heapcap_linux::notify::Listener;
@@ -58,17 +58,19 @@ impl Registry {
 
     /// Serve a listener fd of container `id`: a new container, or one more process of a known one
     /// (`runc exec`), which joins its accounting, totals included. `pid` is the process the
-    /// runtime made the listener for, if known (a successor adopts it and its descendants).
+    /// runtime made the listener for, if known (a successor adopts it and its descendants). `pod`:
+    /// its Kubernetes names, if a CRI runtime started it.
     pub fn attach_process(
         self: &Arc<Self>,
         id: &str,
+        pod: Option<Pod>,
         settings: Settings,
         listener: Listener,
         pid: Option<u32>,
     ) -> std::io::Result<()> {
-        let container = self.entry(id, settings);
+        let container = self.entry(id, pod.clone(), settings);
         // Held before served: from the first call on, a crash of heapcapd loses nothing.
-        let record = Record::new(&settings).to_json();
+        let record = Record::new(&settings, pod).to_json();
         let slot = match &self.holder {
             Some(h) => match h.hold(id, pid.unwrap_or(0), record, std::os::fd::AsFd::as_fd(&listener)) {
                 Ok(slot) => Some(slot),
@@ -92,27 +94,28 @@ impl Registry {
                 Record::unreadable()
             }
         };
-        let container = self.entry(&held.container, record.settings());
+        let container = self.entry(&held.container, record.pod.clone(), record.settings());
         tracing::info!(container = %held.container, pid = held.pid, "taken back from the holder");
         let resume = Resume { pid: held.pid, process_limits: record.process_limits };
         self.serve(container, Listener::new(held.listener), Some(held.slot), Some(resume))
     }
 
-    /// The container `id`, made with `settings` if new; counts one more listener for it.
-    fn entry(self: &Arc<Self>, id: &str, settings: Settings) -> Arc<Container> {
+    /// The container `id`, made with `pod` and `settings` if new; counts one more listener for it.
+    fn entry(self: &Arc<Self>, id: &str, pod: Option<Pod>, settings: Settings) -> Arc<Container> {
         let mut containers = self.lock();
         let entry = containers.entry(id.to_string()).or_insert_with(|| {
             let events = self.events.clone();
-            let cid = id.to_string();
-            let sink = Box::new(move |d: &Denial| events.push(Event::new(&cid, d)));
+            let (cid, event_pod) = (id.to_string(), pod.clone());
+            let sink = Box::new(move |d: &Denial| events.push(Event { pod: event_pod.clone(), ..Event::new(&cid, d) }));
             let ledger = Ledger::new(settings.limits, settings.mode, heapcap_linux::page_size());
             let mut supervisor = Supervisor::new(ledger, self.exits.clone(), sink);
             if let Some(o) = &self.observer {
                 supervisor = supervisor.with_observer(o.clone());
             }
             supervisor.accounts().keep_finished(false);
-            tracing::info!(container = id, limit = ?settings.limits.process, total = ?settings.limits.total, mode = ?settings.mode, "supervising");
-            let container = Container { id: id.to_string(), supervisor, holder: self.holder.clone() };
+            let shown = pod.as_ref().map(Pod::to_string);
+            tracing::info!(container = id, pod = shown, limit = ?settings.limits.process, total = ?settings.limits.total, mode = ?settings.mode, "supervising");
+            let container = Container { id: id.to_string(), pod, supervisor, holder: self.holder.clone() };
             Entry { container: Arc::new(container), listeners: 0 }
         });
         entry.listeners += 1;
