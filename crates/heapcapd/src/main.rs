@@ -17,11 +17,11 @@ mod sockets;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use anyhow::Context;
 use clap::Parser;
-use heapcap_env::paths::{AGENT_SOCKET, CONTROL_SOCKET, HOLDER_SOCKET};
+use heapcap_env::paths::Paths;
 use heapcap_supervise::{ExitWatcher, Observer};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -31,24 +31,31 @@ enum LogFormat {
     Json,
 }
 
+/// Where the sockets are unless given: `/run/heapcap` as root, else `$XDG_RUNTIME_DIR/heapcap`
+/// (`/run/user/UID/heapcap` without it).
+static DEFAULTS: LazyLock<Paths> = LazyLock::new(|| {
+    Paths::for_user(heapcap_linux::userns::host_euid(), std::env::var_os("XDG_RUNTIME_DIR").as_deref())
+});
+
 /// heapcap's supervisor for containers.
 ///
 /// Point a container's `linux.seccomp.listenerPath` at the agent socket (heapcap's OCI hook and
 /// runtime shim do it for you) and set `heapcap.io/limit` (and optionally
 /// `heapcap.io/total-limit`, `heapcap.io/mode=audit`) as annotations or in `listenerMetadata`.
-/// Set HEAPCAP_LOG (e.g. `debug`) to change what is logged.
+/// Set HEAPCAP_LOG (e.g. `debug`) to change what is logged. Run by a user other than root it
+/// supervises that user's rootless containers, its sockets in `$XDG_RUNTIME_DIR/heapcap`.
 #[derive(Debug, Parser)]
 #[command(name = "heapcapd", version)]
 struct Args {
-    /// Where runtimes send listener fds (root only).
-    #[arg(long, value_name = "PATH", default_value = AGENT_SOCKET)]
+    /// Where runtimes send listener fds (only root and heapcapd's own user may connect).
+    #[arg(long, value_name = "PATH", default_value_os_t = DEFAULTS.agent.clone())]
     socket: PathBuf,
-    /// Where `heapcap ps`, `set-limit` and `events` connect (root only).
-    #[arg(long, value_name = "PATH", default_value = CONTROL_SOCKET)]
+    /// Where `heapcap ps`, `set-limit` and `events` connect (only root and heapcapd's own user).
+    #[arg(long, value_name = "PATH", default_value_os_t = DEFAULTS.control.clone())]
     control_socket: PathBuf,
     /// Where the fd holder listens: it keeps every container's listener fd while heapcapd
-    /// restarts (heapcapd starts it if it is not running). Root only.
-    #[arg(long, value_name = "PATH", default_value = HOLDER_SOCKET)]
+    /// restarts (heapcapd starts it if it is not running). Only root and its own user.
+    #[arg(long, value_name = "PATH", default_value_os_t = DEFAULTS.holder.clone())]
     holder_socket: PathBuf,
     /// The holder program (default: `heapcap-holder` beside heapcapd, else on PATH).
     #[arg(long, value_name = "PATH")]
