@@ -203,17 +203,17 @@ impl Collector for Figures {
             .collect();
         let by_container = |r: &Row| ContainerLabels { container: r.id.clone() };
         let e = &mut encoder;
-        gauge(e, "containers", "Containers supervised", rows.len() as i64)?;
-        gauge(e, "processes", "Processes accounted", rows.iter().map(|r| r.peaks.len() as i64).sum())?;
+        gauge(e, "containers", "Containers supervised.", rows.len() as i64)?;
+        gauge(e, "processes", "Processes accounted.", rows.iter().map(|r| r.peaks.len() as i64).sum())?;
         let heap = rows.iter().map(|r| (by_container(r), bytes(r.heap)));
-        gauges(e, "container_heap_bytes", "Counted heap of a container's processes", heap)?;
+        gauges(e, "container_heap_bytes", "Counted heap of a container's processes.", heap)?;
         let limit = rows.iter().filter_map(|r| Some((by_container(r), bytes(r.limit?))));
-        gauges(e, "container_process_limit_bytes", "Quota of each process of a container (absent: none)", limit)?;
+        gauges(e, "container_process_limit_bytes", "Quota of each process of a container (absent: none).", limit)?;
         let total = rows.iter().filter_map(|r| Some((by_container(r), bytes(r.total?))));
         gauges(
             e,
             "container_total_limit_bytes",
-            "Quota of all a container's processes together (absent: none)",
+            "Quota of all a container's processes together (absent: none).",
             total,
         )?;
         let peaks = rows.iter().flat_map(|r| {
@@ -222,9 +222,9 @@ impl Collector for Figures {
                 (ProcessLabels { container: r.id.clone(), pid: *pid, command }, bytes(*peak))
             })
         });
-        gauges(e, "process_peak_heap_bytes", "Highest counted heap of a process so far", peaks)?;
+        gauges(e, "process_peak_heap_bytes", "Highest counted heap of a process so far.", peaks)?;
         if let Some(connected) = self.0.holder_connected() {
-            let help = "1 while heapcap-holder keeps a copy of every listener (restarts harm no container), else 0";
+            let help = "1 while heapcap-holder keeps a copy of every listener (restarts harm no container), else 0.";
             gauge(e, "holder_connected", help, i64::from(connected))?;
         }
         Ok(())
