@@ -17,8 +17,14 @@
 #      libc6-dev       libc.a, for build.rs's `gcc -static` fixture
 #      python3, tar    a host program run inside containers; packing the
 #                      podman test image
-#    Not needed: uidmap, slirp4netns, fuse-overlayfs, catatonit (rootless
-#    podman, --init), buildah, a registry (the image comes from `podman import`).
+#      uidmap          rootless podman: newuidmap/newgidmap (setuid) map the
+#                      user's subordinate ids into its user namespace
+#      slirp4netns     rootless podman's network (the tests use --network
+#                      none, but podman checks for it)
+#      fuse-overlayfs  rootless podman's storage where the kernel's own
+#                      overlay is not allowed to a user (podman may pick vfs)
+#    Not needed: catatonit (--init), buildah, a registry (the image comes from
+#    `podman import`).
 #
 # 2. cgroup v1/v2 hybrid hosts: crun 1.8 refuses to run anything while a
 #    controller is still attached to the cgroup v2 hierarchy
@@ -42,8 +48,16 @@
 # 4. /etc/containers/policy.json (needed by `podman import`) is written with
 #    Debian's default content only if it is missing (the package ships it).
 #
-# Podman's storage (/var/lib/containers/storage) is left to podman: it picks
-# overlay, or vfs where overlay does not work.
+# 5. Rootless podman (integration/tests/rootless.rs): a real non-root user,
+#    heapcap-rootless (created if missing, with a home for podman's storage),
+#    with 65536 subordinate uids and gids in /etc/subuid and /etc/subgid, and
+#    its XDG_RUNTIME_DIR /run/user/UID (0700, its own), which systemd-logind
+#    makes at login on other machines and nothing makes here. /run is a tmpfs:
+#    run this script at every boot / CI job.
+#
+# Podman's storage (/var/lib/containers/storage, and the rootless user's
+# ~/.local/share/containers/storage) is left to podman: it picks overlay, or
+# vfs where overlay does not work.
 set -euo pipefail
 
 log() { echo "setup-runtimes: $*" >&2; }
@@ -55,7 +69,7 @@ die() {
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and mounts cgroup hierarchies)"
 
 # ------------------------------------------------------------------ packages
-packages=(runc crun podman busybox-static libc6-dev python3 tar)
+packages=(runc crun podman busybox-static libc6-dev python3 tar uidmap slirp4netns fuse-overlayfs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -66,7 +80,7 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-for bin in runc crun podman busybox gcc tar python3; do
+for bin in runc crun podman busybox gcc tar python3 newuidmap newgidmap slirp4netns fuse-overlayfs; do
   command -v "$bin" >/dev/null || die "$bin is not in PATH after installing ${packages[*]}"
 done
 
@@ -111,6 +125,35 @@ if [ ! -e /etc/containers/policy.json ]; then
 }
 EOF
 fi
+
+# ------------------------------------------------------------------ rootless podman's user
+# The name is integration/src/rootless.rs's USER.
+rootless_user=heapcap-rootless
+if ! id -u "$rootless_user" >/dev/null 2>&1; then
+  log "creating the user $rootless_user (rootless podman tests)"
+  useradd --create-home --shell /usr/sbin/nologin --comment "heapcap rootless podman tests" "$rootless_user"
+fi
+rootless_uid=$(id -u "$rootless_user")
+rootless_gid=$(id -g "$rootless_user")
+[ "$rootless_uid" -ne 0 ] || die "$rootless_user has uid 0"
+# A free range of 65536 ids above every range already given out, from 100000 (login.defs' default).
+next_free_range() {
+  awk -F: 'BEGIN { end = 100000 } NF == 3 && $2 + $3 > end { end = $2 + $3 } END { print end }' "$1" 2>/dev/null ||
+    echo 100000
+}
+for map in subuid subgid; do
+  file=/etc/$map
+  touch "$file"
+  if ! grep -q "^$rootless_user:" "$file" && ! grep -q "^$rootless_uid:" "$file"; then
+    start=$(next_free_range "$file")
+    log "giving $rootless_user the subordinate ids $start-$((start + 65535)) in $file"
+    echo "$rootless_user:$start:65536" >>"$file"
+  fi
+done
+runtime_dir=/run/user/$rootless_uid
+mkdir -p "$runtime_dir"
+chown "$rootless_uid:$rootless_gid" "$runtime_dir"
+chmod 0700 "$runtime_dir"
 
 # ------------------------------------------------------------------ report
 hard_nofile=$(ulimit -Hn)

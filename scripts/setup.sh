@@ -38,3 +38,24 @@ if [ "${1:-}" = "--ci" ] && [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fu
   echo "setup: installing cargo-fuzz $cargo_fuzz_version" >&2
   cargo install --locked --quiet --force cargo-fuzz --version "$cargo_fuzz_version"
 fi
+
+# integration/tests/monitoring.rs: promtool checks examples/monitoring/'s alert rules. Debian ships
+# it inside the Prometheus server's package, whose installation would also start a server: only
+# promtool is taken out of the package (apt-get download, no dpkg install).
+if [ "${1:-}" = "--ci" ] && ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: need root to install promtool in /usr/local/bin" >&2
+    exit 1
+  fi
+  echo "setup: installing promtool (from Debian's prometheus package)" >&2
+  tmp=$(mktemp -d)
+  chmod 0755 "$tmp" # apt-get download drops to the _apt user where it can
+  if ! (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null); then
+    apt-get update -qq
+    (cd "$tmp" && apt-get download -qq prometheus)
+  fi
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+  install -m 0755 "$tmp/usr/bin/promtool" /usr/local/bin/promtool
+  rm -rf "$tmp"
+  promtool --version >/dev/null
+fi

@@ -459,7 +459,8 @@ fn broken_control_requests_get_an_answer_that_says_what_is_wrong() {
     assert!(d.ps()["containers"].is_array(), "ps while 100 control clients idle");
     drop(held);
 
-    // A follower that quits is let go without waiting for a denial to write to it.
+    // A follower that quits is let go without waiting for a denial to write to it. It holds its
+    // connection's fd in heapcapd (a task on the control plane, no thread of its own).
     let quiet = settled(d.pid());
     let mut follower = binaries::heapcap()
         .args(["events", "--follow"])
@@ -468,8 +469,8 @@ fn broken_control_requests_get_an_answer_that_says_what_is_wrong() {
         .spawn()
         .expect("heapcap events --follow");
     let deadline = Instant::now() + DEADLINE;
-    while d.resources().1 <= quiet.1 {
-        assert!(Instant::now() < deadline, "heapcap events --follow never got a thread in heapcapd");
+    while d.resources().0 <= quiet.0 {
+        assert!(Instant::now() < deadline, "heapcap events --follow never got a connection to heapcapd");
         std::thread::sleep(Duration::from_millis(20));
     }
     follower.kill().expect("kill the follower");

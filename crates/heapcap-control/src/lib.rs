@@ -194,7 +194,7 @@ impl Event {
 /// Talking to heapcapd failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to heapcapd at {path}: {source} (is heapcapd running? start it with `heapcapd`, as root)")]
+    #[error("cannot connect to heapcapd at {path}: {source} (is heapcapd running? start it with `heapcapd`: as root for root's containers, as yourself for your rootless ones)")]
     Connect { path: String, source: std::io::Error },
     #[error("lost the connection to heapcapd")]
     Io(#[from] std::io::Error),

@@ -88,7 +88,9 @@ pub struct Held {
 /// gets its own answer.
 #[derive(Debug)]
 pub struct Client {
-    sock: Mutex<OwnedFd>,
+    sock: OwnedFd,
+    /// Held for a request and its answer.
+    turn: Mutex<()>,
     journal: Arc<Journal>,
 }
 
@@ -125,7 +127,7 @@ impl Client {
             let slot = Slot::new(journal.clone(), slot).ok_or_else(|| protocol(format!("no journal slot {slot}")))?;
             out.push(Held { container, pid, record, listener, slot });
         }
-        Ok((Client { sock: Mutex::new(sock), journal }, out))
+        Ok((Client { sock, turn: Mutex::new(()), journal }, out))
     }
 
     /// Hand a copy of `listener` to the holder; returns its journal slot.
@@ -137,9 +139,9 @@ impl Client {
         listener: BorrowedFd<'_>,
     ) -> io::Result<Slot> {
         let message = ToHolder::Hold { container: container.to_string(), pid, record };
-        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        seqpacket::send(sock.as_fd(), &message, &[listener])?;
-        match seqpacket::recv::<FromHolder>(sock.as_fd())?.0 {
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        seqpacket::send(self.sock.as_fd(), &message, &[listener])?;
+        match seqpacket::recv::<FromHolder>(self.sock.as_fd())?.0 {
             FromHolder::Holding { slot } => {
                 Slot::new(self.journal.clone(), slot).ok_or_else(|| protocol(format!("no journal slot {slot}")))
             }
@@ -150,8 +152,24 @@ impl Client {
 
     /// Replace the record of every listener of `container`.
     pub fn update(&self, container: &str, record: serde_json::Value) -> io::Result<()> {
-        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        seqpacket::send(sock.as_fd(), &ToHolder::Update { container: container.to_string(), record }, &[])
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        seqpacket::send(self.sock.as_fd(), &ToHolder::Update { container: container.to_string(), record }, &[])
+    }
+
+    /// Whether the holder is still at the other end: the connection is not hung up (a holder that
+    /// exits or is killed closes its end, which the kernel reports as `POLLHUP`).
+    /// Never waits (a poll with no timeout), and takes no turn: a request in flight is not
+    /// disturbed.
+    pub fn connected(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => {
+                let gone = PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
+                !fds[0].revents().is_some_and(|r| r.intersects(gone))
+            }
+            Err(_) => false,
+        }
     }
 }
 

@@ -14,8 +14,9 @@ use nix::sys::signal::SigSet;
 #[derive(Debug, Parser)]
 #[command(name = "heapcap-holder", version)]
 struct Args {
-    /// Where heapcapd connects (root only).
-    #[arg(long, value_name = "PATH", default_value = heapcap_env::paths::HOLDER_SOCKET)]
+    /// Where heapcapd connects (only root and the holder's own user). Default: `/run/heapcap/holder.sock`
+    /// as root, else `$XDG_RUNTIME_DIR/heapcap/holder.sock`.
+    #[arg(long, value_name = "PATH", default_value_os_t = default_socket())]
     socket: PathBuf,
     /// How long containers' heap growth waits for heapcapd to come back before it is let through
     /// unquota'd (until heapcapd returns).
@@ -24,6 +25,12 @@ struct Args {
     /// How many listeners (containers plus `exec`s) it can hold.
     #[arg(long, value_name = "N", default_value_t = 65536)]
     slots: usize,
+}
+
+/// The holder's socket unless given, for the user it runs as (heapcapd passes its own).
+fn default_socket() -> PathBuf {
+    let xdg = std::env::var_os("XDG_RUNTIME_DIR");
+    heapcap_env::paths::Paths::for_user(heapcap_linux::userns::host_euid(), xdg.as_deref()).holder
 }
 
 fn main() -> ExitCode {

@@ -29,6 +29,7 @@ fn one_heapcapd_at_a_time_only_listeners_and_gone_when_empty() {
         }
     };
     assert!(held.is_empty());
+    assert!(client.connected(), "the holder is at the other end");
 
     let second = Client::connect(&socket).expect_err("a second heapcapd must be refused");
     assert!(second.to_string().contains("another heapcapd is connected"), "{second}");
@@ -38,6 +39,7 @@ fn one_heapcapd_at_a_time_only_listeners_and_gone_when_empty() {
     assert!(refused.to_string().contains("not a seccomp listener"), "{refused}");
     // Still serving after the bad request.
     client.update("c1", serde_json::json!({"limit": 1})).expect("update");
+    assert!(client.connected());
 
     drop(client);
     let ended = holder.join().expect("holder thread");

@@ -19,12 +19,13 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use heapcap_env::flag;
-use heapcap_env::paths::AGENT_SOCKET;
+use heapcap_env::paths::{how_to_start, Paths};
 use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
 use heapcap_linux::fdpass::send_fd;
 use heapcap_linux::filter::Program;
@@ -33,12 +34,19 @@ use heapcap_oci::{apply_json, cmdline, kubernetes, Defaults, Outcome};
 use heapcap_policy::settings;
 use oci_spec::runtime::{State, SECCOMP_FD_NAME};
 
+/// heapcapd's sockets unless given: root's, or under rootless podman (which runs hooks as root in
+/// its user namespace, with no environment but the hook's `env`) the user's, in
+/// `$XDG_RUNTIME_DIR/heapcap` or else `/run/user/UID/heapcap`.
+static DEFAULTS: LazyLock<Paths> = LazyLock::new(|| {
+    Paths::for_user(heapcap_linux::userns::host_euid(), std::env::var_os("XDG_RUNTIME_DIR").as_deref())
+});
+
 /// heapcap's OCI hook: put a container under heapcapd when its annotations ask for it.
 #[derive(Debug, Parser)]
 #[command(name = "heapcap-hook", version)]
 struct Cli {
-    /// heapcapd's agent socket.
-    #[arg(long, global = true, env = "HEAPCAP_SOCKET", default_value = AGENT_SOCKET)]
+    /// heapcapd's agent socket (default: root's heapcapd, or under rootless podman the user's).
+    #[arg(long, global = true, env = "HEAPCAP_SOCKET", default_value_os_t = DEFAULTS.agent.clone())]
     socket: PathBuf,
     /// When heapcapd is not running, start the container without a quota (with a warning)
     /// instead of failing its start. Also HEAPCAP_HOOK_ALLOW_UNSUPERVISED=1.
@@ -246,10 +254,10 @@ fn precreate(cli: &Cli) -> Result<()> {
 
 fn not_running(id: &str, socket: &Path, e: &Unreachable) -> String {
     format!(
-        "the container {id}asks for a heap quota, but heapcapd is not reachable at {} ({e}): start heapcapd \
-         (`systemctl start heapcapd`, or run `heapcapd` as root), or set HEAPCAP_HOOK_ALLOW_UNSUPERVISED=1 in the \
-         hook's env to start such containers without a quota",
-        socket.display()
+        "the container {id}asks for a heap quota, but heapcapd is not reachable at {} ({e}): {}, or set \
+         HEAPCAP_HOOK_ALLOW_UNSUPERVISED=1 in the hook's env to start such containers without a quota",
+        socket.display(),
+        how_to_start(&DEFAULTS)
     )
 }
 

@@ -11,6 +11,8 @@
 //! - [`peercred`]: a UNIX socket peer's credentials, and the root-only sockets' check of them.
 //! - [`connect`]: connecting to heapcapd's socket with a timeout, for container start paths.
 //! - [`spawn`]: starting a command under the filter.
+//! - [`userns`]: the effective uid as the host sees it (rootless podman's hooks and runtime run as root
+//!   in its user namespace), for default paths.
 //!
 //! This is the only crate of heapcap with `unsafe` code; every block says why it is sound.
 
@@ -25,6 +27,7 @@ pub mod pidfd;
 pub mod procfs;
 pub mod procmap;
 pub mod spawn;
+pub mod userns;
 
 /// The system page size.
 pub fn page_size() -> u64 {

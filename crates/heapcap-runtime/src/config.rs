@@ -5,7 +5,9 @@
 //! # The runtime to wrap: a path, or a name looked up on PATH (never this shim itself).
 //! # Default: runc, then crun, on PATH.
 //! runtime = "/usr/sbin/runc"
-//! # heapcapd's agent socket, written as linux.seccomp.listenerPath.
+//! # heapcapd's agent socket, written as linux.seccomp.listenerPath. Default: root's
+//! # (/run/heapcap/heapcapd.sock), or run by rootless podman the user's heapcapd
+//! # ($XDG_RUNTIME_DIR/heapcap/heapcapd.sock).
 //! listener_path = "/run/heapcap/heapcapd.sock"
 //! # Read HEAPCAP_LIMIT, HEAPCAP_TOTAL_LIMIT, HEAPCAP_MODE from the container's environment
 //! # (for Docker, which cannot set OCI annotations). Default: true.
@@ -28,7 +30,6 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use heapcap_env::flag::{self, FlagError};
-use heapcap_env::paths::AGENT_SOCKET;
 use heapcap_oci::spec::Defaults;
 use heapcap_policy::settings::{LIMIT, MODE, TOTAL_LIMIT};
 use serde::Deserialize;
@@ -104,15 +105,17 @@ impl Config {
     }
 
     /// What every container gets; the values are validated when a container is created (with
-    /// an error that names the config file's defaults as their source).
-    pub fn defaults(&self) -> Defaults {
+    /// an error that names the config file's defaults as their source). `socket`: heapcapd's
+    /// agent socket unless the file names one (`heapcap_env::paths`, for the user the shim
+    /// runs as).
+    pub fn defaults(&self, socket: &Path) -> Defaults {
         let d = &self.defaults;
         let settings = [(LIMIT, &d.limit), (TOTAL_LIMIT, &d.total_limit), (MODE, &d.mode)]
             .into_iter()
             .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
             .collect();
         Defaults {
-            listener_path: self.listener_path.clone().unwrap_or_else(|| PathBuf::from(AGENT_SOCKET)),
+            listener_path: self.listener_path.clone().unwrap_or_else(|| socket.to_path_buf()),
             settings,
             env_fallback: self.env_fallback.unwrap_or(true),
         }
@@ -122,6 +125,8 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SOCKET: &str = heapcap_env::paths::AGENT_SOCKET;
 
     #[test]
     fn documented_example_parses() {
@@ -135,8 +140,8 @@ mod tests {
             .join("\n");
         let c = Config::parse(&doc, Path::new("doc")).unwrap();
         assert_eq!(c.runtime, Some(PathBuf::from("/usr/sbin/runc")));
-        let d = c.defaults();
-        assert_eq!(d.listener_path, PathBuf::from(AGENT_SOCKET));
+        let d = c.defaults(Path::new("/run/user/1000/heapcap/heapcapd.sock"));
+        assert_eq!(d.listener_path, PathBuf::from(SOCKET), "the file's wins");
         assert!(d.env_fallback);
         assert_eq!(d.settings.len(), 3);
         assert_eq!(c.allow_unsupervised, Some(false));
@@ -174,7 +179,8 @@ mod tests {
 
     #[test]
     fn empty_means_defaults_and_typos_are_errors() {
-        let d = Config::parse("", Path::new("x")).unwrap().defaults();
+        let d = Config::parse("", Path::new("x")).unwrap().defaults(Path::new("/run/user/1000/heapcap/heapcapd.sock"));
+        assert_eq!(d.listener_path, PathBuf::from("/run/user/1000/heapcap/heapcapd.sock"), "the user's default");
         assert_eq!((d.settings.is_empty(), d.env_fallback), (true, true));
         let e = Config::parse("[defaults]\nlimt = \"1Gi\"\n", Path::new("/etc/x.toml")).unwrap_err().to_string();
         assert!(e.contains("/etc/x.toml") && e.contains("limt"), "{e}");

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::anyhow;
+use heapcap_env::paths::{how_to_start, Paths};
 use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
 use heapcap_oci::cmdline::{self, Invocation};
 use heapcap_oci::spec::Outcome;
@@ -58,10 +59,13 @@ fn run(args: &[OsString], invocation: &Invocation) -> anyhow::Result<std::conver
     let runtime = find_runtime(&config)?;
     if invocation.creates() {
         let bundle = invocation.bundle.as_deref().unwrap_or(Path::new("."));
-        let defaults = config.defaults();
+        // Run by rootless podman, the shim is root in podman's user namespace: the user's heapcapd.
+        let paths = Paths::for_user(heapcap_linux::userns::host_euid(), std::env::var_os("XDG_RUNTIME_DIR").as_deref());
+        let defaults = config.defaults(&paths.agent);
         let plan = bundle::plan(bundle, &defaults)?;
         let allow = config.allow_unsupervised(std::env::var_os(config::ALLOW_UNSUPERVISED_ENV).as_deref())?;
-        match check_heapcapd(&plan, &defaults.listener_path, allow, &Config::path(config_env.as_deref()))? {
+        let start = how_to_start(&paths);
+        match check_heapcapd(&plan, &defaults.listener_path, allow, &Config::path(config_env.as_deref()), start)? {
             Supervision::Supervised => {
                 plan.write()?;
             }
@@ -88,7 +92,14 @@ enum Supervision {
 /// heapcapd's socket as its listener), whether heapcapd takes connections, and what to do if not:
 /// an error saying how to fix it, or with `allow` (and a container the shim would change) a
 /// start without a quota.
-fn check_heapcapd(plan: &Plan, socket: &Path, allow: bool, config_file: &Path) -> anyhow::Result<Supervision> {
+/// `start` says how to start heapcapd ([`how_to_start`]).
+fn check_heapcapd(
+    plan: &Plan,
+    socket: &Path,
+    allow: bool,
+    config_file: &Path,
+    start: &str,
+) -> anyhow::Result<Supervision> {
     let asks = match &plan.outcome {
         Outcome::Changed { metadata, .. } => Some(metadata),
         Outcome::Unchanged => None,
@@ -103,7 +114,6 @@ fn check_heapcapd(plan: &Plan, socket: &Path, allow: bool, config_file: &Path) -
         Err(why) => why,
     };
     let socket = socket.display();
-    let start = "start heapcapd (`systemctl start heapcapd`, or run `heapcapd` as root)";
     let config_file = config_file.display();
     match asks {
         Some(metadata) if allow => Ok(Supervision::Unsupervised(format!(

@@ -100,9 +100,16 @@ enum Command {
 /// heapcapd's control socket.
 #[derive(Debug, Args)]
 struct SocketArg {
-    /// heapcapd's control socket.
-    #[arg(long = "control-socket", value_name = "PATH", env = "HEAPCAP_CONTROL_SOCKET", default_value = heapcap_env::paths::CONTROL_SOCKET)]
+    /// heapcapd's control socket (default: root's heapcapd as root, else your own, in
+    /// `$XDG_RUNTIME_DIR/heapcap`).
+    #[arg(long = "control-socket", value_name = "PATH", env = "HEAPCAP_CONTROL_SOCKET", default_value_os_t = default_control_socket())]
     path: std::path::PathBuf,
+}
+
+/// The control socket of the heapcapd of the user heapcap runs as.
+fn default_control_socket() -> std::path::PathBuf {
+    let xdg = std::env::var_os("XDG_RUNTIME_DIR");
+    heapcap_env::paths::Paths::for_user(heapcap_linux::userns::host_euid(), xdg.as_deref()).control
 }
 
 fn parse_limit(s: &str) -> Result<Size, String> {

@@ -1,17 +1,19 @@
 //! The control socket: `heapcap ps`, `set-limit` and `events` (the paper's `/proc/<pid>/rlimit`
-//! read and write, grown up).
+//! read and write, grown up). Served on the control plane's runtime: a connection is a task,
+//! `ps` and `set-limit` run on its blocking pool (they read `/proc` and talk to the holder), and
+//! a follower of `events` waits for the next denial and for its hang-up at once.
 
-use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use heapcap_control::{Done, ErrorReply, PsReply, Request, MAX_REQUEST};
 use heapcap_linux::peercred::check_peer;
 use heapcap_policy::{Quota, Size};
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::time::timeout;
 
 use crate::events::Events;
 use crate::registry::Registry;
@@ -19,51 +21,55 @@ use crate::sockets::serve_connections;
 
 /// How long a client has to send its request line.
 const READ_DEADLINE: Duration = Duration::from_secs(10);
-/// Control connections served at once (a thread each; `events --follow` keeps one). Past it,
-/// connections wait in the backlog until one ends.
+/// How long an answer may take to be written (not for `events`: a follower reads at its pace).
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// Control connections served at once (`events --follow` keeps one). Past it, connections wait in
+/// the backlog until one ends.
 const MAX_CONNECTIONS: usize = 128;
-/// How often a follower with no new event is checked for having hung up.
-const FOLLOW_CHECK: Duration = Duration::from_secs(1);
 
-/// Accept connections until the listener fails.
-pub fn run(listener: UnixListener, registry: Arc<Registry>, events: Arc<Events>) {
-    serve_connections(listener, "control", "control", MAX_CONNECTIONS, move |stream| serve(stream, &registry, &events));
+/// Accept connections until the runtime stops.
+pub async fn run(listener: UnixListener, registry: Arc<Registry>, events: Arc<Events>) {
+    serve_connections(listener, "control", MAX_CONNECTIONS, move |stream| {
+        serve(stream, registry.clone(), events.clone())
+    })
+    .await
 }
 
-fn send<T: Serialize>(stream: &mut UnixStream, value: &T) -> std::io::Result<()> {
+async fn write_line<T: Serialize>(stream: &mut (impl AsyncWrite + Unpin), value: &T) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    stream.write_all(&line)
+    stream.write_all(&line).await
 }
 
-fn refuse(stream: &mut UnixStream, error: impl ToString) {
-    let _ = send(stream, &ErrorReply { error: error.to_string() });
+/// One answer line, within [`WRITE_DEADLINE`].
+async fn send<T: Serialize>(stream: &mut UnixStream, value: &T) -> std::io::Result<()> {
+    timeout(WRITE_DEADLINE, write_line(stream, value))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+async fn refuse(stream: &mut UnixStream, error: impl ToString) {
+    let _ = send(stream, &ErrorReply { error: error.to_string() }).await;
 }
 
 /// Read the one request line: at most [`MAX_REQUEST`] bytes, within [`READ_DEADLINE`] all told.
 /// The error says what the client got wrong.
-fn read_request(stream: &mut UnixStream) -> Result<Vec<u8>, String> {
-    let deadline = Instant::now() + READ_DEADLINE;
+async fn read_request(stream: &mut UnixStream) -> Result<Vec<u8>, String> {
     let mut line = Vec::new();
+    match timeout(READ_DEADLINE, read_line(stream, &mut line)).await {
+        Ok(read) => read.map(|()| line),
+        Err(_) => Err(format!(
+            "no complete request line within {}s ({} bytes received): send one JSON line ending in a newline",
+            READ_DEADLINE.as_secs(),
+            line.len()
+        )),
+    }
+}
+
+async fn read_line(stream: &mut (impl AsyncRead + Unpin), line: &mut Vec<u8>) -> Result<(), String> {
     let mut chunk = [0u8; 4096];
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let read = if left.is_zero() {
-            Err(std::io::ErrorKind::TimedOut.into())
-        } else {
-            stream.set_read_timeout(Some(left)).and_then(|()| stream.read(&mut chunk))
-        };
-        let n = match read {
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return Err(format!(
-                    "no complete request line within {}s ({} bytes received): send one JSON line ending in a newline",
-                    READ_DEADLINE.as_secs(),
-                    line.len()
-                ))
-            }
-            Err(e) => return Err(format!("cannot read the request: {e}")),
-        };
+        let n = stream.read(&mut chunk).await.map_err(|e| format!("cannot read the request: {e}"))?;
         if n == 0 {
             return Err(match line.len() {
                 0 => "no request received: send one JSON line such as {\"op\":\"ps\"}".to_string(),
@@ -76,7 +82,7 @@ fn read_request(stream: &mut UnixStream) -> Result<Vec<u8>, String> {
             return Err(format!("request line longer than {MAX_REQUEST} bytes: send one JSON line of at most that"));
         }
         if end.is_some() {
-            return Ok(line);
+            return Ok(());
         }
     }
 }
@@ -109,73 +115,79 @@ fn bad_quota(text: &str) -> Option<String> {
     })
 }
 
-/// The client hung up (a follower that quit): a read returns end of file.
-fn hung_up(stream: &mut UnixStream) -> bool {
-    let mut byte = [0u8; 1];
-    if stream.set_nonblocking(true).is_err() {
-        return true;
-    }
-    let read = stream.read(&mut byte);
-    let gone = stream.set_nonblocking(false).is_err();
-    gone || matches!(read, Ok(0)) || matches!(read, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock)
-}
-
-fn serve(mut stream: UnixStream, registry: &Registry, events: &Events) {
+async fn serve(mut stream: UnixStream, registry: Arc<Registry>, events: Arc<Events>) {
     if let Err(e) = check_peer(stream.as_fd()) {
         tracing::warn!(error = %e, "control connection refused");
-        return refuse(&mut stream, e);
+        return refuse(&mut stream, e).await;
     }
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-    let request = match read_request(&mut stream).and_then(|line| parse_request(&line)) {
+    let request = match read_request(&mut stream).await.and_then(|line| parse_request(&line)) {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(error = %e, "control request refused");
-            return refuse(&mut stream, e);
+            return refuse(&mut stream, e).await;
         }
     };
     match request {
         Request::Ps {} => {
-            let containers = registry.containers().iter().map(|c| c.view()).collect();
-            let _ = send(&mut stream, &PsReply { containers });
+            // Measured exactly now: /proc reads, off the runtime's worker.
+            let views = tokio::task::spawn_blocking(move || registry.containers().iter().map(|c| c.view()).collect());
+            match views.await {
+                Ok(containers) => {
+                    let _ = send(&mut stream, &PsReply { containers }).await;
+                }
+                Err(e) => refuse(&mut stream, format!("heapcapd failed to list the containers: {e}")).await,
+            }
         }
         Request::SetLimit { container, pid, limit, total } => {
-            let reply = set_limit(registry, &container, pid, limit, total);
-            match reply {
-                Ok(message) => {
+            let done = tokio::task::spawn_blocking(move || {
+                let reply = set_limit(&registry, &container, pid, limit, total);
+                if let Ok(message) = &reply {
                     tracing::info!(%container, ?pid, %message, "quota changed");
-                    let _ = send(&mut stream, &Done { ok: true, message });
                 }
-                Err(e) => refuse(&mut stream, e),
+                reply
+            });
+            match done.await {
+                Ok(Ok(message)) => {
+                    let _ = send(&mut stream, &Done { ok: true, message }).await;
+                }
+                Ok(Err(e)) => refuse(&mut stream, e).await,
+                Err(e) => refuse(&mut stream, format!("heapcapd failed to change the quota: {e}")).await,
             }
         }
-        Request::Events { follow } => {
-            let _ = stream.set_write_timeout(None);
-            if !follow {
-                for e in events.recent() {
-                    if send(&mut stream, &e).is_err() {
-                        return;
-                    }
-                }
+        Request::Events { follow } => send_events(stream, &events, follow).await,
+    }
+}
+
+/// The recent denials; with `follow`, then each new one until the client hangs up (noticed at
+/// once: its end of file is awaited beside the next event).
+async fn send_events(mut stream: UnixStream, events: &Events, follow: bool) {
+    if !follow {
+        for e in events.recent() {
+            if write_line(&mut stream, &e).await.is_err() {
                 return;
             }
-            let (recent, rx) = events.follow();
-            for e in recent {
-                if send(&mut stream, &e).is_err() {
-                    return;
-                }
-            }
-            // A follower that quits is noticed within FOLLOW_CHECK, not at the next denial.
-            loop {
-                match rx.recv_timeout(FOLLOW_CHECK) {
-                    Ok(e) => {
-                        if send(&mut stream, &e).is_err() {
-                            return;
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout) if !hung_up(&mut stream) => {}
-                    Err(_) => return,
-                }
-            }
+        }
+        return;
+    }
+    let (recent, mut rx) = events.follow();
+    let (mut reader, mut writer) = stream.split();
+    for e in recent {
+        if write_line(&mut writer, &e).await.is_err() {
+            return;
+        }
+    }
+    let mut ignored = [0u8; 256];
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(e) if write_line(&mut writer, &e).await.is_ok() => {}
+                _ => return,
+            },
+            read = reader.read(&mut ignored) => match read {
+                // Anything after the request line is ignored; the end of it is the follower gone.
+                Ok(n) if n > 0 => {}
+                _ => return,
+            },
         }
     }
 }

@@ -2,13 +2,16 @@
 //! a container cannot turn into a flood.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use heapcap_control::Event;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 const RECENT: usize = 1000;
+/// Events queued for a follower that reads slowly; past it, it misses some (never blocking the
+/// serving thread that pushes them).
 const FOLLOW_QUEUE: usize = 4096;
 /// Log lines per container per second; the rest are counted and summarised.
 const LOG_PER_SECOND: u32 = 10;
@@ -23,7 +26,7 @@ struct Window {
 #[derive(Debug, Default)]
 struct Inner {
     recent: VecDeque<Event>,
-    followers: Vec<SyncSender<Event>>,
+    followers: Vec<Sender<Event>>,
     windows: HashMap<String, Window>,
 }
 
@@ -40,7 +43,7 @@ impl Events {
 
     pub fn push(&self, event: Event) {
         let mut inner = self.lock();
-        inner.followers.retain(|f| !matches!(f.try_send(event.clone()), Err(TrySendError::Disconnected(_))));
+        inner.followers.retain(|f| !matches!(f.try_send(event.clone()), Err(TrySendError::Closed(_))));
         let now = Instant::now();
         let window = inner.windows.entry(event.container.clone()).or_default();
         if window.start.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1)) {
@@ -79,9 +82,10 @@ impl Events {
         self.lock().recent.iter().cloned().collect()
     }
 
-    /// The recent denials, and a stream of the ones to come.
+    /// The recent denials, and a stream of the ones to come (for a task on the control plane's
+    /// runtime; pushed from the serving threads without waiting).
     pub fn follow(&self) -> (Vec<Event>, Receiver<Event>) {
-        let (tx, rx) = sync_channel(FOLLOW_QUEUE);
+        let (tx, rx) = channel(FOLLOW_QUEUE);
         let mut inner = self.lock();
         inner.followers.push(tx);
         (inner.recent.iter().cloned().collect(), rx)
@@ -123,9 +127,9 @@ mod tests {
         let recent = events.recent();
         assert_eq!(recent.len(), RECENT);
         assert_eq!(recent[0].pid, Some(5));
-        let (_, rx) = events.follow();
+        let (_, mut rx) = events.follow();
         events.push(ev(99));
-        assert_eq!(rx.recv_timeout(Duration::from_secs(1)).unwrap().pid, Some(99));
+        assert_eq!(rx.try_recv().unwrap().pid, Some(99));
         drop(rx);
         events.push(ev(100));
         assert!(events.lock().followers.is_empty(), "a gone follower is dropped");

@@ -1,12 +1,14 @@
 //! The OCI seccomp agent protocol: what runc and crun send to `linux.seccomp.listenerPath`
 //! (and what heapcap's own hook sends): one message per connection with the listener fd and
 //! the container process state as JSON.
+//!
+//! Connections are read on the control plane's runtime (an idle or trickling peer holds no
+//! thread); a complete message is taken on its blocking pool (handing the listener to the
+//! holder and starting its serving thread).
 
-use std::io::Read;
-use std::os::fd::AsFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use heapcap_linux::fdpass::recv_fds;
 use heapcap_linux::notify::Listener;
@@ -16,15 +18,17 @@ use heapcap_oci::agent::{self, AgentError, AgentMessage, MAX_MESSAGE};
 use heapcap_policy::ledger::{Limits, Mode};
 use heapcap_policy::settings::{Settings, SettingsError};
 use oci_spec::runtime::SECCOMP_FD_NAME;
+use tokio::io::{AsyncReadExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::registry::Registry;
 use crate::sockets::serve_connections;
 
 /// How long a peer has to send its whole message (runc and crun send it at once and close).
 const READ_DEADLINE: Duration = Duration::from_secs(5);
-/// Agent connections served at once (a thread each). Far above what a burst of container starts
-/// needs (each message takes milliseconds); past it, connections wait in the backlog, never
-/// refused, and idle ones free their slot within [`READ_DEADLINE`].
+/// Agent connections served at once. Far above what a burst of container starts needs (each
+/// message takes milliseconds); past it, connections wait in the backlog, never refused, and
+/// idle ones free their slot within [`READ_DEADLINE`].
 const MAX_CONNECTIONS: usize = 256;
 
 /// What to do with a container whose heapcap settings are bad.
@@ -57,47 +61,47 @@ pub enum IntakeError {
     Refused { id: String, source: SettingsError },
     #[error("cannot start serving: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("taking the message failed: {0}")]
+    Panicked(#[source] tokio::task::JoinError),
 }
 
-/// Accept connections until the listener fails.
-pub fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadSettings) {
-    serve_connections(listener, "agent", "intake", MAX_CONNECTIONS, move |stream| {
-        if let Err(e) = handle(&stream, &registry, on_bad) {
-            let peer = peer_cred(stream.as_fd()).map(|c| c.pid).unwrap_or(0);
-            tracing::warn!(peer, error = %e, "agent message not taken");
+/// Accept connections until the runtime stops.
+pub async fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadSettings) {
+    serve_connections(listener, "agent", MAX_CONNECTIONS, move |mut stream| {
+        let registry = registry.clone();
+        async move {
+            if let Err(e) = handle(&mut stream, registry, on_bad).await {
+                let peer = peer_cred(stream.as_fd()).map(|c| c.pid).unwrap_or(0);
+                tracing::warn!(peer, error = %e, "agent message not taken");
+            }
         }
-    });
-}
-
-/// A failed read: running out of time is the peer's fault, and said so.
-fn read_error(e: std::io::Error, got: usize) -> IntakeError {
-    match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => IntakeError::Timeout { got },
-        _ => IntakeError::Read(e),
-    }
+    })
+    .await
 }
 
 /// Read one message, until the peer closes (runc and crun close after sending) or the JSON ends,
-/// within [`READ_DEADLINE`] all told (a peer trickling bytes cannot hold a thread longer).
-fn read_message(stream: &UnixStream) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedFd>), IntakeError> {
-    let deadline = Instant::now() + READ_DEADLINE;
-    stream.set_read_timeout(Some(READ_DEADLINE)).map_err(IntakeError::Read)?;
+/// within [`READ_DEADLINE`] all told (a peer trickling bytes is cut off then).
+async fn read_message(stream: &mut UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), IntakeError> {
+    let (mut data, mut fds) = (Vec::new(), Vec::new());
+    match tokio::time::timeout(READ_DEADLINE, read_into(stream, &mut data, &mut fds)).await {
+        Ok(read) => read.map(|()| (data, fds)),
+        Err(_) => Err(IntakeError::Timeout { got: data.len() }),
+    }
+}
+
+async fn read_into(stream: &mut UnixStream, data: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> Result<(), IntakeError> {
     let mut buf = vec![0u8; 64 * 1024];
-    let first = recv_fds(stream.as_fd(), &mut buf).map_err(|e| read_error(e, 0))?;
+    // The fds come with the first bytes (runc, crun and the hook send them in one sendmsg).
+    let first = stream.async_io(Interest::READABLE, || recv_fds(stream.as_fd(), &mut buf)).await;
+    let first = first.map_err(IntakeError::Read)?;
     if first.truncated {
         return Err(IntakeError::TooManyFds(first.fds.len()));
     }
-    buf.truncate(first.len);
-    let mut data = buf;
-    let mut reader = stream;
+    data.extend_from_slice(&buf[..first.len]);
+    *fds = first.fds;
     let mut chunk = [0u8; 16 * 1024];
-    while serde_json::from_slice::<serde_json::Value>(&data).is_err() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(IntakeError::Timeout { got: data.len() });
-        }
-        stream.set_read_timeout(Some(left)).map_err(IntakeError::Read)?;
-        let n = reader.read(&mut chunk).map_err(|e| read_error(e, data.len()))?;
+    while serde_json::from_slice::<serde_json::Value>(data).is_err() {
+        let n = stream.read(&mut chunk).await.map_err(IntakeError::Read)?;
         if n == 0 {
             break;
         }
@@ -106,18 +110,36 @@ fn read_message(stream: &UnixStream) -> Result<(Vec<u8>, Vec<std::os::fd::OwnedF
             return Err(IntakeError::TooLarge);
         }
     }
-    Ok((data, first.fds))
+    Ok(())
 }
 
-pub fn handle(stream: &UnixStream, registry: &Arc<Registry>, on_bad: OnBadSettings) -> Result<(), IntakeError> {
+/// Read the message of one connection and take it (on the blocking pool: it talks to the holder
+/// and starts a thread). The connection stays open until it is taken.
+pub async fn handle(
+    stream: &mut UnixStream,
+    registry: Arc<Registry>,
+    on_bad: OnBadSettings,
+) -> Result<(), IntakeError> {
     let runtime = check_peer(stream.as_fd())?.pid;
-    let (data, mut fds) = read_message(stream)?;
+    let (data, fds) = read_message(stream).await?;
     if data.is_empty() && fds.is_empty() {
         tracing::debug!("agent connection closed without a message");
         return Ok(());
     }
+    let taken = tokio::task::spawn_blocking(move || take(runtime, &data, fds, &registry, on_bad));
+    taken.await.map_err(IntakeError::Panicked)?
+}
+
+/// Take one message from the runtime `runtime` (a pid): serve its listener, or refuse it.
+fn take(
+    runtime: i32,
+    data: &[u8],
+    mut fds: Vec<OwnedFd>,
+    registry: &Arc<Registry>,
+    on_bad: OnBadSettings,
+) -> Result<(), IntakeError> {
     // Every fd received is closed on return but the listener, whatever the message says.
-    let message = match agent::parse(&data, fds.len()) {
+    let message = match agent::parse(data, fds.len()) {
         Ok(message) => message,
         // Not a container to serve, but one to stop and tell why, as one with bad settings.
         Err(AgentError::BadId { id, pid }) => {
@@ -175,8 +197,11 @@ fn tell(pid: i32, message: &str) -> bool {
     let Some(pidfd) = u32::try_from(pid).ok().filter(|p| *p > 0).and_then(|p| Pidfd::open(p).ok()) else {
         return false;
     };
-    // Append: reopening a log file through /proc starts at offset 0 and would overwrite it.
-    let Ok(mut stderr) = std::fs::OpenOptions::new().append(true).open(format!("/proc/{pid}/fd/2")) else {
+    // Append: reopening a log file through /proc starts at offset 0 and would overwrite it. Not
+    // blocking: a full pipe nobody reads must not hold a thread of the blocking pool for ever.
+    let mut options = std::fs::OpenOptions::new();
+    std::os::unix::fs::OpenOptionsExt::custom_flags(options.append(true), nix::fcntl::OFlag::O_NONBLOCK.bits());
+    let Ok(mut stderr) = options.open(format!("/proc/{pid}/fd/2")) else {
         return false;
     };
     // The pidfd was opened first: alive now means the file we opened was that process's stderr.

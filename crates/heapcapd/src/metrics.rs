@@ -1,21 +1,49 @@
-//! Prometheus metrics, served on an opt-in address (`--metrics-addr`).
+//! Prometheus metrics, served on an opt-in address (`--metrics-addr`) by hyper on the control
+//! plane's runtime.
+//!
+//! Counted as they happen (by the serving threads, without a lock): notifications by syscall and
+//! decision, denials, decision latency. Read at each scrape ([`Figures`]): containers and
+//! processes, each container's heap and quotas, each process's peak, whether the fd holder is
+//! connected. Every name carries its unit and is recorded in it (`_bytes`, `_seconds`).
 
 use std::cell::RefCell;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use heapcap_supervise::{Observer, Outcome};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 use crate::registry::Registry as Containers;
+use crate::sockets::{accept_failed, Limit};
+
+/// What a client has to send its request head in (an idle or trickling client is cut off then).
+const HEADER_DEADLINE: Duration = Duration::from_secs(5);
+/// What a whole connection may last, answer included (a client that reads nothing is cut off).
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(15);
+/// Connections served at once; past it they wait in the listen backlog until one ends.
+const MAX_CONNECTIONS: usize = 512;
+/// The largest request head read (hyper answers 431 past it), and the most header lines.
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 32;
+/// A command as a label: its first characters.
+const MAX_COMMAND_LABEL: usize = 64;
+/// The exposition format prometheus-client writes.
+const CONTENT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -24,14 +52,20 @@ struct CallLabels {
     decision: &'static str,
 }
 
-/// A container: the runtime's id, and for a container a CRI runtime started its pod's namespace and
-/// name and its own name in the pod (empty otherwise). `container_name`, as `container` is the id.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ContainerLabels {
     container: String,
+    /// The pod's namespace, name and container name where the runtime gave them (else empty).
     namespace: String,
     pod: String,
     container_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProcessLabels {
+    container: String,
+    pid: u32,
+    command: String,
 }
 
 /// heapcapd's metrics. Units are in the names and recorded in those units.
@@ -40,9 +74,6 @@ pub struct Metrics {
     notifications: Family<CallLabels, Counter>,
     denials: Counter,
     latency: Histogram,
-    containers: Gauge,
-    processes: Gauge,
-    heap: Family<ContainerLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -58,8 +89,6 @@ impl Metrics {
         let denials = Counter::default();
         // 1 µs .. ~1 s.
         let latency = Histogram::new(exponential_buckets(1e-6, 2.0, 21));
-        let (containers, processes) = (Gauge::default(), Gauge::default());
-        let heap = Family::<ContainerLabels, Gauge>::default();
         registry.register("notifications", "Notifications answered, by syscall and decision", notifications.clone());
         registry.register("denials", "Growths refused with ENOMEM", denials.clone());
         registry.register(
@@ -67,43 +96,22 @@ impl Metrics {
             "From receiving a notification to handing the kernel its answer",
             latency.clone(),
         );
-        registry.register("containers", "Containers supervised", containers.clone());
-        registry.register("processes", "Processes accounted", processes.clone());
-        registry.register("container_heap_bytes", "Counted heap of a container's processes", heap.clone());
-        Arc::new(Metrics {
-            registry: Mutex::new(registry),
-            notifications,
-            denials,
-            latency,
-            containers,
-            processes,
-            heap,
-        })
+        Arc::new(Metrics { registry: Mutex::new(registry), notifications, denials, latency })
+    }
+
+    /// Read the containers' figures at each scrape from now on.
+    pub fn watch(&self, containers: Arc<Containers>) {
+        self.lock().register_collector(Box::new(Figures(containers)));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The exposition text, with the per-container figures read now.
-    pub fn render(&self, containers: &Containers) -> String {
-        let all = containers.containers();
-        self.heap.clear();
-        let mut processes = 0;
-        for c in &all {
-            let (count, heap) =
-                c.supervisor.accounts().with_ledger(|l| (l.len(), l.summaries().iter().map(|p| p.heap).sum::<u64>()));
-            processes += count;
-            let pod = c.pod.clone().unwrap_or_default();
-            let labels = ContainerLabels {
-                container: c.id.clone(),
-                namespace: pod.namespace,
-                pod: pod.name,
-                container_name: pod.container,
-            };
-            self.heap.get_or_create(&labels).set(heap as i64);
-        }
-        self.containers.set(all.len() as i64);
-        self.processes.set(processes as i64);
+    pub fn render(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = encode(&mut out, &registry);
+        let _ = encode(&mut out, &self.lock());
         out
     }
 }
@@ -141,27 +149,156 @@ impl Observer for Metrics {
     }
 }
 
-/// Serve `GET /metrics` on `addr`.
-pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>, containers: Arc<Containers>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr)?;
-    std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut req = [0u8; 2048];
-            let n = stream.read(&mut req).unwrap_or(0);
-            let head = String::from_utf8_lossy(&req[..n]);
-            let response = if head.starts_with("GET /metrics ") || head.starts_with("GET / ") {
-                let body = metrics.render(&containers);
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 20\r\nConnection: close\r\n\r\ntry GET /metrics \r\n\r\n".to_string()
-            };
-            let _ = stream.write_all(response.as_bytes());
-        }
-    })?;
+/// The figures read at each scrape: each container's ledger locked once, briefly, for pure work.
+#[derive(Debug)]
+struct Figures(Arc<Containers>);
+
+/// One container's figures, copied out of its ledger.
+struct Row {
+    id: String,
+    pod: Option<heapcap_control::Pod>,
+    heap: u64,
+    limit: Option<u64>,
+    total: Option<u64>,
+    /// (pid, command, peak) of each process.
+    peaks: Vec<(u32, String, u64)>,
+}
+
+/// One gauge family: `name` with one value per label set.
+fn gauges<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (L, i64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in values {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
     Ok(())
+}
+
+/// One gauge without labels.
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+fn bytes(b: u64) -> i64 {
+    i64::try_from(b).unwrap_or(i64::MAX)
+}
+
+impl Collector for Figures {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let rows: Vec<Row> = self
+            .0
+            .containers()
+            .iter()
+            .map(|c| {
+                c.supervisor.accounts().with_ledger(|l| {
+                    let summaries = l.summaries();
+                    Row {
+                        id: c.id.clone(),
+                        pod: c.pod.clone(),
+                        heap: summaries.iter().map(|p| p.heap).sum(),
+                        limit: l.limits().process,
+                        total: l.limits().total,
+                        peaks: summaries.into_iter().map(|p| (p.pid, p.command, p.peak)).collect(),
+                    }
+                })
+            })
+            .collect();
+        let by_container = |r: &Row| {
+            let pod = r.pod.clone().unwrap_or_default();
+            ContainerLabels {
+                container: r.id.clone(),
+                namespace: pod.namespace,
+                pod: pod.name,
+                container_name: pod.container,
+            }
+        };
+        let e = &mut encoder;
+        gauge(e, "containers", "Containers supervised.", rows.len() as i64)?;
+        gauge(e, "processes", "Processes accounted.", rows.iter().map(|r| r.peaks.len() as i64).sum())?;
+        let heap = rows.iter().map(|r| (by_container(r), bytes(r.heap)));
+        gauges(e, "container_heap_bytes", "Counted heap of a container's processes.", heap)?;
+        let limit = rows.iter().filter_map(|r| Some((by_container(r), bytes(r.limit?))));
+        gauges(e, "container_process_limit_bytes", "Quota of each process of a container (absent: none).", limit)?;
+        let total = rows.iter().filter_map(|r| Some((by_container(r), bytes(r.total?))));
+        gauges(
+            e,
+            "container_total_limit_bytes",
+            "Quota of all a container's processes together (absent: none).",
+            total,
+        )?;
+        let peaks = rows.iter().flat_map(|r| {
+            r.peaks.iter().map(|(pid, command, peak)| {
+                let command = command.chars().take(MAX_COMMAND_LABEL).collect();
+                (ProcessLabels { container: r.id.clone(), pid: *pid, command }, bytes(*peak))
+            })
+        });
+        gauges(e, "process_peak_heap_bytes", "Highest counted heap of a process so far.", peaks)?;
+        if let Some(connected) = self.0.holder_connected() {
+            let help = "1 while heapcap-holder keeps a copy of every listener (restarts harm no container), else 0.";
+            gauge(e, "holder_connected", help, i64::from(connected))?;
+        }
+        Ok(())
+    }
+}
+
+/// Serve `GET /metrics` on `listener` until the runtime stops: HTTP/1.1, one request per
+/// connection, the head within [`HEADER_DEADLINE`], the whole connection within
+/// [`CONNECTION_DEADLINE`], at most [`MAX_CONNECTIONS`] at once.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_DEADLINE)
+        .keep_alive(false)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS);
+    let mut limit = Limit::new("metrics", MAX_CONNECTIONS);
+    loop {
+        let permit = limit.wait().await;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                accept_failed("metrics", e).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let response = answer(&metrics, &request);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            match tokio::time::timeout(CONNECTION_DEADLINE, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
+                Err(_) => tracing::debug!("metrics connection cut off at its deadline"),
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// The answer to one request: the metrics for `GET`/`HEAD` of `/metrics` (or `/`), else 404/405.
+fn answer(metrics: &Metrics, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: &'static str| {
+        let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *response.status_mut() = status;
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        response
+    };
+    if !matches!(request.uri().path(), "/metrics" | "/") {
+        return text(StatusCode::NOT_FOUND, "not found: heapcapd serves GET /metrics\n");
+    }
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: GET /metrics\n");
+        response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT));
+    response
 }

@@ -171,6 +171,11 @@ impl Registry {
         v
     }
 
+    /// Whether the fd holder is connected (`None`: heapcapd runs without one).
+    pub fn holder_connected(&self) -> Option<bool> {
+        self.holder.as_ref().map(|h| h.connected())
+    }
+
     /// The container with this id, or the only one whose id starts with it.
     pub fn find(&self, id: &str) -> Result<Arc<Container>, ControlError> {
         let containers = self.lock();

@@ -1,13 +1,19 @@
-//! Root-only UNIX sockets: created 0600 in a 0700 directory, and every peer's credentials
-//! checked ([`heapcap_linux::peercred::check_peer`], by each connection's handler), so neither a
-//! container nor an unprivileged user can reach heapcapd.
+//! heapcapd's UNIX sockets, private to its user: created 0600 in a 0700 directory, and every
+//! peer's credentials checked ([`heapcap_linux::peercred::check_peer`], by each connection's
+//! handler), so that neither a container nor another user can reach heapcapd. Their
+//! connections, and those of `/metrics`, are served by tasks on the control plane's runtime, a
+//! bounded number at once ([`Limit`]).
 
 use std::fs;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Bind `path` for the owner only. A stale socket file is replaced; a live one is an error.
 pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
@@ -36,160 +42,119 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accept connections on `listener` until it fails, each served by `serve` on a thread of its
-/// own named `thread`, at most `max` at once ([`Slots`]: the rest wait in the backlog). `socket`
-/// names the socket in what is logged.
-pub fn serve_connections<F>(listener: UnixListener, socket: &'static str, thread: &str, max: usize, serve: F)
+/// Accept connections on `listener` until the runtime stops, each served by a task of its own
+/// running `serve`, at most `max` at once ([`Limit`]). `socket` names the socket in what is
+/// logged.
+pub async fn serve_connections<F, Fut>(listener: tokio::net::UnixListener, socket: &'static str, max: usize, serve: F)
 where
-    F: Fn(UnixStream) + Send + Sync + 'static,
+    F: Fn(tokio::net::UnixStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
 {
-    let serve = Arc::new(serve);
-    let slots = Slots::new(max);
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "{socket} socket accept failed");
-                continue;
+    let mut limit = Limit::new(socket, max);
+    loop {
+        let permit = limit.wait().await;
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let served = serve(stream);
+                tokio::spawn(async move {
+                    served.await;
+                    drop(permit);
+                });
             }
-        };
-        let slot = slots.take(socket);
-        let serve = serve.clone();
-        let spawned = std::thread::Builder::new().name(thread.into()).spawn(move || {
-            let _slot = slot;
-            serve(stream);
-        });
-        if let Err(e) = spawned {
-            tracing::error!(socket, error = %e, "cannot start a thread for a connection");
+            Err(e) => accept_failed(socket, e).await,
         }
     }
 }
 
-/// A bound on the connections a socket serves at once (a thread each), so that a flood of
-/// connections, idle or not, cannot use up the threads that serve containers. A connection over
-/// the bound is not refused: it waits in the listen backlog until [`Slots::take`] returns.
-#[derive(Debug)]
-pub struct Slots {
-    max: usize,
-    state: Mutex<SlotState>,
-    freed: Condvar,
+/// An accept that failed: logged, and when it is for want of fds (EMFILE, ENFILE), a pause, so
+/// that the loop does not spin while connections wait.
+pub async fn accept_failed(socket: &'static str, e: io::Error) {
+    use nix::errno::Errno;
+    tracing::warn!(error = %e, "{socket} socket accept failed");
+    if matches!(e.raw_os_error().map(Errno::from_raw), Some(Errno::EMFILE | Errno::ENFILE)) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
-#[derive(Debug, Default)]
-struct SlotState {
-    busy: usize,
-    /// Every slot was taken and has not been half free since: warned once for the episode.
+/// A bound on the connections a socket serves at once, so that a flood of connections, idle or
+/// not, cannot use up heapcapd's fds. A connection over the bound is not refused: it is not
+/// accepted until one ends (idle ones end at their deadline), and waits in the listen backlog.
+#[derive(Debug)]
+pub struct Limit {
+    socket: &'static str,
+    max: usize,
+    permits: Arc<Semaphore>,
+    /// Every permit was taken and they have not been half free since: warned once for the episode.
     warned: bool,
 }
 
-/// One connection being served; frees its slot when dropped.
-#[derive(Debug)]
-pub struct Slot(Arc<Slots>);
-
-impl Slots {
-    pub fn new(max: usize) -> Arc<Slots> {
-        Arc::new(Slots { max, state: Mutex::new(SlotState::default()), freed: Condvar::new() })
+impl Limit {
+    pub fn new(socket: &'static str, max: usize) -> Limit {
+        Limit { socket, max, permits: Arc::new(Semaphore::new(max)), warned: false }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Wait for a free slot. `socket` names the socket in the warning logged when all are taken.
-    pub fn take(self: &Arc<Self>, socket: &str) -> Slot {
-        let mut state = self.lock();
-        if state.busy >= self.max && !state.warned {
-            state.warned = true;
+    /// A permit to serve one more connection, once one is free.
+    pub async fn wait(&mut self) -> OwnedSemaphorePermit {
+        if self.permits.available_permits() >= self.max / 2 {
+            self.warned = false;
+        }
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return permit;
+        }
+        if !self.warned {
+            self.warned = true;
             tracing::warn!(
-                socket,
+                socket = self.socket,
                 max = self.max,
                 "every connection slot is taken: new connections wait until one ends (idle ones end after their timeout)"
             );
         }
-        while state.busy >= self.max {
-            state = self.freed.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
-        state.busy += 1;
-        Slot(self.clone())
-    }
-
-    /// Connections being served now.
-    #[cfg(test)]
-    fn busy(&self) -> usize {
-        self.lock().busy
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut state = self.0.lock();
-        state.busy -= 1;
-        if state.busy <= self.0.max / 2 {
-            state.warned = false;
-        }
-        drop(state);
-        self.0.freed.notify_one();
+        self.permits.clone().acquire_owned().await.expect("the semaphore is never closed")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
-    fn a_taker_over_the_bound_waits_for_a_slot() {
-        let slots = Slots::new(2);
-        let a = slots.take("test");
-        let _b = slots.take("test");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let waiter = {
-            let slots = slots.clone();
-            std::thread::spawn(move || {
-                let c = slots.take("test");
-                tx.send(()).unwrap();
-                c
-            })
-        };
-        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "the third waits while two are taken");
-        drop(a);
-        rx.recv_timeout(Duration::from_secs(10)).expect("a freed slot lets the waiter in");
-        drop(waiter.join().unwrap());
-        assert_eq!(slots.busy(), 1);
-    }
-
-    #[test]
-    fn connections_are_served_on_threads_of_their_own_up_to_the_bound() {
-        use std::io::{Read, Write};
+    fn connections_over_the_bound_wait_until_one_ends() {
         let dir = std::env::temp_dir().join(format!("heapcapd-sockets-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let path = dir.join("test.sock");
         let listener = bind_private(&path).unwrap();
-        // Each connection is answered with its thread's name once the test lets it go.
-        let (go, gate) = std::sync::mpsc::channel::<()>();
-        let gate = Mutex::new(gate);
-        std::thread::spawn(move || {
-            serve_connections(listener, "test", "served", 1, move |mut s| {
-                gate.lock().unwrap().recv().unwrap();
-                let name = std::thread::current().name().unwrap_or("").to_string();
-                s.write_all(name.as_bytes()).unwrap();
-            })
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+            // Each connection is answered "served" once the test lets it go.
+            let (go, gate) = tokio::sync::mpsc::unbounded_channel::<()>();
+            let gate = Arc::new(tokio::sync::Mutex::new(gate));
+            tokio::spawn(serve_connections(listener, "test", 1, move |mut s| {
+                let gate = gate.clone();
+                async move {
+                    gate.lock().await.recv().await.unwrap();
+                    s.write_all(b"served").await.unwrap();
+                }
+            }));
+            let mut first = tokio::net::UnixStream::connect(&path).await.unwrap();
+            let mut second = tokio::net::UnixStream::connect(&path).await.unwrap();
+            go.send(()).unwrap();
+            let mut answer = String::new();
+            first.read_to_string(&mut answer).await.unwrap();
+            assert_eq!(answer, "served");
+            // One at a time: the second was not taken before the first ended, and is served now.
+            let mut byte = [0u8; 1];
+            let early = tokio::time::timeout(Duration::from_millis(200), second.read(&mut byte)).await;
+            assert!(early.is_err(), "served before the test let it go");
+            go.send(()).unwrap();
+            answer.clear();
+            second.read_to_string(&mut answer).await.unwrap();
+            assert_eq!(answer, "served");
         });
-        let mut first = UnixStream::connect(&path).unwrap();
-        let mut second = UnixStream::connect(&path).unwrap();
-        go.send(()).unwrap();
-        let mut answer = String::new();
-        first.read_to_string(&mut answer).unwrap();
-        assert_eq!(answer, "served");
-        // One at a time: the second was not taken before the first ended, and is served now.
-        second.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let mut byte = [0u8; 1];
-        assert!(second.read(&mut byte).is_err(), "served before the test let it go");
-        go.send(()).unwrap();
-        second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        answer.clear();
-        second.read_to_string(&mut answer).unwrap();
-        assert_eq!(answer, "served");
         fs::remove_dir_all(&dir).unwrap();
     }
 }
