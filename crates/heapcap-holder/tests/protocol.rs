@@ -16,6 +16,7 @@ fn one_heapcapd_at_a_time_only_listeners_and_gone_when_empty() {
         grace: Duration::from_secs(1),
         slots: 8,
         first_contact: Duration::from_secs(20),
+        stay: false,
     };
     let holder = std::thread::spawn(move || run(config));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
