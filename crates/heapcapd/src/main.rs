@@ -16,6 +16,7 @@
 mod container;
 mod control;
 mod events;
+mod holder;
 mod intake;
 mod metrics;
 mod record;
@@ -139,8 +140,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .transpose()?;
     // After the sockets: a second heapcapd has already stopped above, before touching the holder.
     let binary = args.holder.clone().unwrap_or_else(heapcap_holder::default_binary);
-    let (holder, held) = heapcap_holder::connect_or_start(&args.holder_socket, &binary, args.holder_grace)
+    let (client, held) = heapcap_holder::connect_or_start(&args.holder_socket, &binary, args.holder_grace)
         .with_context(|| format!("cannot reach the fd holder at {}", args.holder_socket.display()))?;
+    let start = holder::Start { socket: args.holder_socket.clone(), binary, grace: args.holder_grace };
+    let holder = Arc::new(holder::Holder::new(start, client));
     let registry = registry::Registry::new(exits, events.clone(), observer, Some(holder));
     if !held.is_empty() {
         tracing::info!(listeners = held.len(), "taking back what the holder kept");
@@ -151,6 +154,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
             tracing::error!(%container, error = %e, "cannot serve a listener taken back from the holder");
         }
     }
+    // A holder that dies is replaced at once, and handed every listener.
+    registry.watch_holder().context("cannot watch the fd holder")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
