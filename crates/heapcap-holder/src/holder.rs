@@ -341,17 +341,29 @@ fn one_at_a_time(config: &Config) -> io::Result<nix::fcntl::Flock<std::fs::File>
     let mut path = socket.clone().into_os_string();
     path.push(".lock");
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path)?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(lock),
-        Err((file, nix::errno::Errno::EWOULDBLOCK)) if config.stay => {
-            log(format_args!("another holder runs on {}: taking over when it ends", socket.display()));
-            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| e.into())
+    // A holder that was just killed may take a moment to let go (heapcapd starts the next one
+    // as soon as their connection hangs up).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if config.stay => {
+                log(format_args!("another holder runs on {}: taking over when it ends", socket.display()));
+                return Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| e.into());
+            }
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("a holder is already running on {}", socket.display()),
+                ))
+            }
+            Err((_, e)) => return Err(e.into()),
         }
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("a holder is already running on {}", socket.display()),
-        )),
-        Err((_, e)) => Err(e.into()),
     }
 }
 

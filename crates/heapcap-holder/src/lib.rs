@@ -273,7 +273,17 @@ pub fn restore_or_start(socket: &Path, binary: &Path, grace: Duration, journal: 
 fn reach<T>(socket: &Path, binary: &Path, grace: Duration, attempt: impl Fn() -> io::Result<T>) -> io::Result<T> {
     match attempt() {
         Ok(c) => return Ok(c),
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {}
+        // Nobody there; or a holder dying as we connect (its listening socket closes a moment
+        // after the connection heapcapd watches hung up): start one.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound
+                    | io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ) => {}
         Err(e) => return Err(e),
     }
     let mut child = std::process::Command::new(binary)

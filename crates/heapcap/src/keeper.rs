@@ -93,9 +93,11 @@ impl Keeping {
         let mut state = self.lock();
         match listener.try_clone_to_owned() {
             Ok(fd) => state.listener = Some(fd),
-            Err(e) => return eprintln!(
+            Err(e) => {
+                return eprintln!(
                 "heapcap: warning: cannot keep a copy of the listener ({e}): killing heapcap would break the command"
-            ),
+            )
+            }
         }
         state.hand();
     }

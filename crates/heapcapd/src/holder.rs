@@ -7,7 +7,7 @@
 //! (`set-limit` changes included). All of it happens under the [`Link`] lock, which every new
 //! listener also takes before it is served: no container starts in between with a single copy.
 //! A holder that cannot be brought back is logged, reported by the `heapcap_holder_connected`
-//! metric, and tried again every second.
+//! metric, and tried again every 250 ms.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,7 +17,7 @@ use heapcap_holder::Client;
 use heapcap_linux::journal::{Journal, Slot};
 
 /// How often a holder that could not be brought back is tried again.
-const RETRY: Duration = Duration::from_secs(1);
+const RETRY: Duration = Duration::from_millis(250);
 
 /// Where the holder is and how to start one.
 #[derive(Debug, Clone)]
@@ -76,7 +76,7 @@ impl Holder {
     }
 
     /// Watch the holder from a thread of its own: on hang-up, call `replace` (which takes the
-    /// lock and brings a new holder with [`Link::replace`]); while none is there, every second.
+    /// lock and brings a new holder with [`Link::replace`]); while none is there, every [`RETRY`].
     pub fn watch(self: &Arc<Self>, replace: impl Fn() + Send + 'static) -> std::io::Result<()> {
         let holder = self.clone();
         std::thread::Builder::new().name("holder-watch".into()).spawn(move || loop {
@@ -118,7 +118,7 @@ impl Link {
             Ok(c) => c,
             Err(e) => {
                 if !self.said {
-                    tracing::error!(socket = %start.socket.display(), binary = %start.binary.display(), error = %e, "cannot bring the fd holder back: containers have a single copy of their listener (a heapcapd crash would break them); trying again every second");
+                    tracing::error!(socket = %start.socket.display(), binary = %start.binary.display(), error = %e, "cannot bring the fd holder back: containers have a single copy of their listener (a heapcapd crash would break them); trying again every 250 ms");
                 }
                 self.said = true;
                 return;
