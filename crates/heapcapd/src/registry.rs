@@ -31,7 +31,7 @@ struct Entry {
 }
 
 /// One listener being served: shared with its serving thread.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Served {
     listener: Arc<Listener>,
     /// The process it was made for (0: unknown).
@@ -84,21 +84,18 @@ impl Registry {
     /// Hand every listener served to a new holder (the link's lock held: nothing is attached
     /// meanwhile), each with its container's record as it is now.
     fn replace_holder(&self, link: &mut Link, holder: &Holder) {
-        let served: Vec<(Arc<Container>, u32, Arc<Listener>, Option<Slot>)> = self
-            .lock()
-            .values()
-            .flat_map(|e| e.served.values().map(|s| (e.container.clone(), s.pid, s.listener.clone(), s.slot.clone())))
-            .collect();
+        let served: Vec<(Arc<Container>, Served)> =
+            self.lock().values().flat_map(|e| e.served.values().map(|s| (e.container.clone(), s.clone()))).collect();
         let mut records: HashMap<String, serde_json::Value> = HashMap::new();
         for (c, ..) in &served {
             records.entry(c.id.clone()).or_insert_with(|| c.record().to_json());
         }
-        let handovers = served.iter().map(|(c, pid, listener, slot)| Handover {
+        let handovers = served.iter().map(|(c, s)| Handover {
             container: &c.id,
-            pid: *pid,
+            pid: s.pid,
             record: records[&c.id].clone(),
-            listener: listener.as_fd(),
-            slot: slot.as_ref(),
+            listener: s.listener.as_fd(),
+            slot: s.slot.as_ref(),
         });
         link.replace(holder, handovers);
     }
