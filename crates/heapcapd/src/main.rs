@@ -10,6 +10,8 @@
 //!   socket's intake, the control socket (`ps`, `set-limit`, `events --follow`) and `/metrics`
 //!   (hyper), each connection a task with its deadline; work that reads `/proc` or talks to the
 //!   holder goes to the runtime's blocking pool;
+//! - the fd holder's watch (`holder-watch`): blocks until the holder hangs up, then brings a new
+//!   one and hands it every listener ([`holder`]);
 //! - the main thread waits for SIGTERM/SIGINT.
 #![forbid(unsafe_code)]
 
