@@ -73,6 +73,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     });
     let supervisor = Arc::new(Supervisor::new(Ledger::new(limits, mode, heapcap_linux::page_size()), exits, sink));
+    // Finished processes (and so every command line, read at admission) are kept only for the
+    // final report: without one, a command line is read only when a denial or a warning needs it.
+    supervisor.accounts().keep_finished(args.report || args.audit);
 
     let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
     let done = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).context("cannot create an eventfd")?);
