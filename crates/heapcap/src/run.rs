@@ -75,6 +75,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     });
     let supervisor = Arc::new(Supervisor::new(Ledger::new(limits, mode, heapcap_linux::page_size()), exits, sink));
+    // Finished processes (and so every command line, read at admission) are kept only for the
+    // final report: without one, a command line is read only when a denial or a warning needs it.
+    supervisor.accounts().keep_finished(args.report || args.audit);
 
     // The second copy of the listener: a keeper that takes over if this process is killed.
     let journal = Arc::new(Journal::create(1).context("cannot create the in-flight journal")?);
