@@ -278,6 +278,7 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 let read = match figure {
                     Baseline::Exact(snap) => Read::Exact(snap),
                     Baseline::Upper(upper) => Read::Upper(upper),
+                    Baseline::Image { upper, start_brk } => Read::Image { upper, start_brk: Some(start_brk) },
                 };
                 tracing::debug!(pid, command = %command, runtime = self.runtime, "new process");
                 let opened = self.sup.accounts.lock().open(pid, task.clone(), command, read.figure(), self.runtime);

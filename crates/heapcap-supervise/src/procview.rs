@@ -91,8 +91,13 @@ pub enum Reading<T> {
 #[derive(Debug)]
 pub enum Baseline {
     Exact(Snapshot),
-    /// From `statm` (the mappings are not readable).
+    /// From `statm` (the mappings are not read).
     Upper(u64),
+    /// From `statm`, with where the break starts (`stat`).
+    Image {
+        upper: u64,
+        start_brk: u64,
+    },
 }
 
 /// The `/proc` view the engine reads through.
@@ -287,6 +292,9 @@ pub enum LinuxOpened {
         task: Pidfd,
         pid: u32,
         statm: (PathBuf, File),
+        /// For the start of the break (a process's brk is tracked from it, and once it stops
+        /// being dumpable nothing else tells it).
+        stat: Option<(PathBuf, File)>,
         command: Option<OpenedCommand>,
     },
     Maps {
@@ -331,7 +339,9 @@ impl ProcView for LinuxProc {
             Want::Admission { command } => {
                 let statm = self.proc.open_statm(pid)?;
                 let task = Pidfd::open(pid).map_err(|e| pidfd_error(pid, e))?;
-                LinuxOpened::Admission { task, pid, statm, command: command.then(|| self.proc.open_command(pid)) }
+                let stat = self.proc.open_stat(pid).ok();
+                let command = command.then(|| self.proc.open_command(pid));
+                LinuxOpened::Admission { task, pid, statm, stat, command }
             }
             Want::Maps { range } => LinuxOpened::Maps { files: self.proc.open_snapshot(pid)?, range },
             Want::Upper => LinuxOpened::Upper(self.proc.open_statm(pid)?),
@@ -350,24 +360,25 @@ impl ProcView for LinuxProc {
             LinuxOpened::Leader { pid, handle } => {
                 Reading::Thread { tgid: pid, handle: Some(LinuxTask { pidfd: handle, files: None }) }
             }
-            LinuxOpened::Admission { task, pid, statm, command } => {
-                // statm: one short line whatever the number of mappings; the mappings are read
-                // when a decision needs them.
+            LinuxOpened::Admission { task, pid, statm, stat, command } => {
+                // statm and stat: one short line each whatever the number of mappings; the
+                // mappings are read when a decision needs them.
                 let upper = self.proc.read_upper_at(&statm, page)?;
+                let start_brk = stat.as_ref().and_then(|s| self.proc.read_start_brk_at(s).ok().flatten());
+                let figure = match start_brk {
+                    Some(start_brk) => Baseline::Image { upper, start_brk },
+                    None => Baseline::Upper(upper),
+                };
                 let files = KeptFiles {
                     proc: self.proc.clone(),
                     pid,
                     page,
                     statm,
-                    stat: Mutex::new(None),
+                    stat: Mutex::new(stat),
                     maps: Mutex::new(None),
                 };
                 let command = command.map(|c| self.proc.read_command(c)).unwrap_or_default();
-                Reading::Admission {
-                    task: LinuxTask { pidfd: task, files: Some(files) },
-                    command,
-                    figure: Baseline::Upper(upper),
-                }
+                Reading::Admission { task: LinuxTask { pidfd: task, files: Some(files) }, command, figure }
             }
             LinuxOpened::Maps { files, range } => {
                 Reading::Maps(self.proc.read_snapshot_for(files, &mut String::new(), range)?)

@@ -103,6 +103,9 @@ impl<P: ProcView> Supervisor<P> {
                 let figure = match &figure {
                     Baseline::Exact(snap) => Figure::Exact(snap),
                     Baseline::Upper(u) => Figure::Upper(*u),
+                    Baseline::Image { upper, start_brk } => {
+                        Figure::Image { upper: *upper, start_brk: Some(*start_brk) }
+                    }
                 };
                 g.open(pid, task.clone(), command, figure, false)
             };
