@@ -122,6 +122,15 @@ fn tell_runtime(message: &str) -> bool {
             return true;
         }
     }
+    // The runtime's (or podman's) own stderr: a copy of its open file, which works whatever owns
+    // it (a rootless podman's stderr may be a pipe or a journal socket of another uid, which
+    // cannot be opened again through /proc); else opened again through /proc.
+    let copied = heapcap_linux::pidfd::Pidfd::open(parent).and_then(|p| p.get_fd(2));
+    if let Ok(fd) = copied {
+        if std::fs::File::from(fd).write_all(message.as_bytes()).is_ok() {
+            return true;
+        }
+    }
     append(Path::new(&format!("/proc/{parent}/fd/2")), message)
 }
 
