@@ -184,6 +184,11 @@ impl Daemon {
         body
     }
 
+    /// The metrics address (`HOST:PORT`) heapcapd serves `/metrics` on.
+    pub fn metrics_addr(&self) -> &str {
+        &self.metrics
+    }
+
     /// The value of a metric line that starts with `prefix` (labels included), if any.
     pub fn metric(&self, prefix: &str) -> Option<f64> {
         self.metrics().lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
