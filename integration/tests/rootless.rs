@@ -310,3 +310,31 @@ fn no_other_user_can_use_the_users_sockets() {
     let (allocated, result) = parse_allocated(&stdout(&out));
     assert_at_quota("after the other user's attempts", allocated, &result, 64 * MIB, MIB);
 }
+
+/// examples/systemd/user/heapcapd.service as `systemd-analyze verify --user` reads it as the user
+/// (its ExecStart pointed at the test's binary): no warning, and it runs heapcapd with no flags
+/// (the defaults the hooks, the shim and the CLI find), keeps the holder across restarts and
+/// makes the runtime directory those defaults name. (No systemd runs here to start it: heapcapd
+/// with no flags as the user is what the other tests run.)
+#[test]
+fn the_systemd_user_unit_verifies_and_runs_heapcapd_on_its_defaults() {
+    let u = user();
+    let text = std::fs::read_to_string(workspace().join("examples/systemd/user/heapcapd.service")).expect("read");
+    let key = |k: &str| {
+        text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("no {k}= in the unit"))
+    };
+    assert_eq!(key("ExecStart"), "/usr/local/bin/heapcapd", "heapcapd on its defaults: no flags");
+    assert_eq!(key("KillMode"), "process", "a restart must spare the holder");
+    assert_eq!(key("RuntimeDirectory"), heapcap_env::paths::USER_SUBDIR);
+    assert_eq!(key("RuntimeDirectoryMode"), "0700");
+    assert_eq!(key("RuntimeDirectoryPreserve"), "restart", "the holder's socket lives there across restarts");
+    let dir = std::env::temp_dir().join(unique_id("user-unit"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let unit = dir.join("heapcapd.service");
+    let heapcapd = u.binary("heapcapd");
+    std::fs::write(&unit, text.replace("/usr/local/bin/heapcapd", heapcapd.to_str().expect("utf-8"))).expect("write");
+    let out = u.run("systemd-analyze", &["verify", "--user", unit.to_str().expect("utf-8")]);
+    assert!(out.status.success() && out.stderr.is_empty() && out.stdout.is_empty(), "{}", show(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
