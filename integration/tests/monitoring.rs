@@ -46,7 +46,7 @@ fn real_scrape() -> String {
     assert_at_quota("the denied container", allocated, &result, 16 * MIB, MIB);
     let mut b = d.bundle(
         &[("heapcap.io/limit", "64Mi"), ("heapcap.io/total-limit", "128Mi")],
-        &["/bin/sh", "-c", "/alloc mmap 1048576 8388608; echo ready; exec sleep 120"],
+        &["/bin/sh", "-c", "/alloc mmap 1048576 8388608; echo ready; sleep 120"],
     );
     b.readonly_root(true);
     let c = b.create(Runtime::Runc, &unique_id("scraped"));
@@ -54,6 +54,9 @@ fn real_scrape() -> String {
     c.wait_for_stdout("ready", Duration::from_secs(60));
     let text = d.metrics();
     assert!(text.contains(&format!("container=\"{}\"", c.id())), "the running container is not in /metrics:\n{text}");
+    // Each process is named in its peak (commands are read for the scrape when not read yet).
+    let peaks: Vec<&str> = text.lines().filter(|l| l.starts_with("heapcap_process_peak_heap_bytes{")).collect();
+    assert!(!peaks.is_empty() && peaks.iter().all(|l| !l.contains("command=\"\"")), "{text}");
     text
 }
 
