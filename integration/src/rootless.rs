@@ -101,6 +101,15 @@ fn find_user() -> Result<User, String> {
 /// heapcap's binaries copied into a fresh directory the user may read and run (the build's own
 /// directory may sit in a home only root can enter).
 fn copy_binaries() -> Result<PathBuf, String> {
+    // Those of test processes that have ended go (nothing else removes them).
+    for entry in fs::read_dir("/tmp").map_err(|e| format!("cannot list /tmp: {e}"))?.flatten() {
+        let name = entry.file_name();
+        let pid =
+            name.to_str().and_then(|n| n.strip_prefix("heapcap-rootless-bin-")).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
     let dir = PathBuf::from(format!("/tmp/heapcap-rootless-bin-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
