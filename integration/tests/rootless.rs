@@ -153,6 +153,7 @@ fn the_precreate_hook_installed_per_user_holds_rootless_containers() {
     // A bad setting is refused with what to fix.
     let out = u.podman_run(&[], &BAD, &["/bin/echo", "ran"], t);
     assert_refused("precreate, limit=abc", &out, &[BAD_REASON, "e.g. 64Mi"]);
+    assert_eq!(stderr(&out).matches(BAD_REASON).count(), 1, "said once: {}", show(&out));
 }
 
 #[test]
