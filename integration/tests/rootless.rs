@@ -127,7 +127,7 @@ fn the_precreate_hook_installed_per_user_holds_rootless_containers() {
     // `heapcap ps` (no flags) lists a running container with its quota; `podman exec` is held too.
     let name = unique_id("rootless-exec");
     let image = u.image();
-    let mut args = vec!["run", "-d", "--pull", "never", "--network", "none", "--name", &name];
+    let mut args = vec!["run", "-d", "--rm", "--pull", "never", "--network", "none", "--name", &name];
     args.extend(QUOTA);
     args.extend([image, "/bin/sleep", "120"]);
     let started = u.run("podman", &args);
