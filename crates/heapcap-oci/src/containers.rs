@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::merge::{check_no_listener, merge_entries, Action, Entry, MergeError};
+use heapcap_policy::ledger::Counting;
 
 /// A containers/common seccomp profile. Fields heapcap does not look at are kept as they are.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,10 +138,15 @@ impl ContainersProfile {
     /// Merge heapcap's notify rules, as [`crate::merge_into`] does for an OCI profile, and make the
     /// runtime send the listener to `listener_path`. On error the profile is unchanged.
     pub fn merge(&mut self, listener_path: &Path, metadata: Option<&str>) -> Result<(), MergeError> {
+        self.merge_for(Counting::Heap, listener_path, metadata)
+    }
+
+    /// [`ContainersProfile::merge`] with the rules of `counting`.
+    pub fn merge_for(&mut self, counting: Counting, listener_path: &Path, metadata: Option<&str>) -> Result<(), MergeError> {
         let default = Action::new(self.default_action, self.default_errno_ret);
         check_no_listener(self.listener_path.as_deref(), self.listener_metadata.as_deref())?;
         let mut entries = self.syscalls.clone().unwrap_or_default();
-        merge_entries(&mut entries, default)?;
+        merge_entries(&mut entries, default, counting)?;
         self.syscalls = Some(entries);
         self.listener_path = Some(listener_path.to_path_buf());
         self.listener_metadata = metadata.map(str::to_string);

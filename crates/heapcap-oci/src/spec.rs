@@ -26,15 +26,19 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use heapcap_env::paths::AGENT_SOCKET;
-use heapcap_policy::settings::{self, Settings, SettingsError, LIMIT, MODE, TOTAL_LIMIT};
+use heapcap_policy::settings::{self, Settings, SettingsError, LIMIT, MODE, STRICT, TOTAL_LIMIT};
 use oci_spec::runtime::{Linux, LinuxSeccomp, Spec};
 use serde_json::Value;
 
-use crate::{heapcap_profile, kubernetes, merge_into, MergeError};
+use crate::{heapcap_profile_for, kubernetes, merge_into_for, MergeError};
 
 /// The environment variables read with [`Defaults::env_fallback`], and the setting each gives.
-pub const ENV_VARS: [(&str, &str); 3] =
-    [("HEAPCAP_LIMIT", LIMIT), ("HEAPCAP_TOTAL_LIMIT", TOTAL_LIMIT), ("HEAPCAP_MODE", MODE)];
+pub const ENV_VARS: [(&str, &str); 4] = [
+    ("HEAPCAP_LIMIT", LIMIT),
+    ("HEAPCAP_TOTAL_LIMIT", TOTAL_LIMIT),
+    ("HEAPCAP_MODE", MODE),
+    ("HEAPCAP_STRICT", STRICT),
+];
 
 /// What the caller (the shim's config file, the hook's flags) decides for every container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,10 +222,10 @@ fn decide(
             return Ok((Outcome::Unchanged, None))
         }
         Some(mut p) => {
-            merge_into(&mut p, &defaults.listener_path, Some(&metadata))?;
+            merge_into_for(settings.counting, &mut p, &defaults.listener_path, Some(&metadata))?;
             p
         }
-        None => heapcap_profile(&defaults.listener_path, Some(&metadata)),
+        None => heapcap_profile_for(settings.counting, &defaults.listener_path, Some(&metadata)),
     };
     Ok((Outcome::Changed { settings, metadata }, Some(profile)))
 }
@@ -229,6 +233,7 @@ fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{heapcap_profile, merge_into};
     use heapcap_policy::ledger::Mode;
     use oci_spec::runtime::LinuxSeccompAction;
     use serde_json::json;
@@ -474,5 +479,37 @@ mod tests {
         assert!(matches!(apply(&mut bare, &d).unwrap(), Outcome::Changed { .. }));
         let linux = serde_json::to_value(bare.linux()).unwrap();
         assert_eq!(linux.as_object().unwrap().keys().collect::<Vec<_>>(), ["seccomp"], "nothing but seccomp added");
+    }
+
+    #[test]
+    fn strict_gets_the_strict_rules_from_an_annotation_or_the_environment() {
+        let names = |v: &Value| -> Vec<String> {
+            let entries = v["linux"]["seccomp"]["syscalls"].as_array().cloned().unwrap_or_default();
+            entries.iter().flat_map(|e| e["names"].as_array().cloned().unwrap_or_default()).filter_map(|n| n.as_str().map(str::to_string)).collect()
+        };
+        let mut config = runc_spec();
+        config["annotations"] = json!({"heapcap.io/limit": "64Mi", "heapcap.io/strict": "true"});
+        let outcome = apply_json(&mut config, &Defaults::default()).unwrap();
+        let Outcome::Changed { settings, .. } = outcome else { panic!("changed") };
+        assert_eq!(settings.counting, heapcap_policy::ledger::Counting::Strict);
+        assert!(names(&config).contains(&"shmat".to_string()), "{:?}", names(&config));
+        assert_eq!(config["linux"]["seccomp"]["listenerMetadata"], "heapcap.io/limit=64Mi heapcap.io/strict=true");
+
+        let mut config = runc_spec();
+        config["process"]["env"] = json!(["HEAPCAP_LIMIT=64Mi", "HEAPCAP_STRICT=1"]);
+        let defaults = Defaults { env_fallback: true, ..Defaults::default() };
+        let Outcome::Changed { settings, .. } = apply_json(&mut config, &defaults).unwrap() else { panic!("changed") };
+        assert_eq!(settings.counting, heapcap_policy::ledger::Counting::Strict);
+        assert!(names(&config).contains(&"shmat".to_string()));
+
+        let mut config = runc_spec();
+        config["annotations"] = json!({"heapcap.io/limit": "64Mi"});
+        apply_json(&mut config, &Defaults::default()).unwrap();
+        assert!(!names(&config).contains(&"shmat".to_string()), "the heap rules by default");
+
+        let mut config = runc_spec();
+        config["annotations"] = json!({"heapcap.io/strict": "sometimes"});
+        let e = apply_json(&mut config, &Defaults::default()).unwrap_err();
+        assert!(e.to_string().contains("heapcap.io/strict: 'sometimes' is not a yes or a no: write true or false"), "{e}");
     }
 }

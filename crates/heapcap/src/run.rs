@@ -10,6 +10,7 @@ use heapcap_linux::fdpass::recv_fds;
 use heapcap_linux::filter::{LoadFlags, Program};
 use heapcap_linux::notify::Listener;
 use heapcap_linux::spawn::under_filter;
+use heapcap_policy::ledger::Counting;
 use heapcap_supervise::{ExitWatcher, Ledger, Limits, Mode, Serve, Supervisor};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -50,7 +51,8 @@ pub fn main(args: RunArgs) -> ExitCode {
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let limits = Limits { process: args.limit.map(|s| s.bytes()), total: args.total_limit.map(|s| s.bytes()) };
     let mode = if args.audit { Mode::Audit } else { Mode::Enforce };
-    let program = Program::heap_notify().context("cannot build the seccomp filter")?;
+    let counting = Counting::from_strict(args.strict);
+    let program = Program::heap_notify_for(counting).context("cannot build the seccomp filter")?;
 
     // Block the signals we handle before any thread starts, so they all inherit the mask and
     // the signals reach the signalfd. The command gets an empty mask back before exec.
@@ -72,7 +74,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             sink_log.log(d);
         }
     });
-    let supervisor = Arc::new(Supervisor::new(Ledger::new(limits, mode, heapcap_linux::page_size()), exits, sink));
+    let mut ledger = Ledger::new(limits, mode, heapcap_linux::page_size());
+    ledger.set_counting(counting);
+    let supervisor = Arc::new(Supervisor::new(ledger, exits, sink));
 
     let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
     let done = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).context("cannot create an eventfd")?);

@@ -205,7 +205,7 @@ impl World {
 }
 
 pub fn anon(start: u64, len: u64) -> Vma {
-    Vma { start, end: start + len, writable: true, anon_private: true, is_heap: false }
+    Vma { start, end: start + len, writable: true, anon_private: true, is_heap: false, ..Vma::default() }
 }
 
 fn errno(e: i32, what: &str) -> ProcError {
