@@ -56,7 +56,12 @@ fn main() {
         ("32-static", "HEAPCAP_STRICT_FIXTURE32_STATIC", &["-m32", "-static"][..]),
     ] {
         let output = out_dir.join(format!("strict{suffix}"));
-        compile(&source, &output, flags, "install gcc, gcc-multilib and libc6-dev (apt-get install gcc gcc-multilib libc6-dev)");
+        compile(
+            &source,
+            &output,
+            flags,
+            "install gcc, gcc-multilib and libc6-dev (apt-get install gcc gcc-multilib libc6-dev)",
+        );
         println!("cargo:rustc-env={var}={}", output.display());
     }
 

@@ -103,13 +103,22 @@ fn strict_containers_show_in_ps_and_metrics_and_bad_values_are_refused() {
     assert_eq!(container["strict"], true, "{container}");
     let table = d.heapcap(&["ps"]);
     assert!(stdout(&table).contains("(enforce strict, total limit"), "{}", show(&table));
-    let metric = format!("heapcap_container_strict{{container=\"{}\",namespace=\"\",pod=\"\",container_name=\"\"}}", c.id());
+    let metric =
+        format!("heapcap_container_strict{{container=\"{}\",namespace=\"\",pod=\"\",container_name=\"\"}}", c.id());
     assert_eq!(d.metric(&metric), Some(1.0), "{}", d.metrics());
 
-    let bad = strict_bundle(&d, &[("heapcap.io/limit", "64Mi"), ("heapcap.io/strict", "maybe")], &["/alloc", "mmap", "4194304", "0"]);
+    let bad = strict_bundle(
+        &d,
+        &[("heapcap.io/limit", "64Mi"), ("heapcap.io/strict", "maybe")],
+        &["/alloc", "mmap", "4194304", "0"],
+    );
     let out = bad.run(Runtime::Runc, &unique_id("strict-bad"));
     assert!(!out.status.success() && !stdout(&out).contains("allocated="), "{}", show(&out));
-    assert!(stderr(&out).contains("heapcap.io/strict: 'maybe' is not a yes or a no: write true or false"), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("heapcap.io/strict: 'maybe' is not a yes or a no: write true or false"),
+        "{}",
+        show(&out)
+    );
 }
 
 /// `heapcap-runtime` in front of runc, configured for this heapcapd.

@@ -142,7 +142,12 @@ impl ContainersProfile {
     }
 
     /// [`ContainersProfile::merge`] with the rules of `counting`.
-    pub fn merge_for(&mut self, counting: Counting, listener_path: &Path, metadata: Option<&str>) -> Result<(), MergeError> {
+    pub fn merge_for(
+        &mut self,
+        counting: Counting,
+        listener_path: &Path,
+        metadata: Option<&str>,
+    ) -> Result<(), MergeError> {
         let default = Action::new(self.default_action, self.default_errno_ret);
         check_no_listener(self.listener_path.as_deref(), self.listener_metadata.as_deref())?;
         let mut entries = self.syscalls.clone().unwrap_or_default();

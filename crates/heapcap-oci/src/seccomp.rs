@@ -180,7 +180,8 @@ pub fn notify_syscalls() -> Vec<LinuxSyscall> {
 
 /// [`notify_syscalls`] for `counting`.
 pub fn notify_syscalls_for(counting: Counting) -> Vec<LinuxSyscall> {
-    let alternatives = plan_for(counting).into_iter().flat_map(|p| p.notify.into_iter().map(move |args| (p.name, args)));
+    let alternatives =
+        plan_for(counting).into_iter().flat_map(|p| p.notify.into_iter().map(move |args| (p.name, args)));
     group(alternatives, LinuxSeccompAction::ScmpActNotify)
 }
 

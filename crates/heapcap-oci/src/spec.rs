@@ -485,7 +485,11 @@ mod tests {
     fn strict_gets_the_strict_rules_from_an_annotation_or_the_environment() {
         let names = |v: &Value| -> Vec<String> {
             let entries = v["linux"]["seccomp"]["syscalls"].as_array().cloned().unwrap_or_default();
-            entries.iter().flat_map(|e| e["names"].as_array().cloned().unwrap_or_default()).filter_map(|n| n.as_str().map(str::to_string)).collect()
+            entries
+                .iter()
+                .flat_map(|e| e["names"].as_array().cloned().unwrap_or_default())
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect()
         };
         let mut config = runc_spec();
         config["annotations"] = json!({"heapcap.io/limit": "64Mi", "heapcap.io/strict": "true"});
@@ -510,6 +514,9 @@ mod tests {
         let mut config = runc_spec();
         config["annotations"] = json!({"heapcap.io/strict": "sometimes"});
         let e = apply_json(&mut config, &Defaults::default()).unwrap_err();
-        assert!(e.to_string().contains("heapcap.io/strict: 'sometimes' is not a yes or a no: write true or false"), "{e}");
+        assert!(
+            e.to_string().contains("heapcap.io/strict: 'sometimes' is not a yes or a no: write true or false"),
+            "{e}"
+        );
     }
 }

@@ -55,7 +55,8 @@ fn apply(settings: &mut Settings, key: &str, value: &str) -> Result<(), Settings
             settings.mode = value.parse::<Mode>().map_err(|_| SettingsError::Mode(value.to_string()))?;
         }
         STRICT => {
-            settings.counting = Counting::from_strict(parse_yes_no(value).ok_or_else(|| SettingsError::Strict(value.to_string()))?);
+            settings.counting =
+                Counting::from_strict(parse_yes_no(value).ok_or_else(|| SettingsError::Strict(value.to_string()))?);
         }
         other => return Err(SettingsError::UnknownKey(other.to_string())),
     }

@@ -332,7 +332,10 @@ mod tests {
         let file = MemCall::Mmap { addr: 0, len: 4096, prot: 1, flags: MAP_PRIVATE };
         assert_eq!(file.request_as(page, Counting::Strict), None, "read-only never counts");
         let seg = MemCall::from_shmat(0x10000, 0, 4096);
-        assert_eq!(seg.request_as(page, Counting::Strict), Some(Request::Map { addr: 0x10000, len: 4096, fixed: true }));
+        assert_eq!(
+            seg.request_as(page, Counting::Strict),
+            Some(Request::Map { addr: 0x10000, len: 4096, fixed: true })
+        );
         assert_eq!(MemCall::from_shmat(0, SHM_RDONLY, 4096).request_as(page, Counting::Strict), None);
     }
 

@@ -626,14 +626,7 @@ impl<'s, P: ProcView> Engine<'s, P> {
 
     /// A call that cannot be decided safely, for `reason`: refused where a quota is enforced;
     /// let through, with a warning, in audit mode and where no quota applies.
-    fn refuse<N: Notifier>(
-        &self,
-        l: &N,
-        n: &Notification,
-        pid: Option<u32>,
-        call: MemCall,
-        reason: String,
-    ) -> Answer {
+    fn refuse<N: Notifier>(&self, l: &N, n: &Notification, pid: Option<u32>, call: MemCall, reason: String) -> Answer {
         let (mode, limits, own, usage) = {
             let g = self.sup.accounts.lock();
             let acct = pid.and_then(|p| g.ledger.account(p));

@@ -471,9 +471,9 @@ fn strict_counts_shared_memory_and_private_file_copies_but_not_disk_page_cache()
     let shmem = dev(0, 1); // the kernel's internal mount: in no mountinfo
     let vmas = vec![
         anon(1 << 20, MIB),
-        file_vma(1 << 30, 30 * MIB, true, shmem, 7),        // a memfd
-        file_vma(2 << 30, 20 * MIB, false, disk, 9),        // a private file mapping, written
-        file_vma(3 << 30, 100 * MIB, true, disk, 11),       // a shared disk file: page cache
+        file_vma(1 << 30, 30 * MIB, true, shmem, 7),  // a memfd
+        file_vma(2 << 30, 20 * MIB, false, disk, 9),  // a private file mapping, written
+        file_vma(3 << 30, 100 * MIB, true, disk, 11), // a shared disk file: page cache
     ];
     for strict in [false, true] {
         let r = if strict { strict_rig(64 * MIB) } else { rig(quota(64 * MIB), Mode::Enforce) };

@@ -41,8 +41,8 @@ use crate::syscall::{page_up, Request};
 pub use account::Account;
 use account::Pending;
 pub use terms::{
-    CallKey, Counting, Deny, Figure, Limits, Mode, NameError, Need, Pid, Scope, Snapshot, Step, Summary, ThreadState, Tid, Token,
-    Verdict,
+    CallKey, Counting, Deny, Figure, Limits, Mode, NameError, Need, Pid, Scope, Snapshot, Step, Summary, ThreadState,
+    Tid, Token, Verdict,
 };
 
 /// Every process under one set of quotas (a `heapcap run` tree, or one container).
@@ -64,7 +64,16 @@ pub struct Ledger {
 impl Ledger {
     pub fn new(limits: Limits, mode: Mode, page: u64) -> Ledger {
         assert!(page.is_power_of_two(), "page size must be a power of two");
-        Ledger { limits, mode, counting: Counting::Heap, page, accounts: HashMap::new(), total_bound: 0, seq: 0, images: 0 }
+        Ledger {
+            limits,
+            mode,
+            counting: Counting::Heap,
+            page,
+            accounts: HashMap::new(),
+            total_bound: 0,
+            seq: 0,
+            images: 0,
+        }
     }
 
     pub fn limits(&self) -> Limits {

@@ -397,11 +397,7 @@ impl ProcView for View {
             }
             let mut maps = Maps::parse(&text)?;
             maps.classify(|d| disks.contains(&d));
-            Ok(Snapshot {
-                maps,
-                start_brk: Some(p.start_brk),
-                upper: Some(p.counted() + p.statm_extra),
-            })
+            Ok(Snapshot { maps, start_brk: Some(p.start_brk), upper: Some(p.counted() + p.statm_extra) })
         };
         Ok(match o.want {
             Want::Thread => Reading::Thread { tgid: pid_of(&s).unwrap(), handle: None },
