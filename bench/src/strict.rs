@@ -11,9 +11,9 @@ use anyhow::Result;
 
 use crate::fixtures::Fixtures;
 use crate::programs::{python, wall, PYTHON};
-use nix::sys::resource::{getrusage, UsageWho};
 use crate::stats::{fmt_spread, paired, summarize, Summary};
 use crate::{Args, Section};
+use nix::sys::resource::{getrusage, UsageWho};
 
 const QUOTA: &str = "4Gi";
 const SIDES: [&str; 3] = ["plain", "heapcap", "heapcap --strict"];

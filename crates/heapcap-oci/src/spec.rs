@@ -5,16 +5,16 @@
 //! 1. [`Defaults::settings`]: defaults for every container (e.g. a default limit for an engine
 //!    that cannot pass annotations);
 //! 2. with [`Defaults::env_fallback`], the container's own environment (`process.env`):
-//!    `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE` (Docker cannot set OCI annotations,
-//!    but `docker run -e HEAPCAP_LIMIT=64Mi` reaches `config.json`);
+//!    `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE`, `HEAPCAP_STRICT` (Docker cannot set
+//!    OCI annotations, but `docker run -e HEAPCAP_LIMIT=64Mi` reaches `config.json`);
 //! 3. its `heapcap.io/*` annotations.
 //!
 //! Every value is validated first; a bad one is an error naming where it came from and what to
 //! write, never a container that runs silently unlimited. Then `linux.seccomp` gets heapcap's
-//! notify rules ([`merge_into`] an existing profile, which never widens it, or
-//! [`heapcap_profile`] when there is none), `listenerPath`, and the settings as
-//! `listenerMetadata` (`key=value` pairs), so heapcapd has them also when they did not come from
-//! annotations. A container that asks for nothing is not touched: [`Outcome::Unchanged`]; nor is a
+//! notify rules ([`merge_into_for`] an existing profile, which never widens it, or
+//! [`heapcap_profile_for`] when there is none; the strict rules when the settings ask for strict
+//! mode), `listenerPath`, and the settings as `listenerMetadata` (`key=value` pairs), so heapcapd
+//! has them also when they did not come from annotations. A container that asks for nothing is not touched: [`Outcome::Unchanged`]; nor is a
 //! Kubernetes pod's sandbox ([`kubernetes::is_sandbox`]), whatever its annotations say: containerd
 //! copies the pod's `heapcap.io/*` annotations to it, and they are meant for the pod's containers
 //! (a bad one fails the container that gets it, never the pod's sandbox).
@@ -47,7 +47,7 @@ pub struct Defaults {
     pub listener_path: PathBuf,
     /// `heapcap.io/*` key and value for every container, overridden by its env and annotations.
     pub settings: Vec<(String, String)>,
-    /// Read `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT` and `HEAPCAP_MODE` from `process.env`.
+    /// Read `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE` and `HEAPCAP_STRICT` from `process.env`.
     pub env_fallback: bool,
 }
 
