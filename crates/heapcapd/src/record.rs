@@ -73,6 +73,7 @@ mod tests {
             serde_json::from_value(serde_json::json!({"limit": 67108864, "total_limit": null, "audit": false}))
                 .expect("a record without process limits");
         assert_eq!(old.settings().limits.process, Some(64 << 20));
+        assert_eq!(old.settings().counting, Counting::Heap, "earlier records are never strict");
         let mut ledger = Ledger::new(old.settings().limits, Mode::Audit, 4096);
         ledger.set_limits(Limits { process: None, total: Some(1 << 30) });
         let now = Record::of(&ledger, None);
@@ -90,5 +91,17 @@ mod tests {
         assert_eq!(json["pod"], serde_json::json!({"namespace": "default", "name": "web", "container": "app"}));
         let back: Record = serde_json::from_value(json).unwrap();
         assert_eq!(back.pod, Some(pod));
+    }
+
+    #[test]
+    fn strict_travels_to_the_next_heapcapd() {
+        let settings = Settings { counting: Counting::Strict, ..Settings::default() };
+        let json = Record::new(&settings, None).to_json();
+        assert_eq!(json["strict"], true);
+        let back: Record = serde_json::from_value(json).unwrap();
+        assert_eq!(back.settings().counting, Counting::Strict);
+        let mut ledger = Ledger::new(Limits::default(), Mode::Enforce, 4096);
+        ledger.set_counting(Counting::Strict);
+        assert_eq!(Record::of(&ledger, None).settings().counting, Counting::Strict);
     }
 }
