@@ -332,9 +332,13 @@ impl<'s, P: ProcView> Engine<'s, P> {
             self.threads.insert(n.pid, pid, false, handle);
             return Ok((pid, false));
         }
-        if let Some(owner) = self.sharing(l, n, pid) {
-            self.threads.insert(n.pid, owner, true, handle);
-            return Ok((owner, true));
+        // A first call that is an execve leaves whatever address space it shared: no need to ask
+        // (fork or vfork, then exec, the commonest start of a process, pays nothing for this).
+        if call != MemCall::Exec {
+            if let Some(owner) = self.sharing(l, n, pid) {
+                self.threads.insert(n.pid, owner, true, handle);
+                return Ok((owner, true));
+            }
         }
         self.threads.insert(n.pid, pid, false, handle);
         self.admit(l, n, pid, call).map(|()| (pid, false))
