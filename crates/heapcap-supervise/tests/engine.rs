@@ -555,6 +555,14 @@ fn processes_that_share_an_address_space_share_one_account_until_one_execs() {
         assert_eq!(e.decide(&r.world, &n), Answer::Allow);
         assert_eq!(r.sup.accounts().len(), 2);
         assert!(r.bound(100) >= 57 * MIB, "the parent keeps its own figure");
+        // A vfork child whose first call is its execve leaves the address space it shares: it is
+        // accounted as itself, never charged to the parent.
+        r.world.spawn(300, "vforked", Vec::new());
+        r.world.lock().vm_of.insert(300, 100);
+        let before = r.bound(100);
+        let n = r.world.call(300, EXECVE, [0; 6]);
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+        assert_eq!((r.sup.accounts().len(), r.bound(100)), (3, before));
     }
 }
 
