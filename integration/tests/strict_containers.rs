@@ -119,6 +119,15 @@ fn strict_containers_show_in_ps_and_metrics_and_bad_values_are_refused() {
         "{}",
         show(&out)
     );
+
+    // Strict asked with a profile that sends heapcapd only the default rules: it could be stepped
+    // around, so it is refused, with what to do.
+    let mut heap_rules = d.bundle(STRICT_ANNOTATIONS, &["/strict", "memfd", "1048576", "268435456"]);
+    with_fixtures(&mut heap_rules);
+    heap_rules.write_config();
+    let out = heap_rules.run(Runtime::Runc, &unique_id("strict-heap-rules"));
+    assert!(!out.status.success() && !stdout(&out).contains("allocated="), "{}", show(&out));
+    assert!(stderr(&out).contains("its seccomp profile sends heapcapd only the default rules"), "{}", show(&out));
 }
 
 /// `heapcap-runtime` in front of runc, configured for this heapcapd.

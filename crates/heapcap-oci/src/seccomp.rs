@@ -185,6 +185,20 @@ pub fn notify_syscalls_for(counting: Counting) -> Vec<LinuxSyscall> {
     group(alternatives, LinuxSeccompAction::ScmpActNotify)
 }
 
+/// Whether a `config.json` (as JSON) sends the strict rules' calls to its agent: `None` when its
+/// profile names no `listenerPath` (the filter came from elsewhere, e.g. the prestart hook, which
+/// injects the program its settings ask for); else whether a `SCMP_ACT_NOTIFY` entry names
+/// `shmat`, which only [`rules::STRICT_NATIVE`] notifies.
+pub fn sends_strict_rules(config: &serde_json::Value) -> Option<bool> {
+    let seccomp = config.get("linux")?.get("seccomp")?;
+    seccomp.get("listenerPath").and_then(|p| p.as_str()).filter(|p| !p.is_empty())?;
+    let entries = seccomp.get("syscalls").and_then(|s| s.as_array()).cloned().unwrap_or_default();
+    Some(entries.iter().any(|e| {
+        e.get("action").and_then(|a| a.as_str()) == Some("SCMP_ACT_NOTIFY")
+            && e.get("names").and_then(|n| n.as_array()).is_some_and(|n| n.iter().any(|x| x == "shmat"))
+    }))
+}
+
 /// A profile that allows every call and sends heap growth to the agent at `listener_path`
 /// (with `metadata` as `listenerMetadata`), for x86_64 hosts (x86_64, x86, x32 ABIs).
 ///
@@ -211,6 +225,19 @@ mod tests {
 
     fn args_of(entry: &LinuxSyscall) -> Vec<(usize, LinuxSeccompOperator, u64, Option<u64>)> {
         entry.args().iter().flatten().map(|a| (a.index(), a.op(), a.value(), a.value_two())).collect()
+    }
+
+    #[test]
+    fn tells_a_profile_with_the_strict_rules() {
+        let config = |p: LinuxSeccomp| serde_json::json!({"linux": {"seccomp": serde_json::to_value(p).unwrap()}});
+        let sock = Path::new("/run/heapcap/heapcapd.sock");
+        assert_eq!(sends_strict_rules(&config(heapcap_profile_for(Counting::Strict, sock, None))), Some(true));
+        assert_eq!(sends_strict_rules(&config(heapcap_profile(sock, None))), Some(false));
+        assert_eq!(
+            sends_strict_rules(&serde_json::json!({"linux": {}})),
+            None,
+            "no listenerPath: not from config.json"
+        );
     }
 
     #[test]
