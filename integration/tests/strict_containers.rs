@@ -1,9 +1,10 @@
 //! Strict mode (`heapcap.io/strict: "true"`) in real runc containers: through heapcapd with the
 //! strict rules in the bundle's profile (`heapcap_oci::heapcap_profile_for`), and through the
 //! runtime shim, which writes them from the annotation (or `HEAPCAP_STRICT=1` in the container's
-//! environment). Each way around a heap quota ends at the quota there too, ordinary allocation
-//! still reaches it, `heapcap ps` and the metrics say the container is strict, and a bad value is
-//! refused with the reason. The fixture is `fixtures/strict.c`, static (64-bit and i386), copied
+//! environment), and through the prestart hook, which injects the strict filter. Each way around a
+//! heap quota ends at the quota there too, ordinary allocation still reaches it, `heapcap ps` and
+//! the metrics say the container is strict, and a bad value (or strict with a profile that sends
+//! only the default rules) is refused with the reason. The fixture is `fixtures/strict.c`, static (64-bit and i386), copied
 //! into the busybox root filesystem as `/strict` and `/strict32`.
 
 use std::fs;
@@ -174,4 +175,28 @@ fn runc_behind_the_shim_holds_every_way_around_in_strict_mode() {
     let b = plain_bundle(&[("heapcap.io/limit", "64Mi")], &["/strict", "memfd", "1048576", "268435456"]);
     let out = run_shim(&config, &b, &unique_id("shim-heap"));
     assert_eq!(fixture_result(&out), (256 * MIB, "ok".to_string()), "{}", show(&out));
+}
+
+/// The prestart hook injects the strict program when the annotations ask for strict mode.
+#[test]
+fn the_prestart_hook_injects_the_strict_filter() {
+    let d = Daemon::start();
+    for (args, strict) in [
+        (&["/strict", "memfd", "1048576", "268435456"][..], true),
+        (&["/strict", "shm", "1048576", "268435456"][..], true),
+        (&["/strict", "memfd", "1048576", "268435456"][..], false),
+    ] {
+        let mut b = Bundle::new("strict-hook");
+        let annotations: &[(&str, &str)] = if strict { STRICT_ANNOTATIONS } else { &STRICT_ANNOTATIONS[..1] };
+        b.args(args).hook("prestart", binaries::prestart_hook(&d.agent, &[])).annotations(annotations);
+        with_fixtures(&mut b);
+        b.write_config();
+        let out = b.run(Runtime::Runc, &unique_id("strict-hook"));
+        let (allocated, result) = fixture_result(&out);
+        if strict {
+            assert_at_quota(&format!("prestart hook, {}: {}", args[1], show(&out)), allocated, &result, LIMIT, MIB);
+        } else {
+            assert_eq!((allocated, result.as_str()), (256 * MIB, "ok"), "not strict: {}", show(&out));
+        }
+    }
 }
