@@ -385,9 +385,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn never_over_quota_and_never_unanswered(ops in proptest::collection::vec(op(), 1..150), quota_mib in 4u64..64) {
+    fn never_over_quota_and_never_unanswered(ops in proptest::collection::vec(op(), 1..150), quota_mib in 4u64..64, strict in any::<bool>()) {
         let limit = quota_mib * MIB;
         let r = rig(quota(limit), Mode::Enforce);
+        if strict {
+            r.sup.accounts().with_ledger(|l| l.set_counting(heapcap_policy::ledger::Counting::Strict));
+        }
         let pids = [700u32, 800];
         let tids = [700u32, 701, 800, 801];
         for pid in pids {
