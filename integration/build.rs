@@ -1,6 +1,7 @@
 //! Compiles `fixtures/alloc.c` three times, natively, with `-m32`, and
 //! natively with `-static`, and tells the tests where the binaries are
-//! (`HEAPCAP_ALLOC`, `HEAPCAP_ALLOC32`, `HEAPCAP_ALLOC_STATIC`).
+//! (`HEAPCAP_ALLOC`, `HEAPCAP_ALLOC32`, `HEAPCAP_ALLOC_STATIC`); and
+//! `fixtures/strict.c` four times (native, `-m32`, each also `-static`).
 //!
 //! The static build is what the container tests copy into their busybox-only
 //! root filesystems (`/alloc`), where there is no dynamic loader or libc.

@@ -76,6 +76,21 @@ fn strict_holds_every_way_around_at_the_quota() {
     }
 }
 
+/// i386 programs: the same ways, and SysV shm through both `shmat` and the old `ipc(2)`.
+#[test]
+fn strict_holds_i386_programs_too() {
+    for (what, args) in [
+        ("i386 shmat", args(&["shm", CHUNK, MAX])),
+        ("i386 ipc(SHMAT)", args(&["shm-ipc", CHUNK, MAX])),
+        ("i386 memfd", args(&["memfd", CHUNK, MAX])),
+    ] {
+        let (allocated, result) = fixture_result(&run(true, STRICT32, &args));
+        assert_at_quota(what, allocated, &result, LIMIT, MIB);
+        let out = run(false, STRICT32, &args);
+        assert_eq!(fixture_result(&out), (WANT, "ok".to_string()), "default mode, {what}");
+    }
+}
+
 #[test]
 fn strict_leaves_shared_mappings_of_disk_files_uncounted() {
     // Page cache the kernel writes back: 256 MiB of it under a 64 MiB quota. Each mapping is held
