@@ -104,6 +104,9 @@ pub struct ContainerView {
     /// `"enforce"` or `"audit"`.
     #[serde(with = "text")]
     pub mode: Mode,
+    /// Strict counting (`heapcap.io/strict`); absent from earlier heapcapds' answers: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict: bool,
     pub limit: Option<u64>,
     pub total_limit: Option<u64>,
     pub heap: u64,
@@ -324,6 +327,7 @@ mod tests {
             id: "c1".into(),
             pod: None,
             mode: Mode::Audit,
+            strict: false,
             limit: None,
             total_limit: Some(1),
             heap: 0,
@@ -361,6 +365,7 @@ mod tests {
             id: "c1".into(),
             pod: Some(pod.clone()),
             mode: Mode::Enforce,
+            strict: true,
             limit: None,
             total_limit: None,
             heap: 0,

@@ -4,6 +4,7 @@
 use std::io::{Read, Seek};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
+use heapcap_policy::ledger::Counting;
 use heapcap_policy::rules::{self, ArgTest, NotifyRule};
 use libseccomp::{ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
 
@@ -91,11 +92,17 @@ impl Program {
     /// The program that sends heap growth to a listener: native ABI (and x32 on x86_64)
     /// plus the 32-bit compat ABI.
     pub fn heap_notify() -> Result<Program, FilterError> {
+        Self::heap_notify_for(Counting::Heap)
+    }
+
+    /// The program for `counting`: strict mode also sends every writable `mmap` and `shmat`.
+    pub fn heap_notify_for(counting: Counting) -> Result<Program, FilterError> {
+        let (native_rules, compat_rules) = rules::for_counting(counting);
         let native = ScmpArch::native();
         let extra: &[ScmpArch] = if native == ScmpArch::X8664 { &[ScmpArch::X32] } else { &[] };
-        let mut ctx = context(native, rules::NATIVE, extra)?;
+        let mut ctx = context(native, native_rules, extra)?;
         if let Some(compat) = compat_arch() {
-            ctx.merge(context(compat, rules::COMPAT, &[])?).map_err(FilterError::Merge)?;
+            ctx.merge(context(compat, compat_rules, &[])?).map_err(FilterError::Merge)?;
         }
         Self::export(&ctx)
     }
@@ -205,5 +212,7 @@ mod tests {
         let p = Program::heap_notify().expect("libseccomp builds the heap-notify program");
         assert!(p.len() > 10 && p.len() < 400, "{} instructions", p.len());
         assert_eq!(p.to_bytes().len(), p.len() * 8);
+        let strict = Program::heap_notify_for(Counting::Strict).expect("libseccomp builds the strict program");
+        assert!(strict.len() > 10 && strict.len() < 400, "{} instructions", strict.len());
     }
 }

@@ -35,6 +35,7 @@
 
 use std::path::Path;
 
+use heapcap_policy::ledger::Counting;
 use heapcap_policy::rules::{self, ArgTest};
 use oci_spec::runtime::{
     Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompArgBuilder, LinuxSeccompOperator, LinuxSyscall,
@@ -96,9 +97,10 @@ fn render_cube(cube: &Cube) -> Vec<LinuxSeccompArg> {
 }
 
 /// The calls heapcap's rules name, in the order they first appear in NATIVE, then COMPAT.
-fn syscall_names() -> Vec<&'static str> {
+fn syscall_names(counting: Counting) -> Vec<&'static str> {
+    let (native, compat) = rules::for_counting(counting);
     let mut names: Vec<&'static str> = Vec::new();
-    for rule in rules::NATIVE.iter().chain(rules::COMPAT) {
+    for rule in native.iter().chain(compat) {
         if !names.contains(&rule.syscall) {
             names.push(rule.syscall);
         }
@@ -108,15 +110,22 @@ fn syscall_names() -> Vec<&'static str> {
 
 /// Every call heapcap notifies, with the notify and keep conditions that hold on all ABIs.
 pub fn plan() -> Vec<SyscallPlan> {
-    syscall_names()
+    plan_for(Counting::Heap)
+}
+
+/// [`plan`] for `counting`: strict mode's rules ([`rules::STRICT_NATIVE`]) also notify every
+/// writable `mmap`/`mmap2` and `shmat`, and i386's `ipc(SHMAT)`.
+pub fn plan_for(counting: Counting) -> Vec<SyscallPlan> {
+    let (native_rules, compat_rules) = rules::for_counting(counting);
+    syscall_names(counting)
         .into_iter()
         .map(|name| {
             let tests_of = |set: &'static [rules::NotifyRule]| -> Vec<&'static [ArgTest]> {
                 set.iter().filter(|r| r.syscall == name).map(|r| r.tests).collect()
             };
-            let native = tests_of(rules::NATIVE);
+            let native = tests_of(native_rules);
             // Rules the 32-bit ABIs need beyond the native ones.
-            let compat_only: Vec<_> = tests_of(rules::COMPAT).into_iter().filter(|t| !native.contains(t)).collect();
+            let compat_only: Vec<_> = tests_of(compat_rules).into_iter().filter(|t| !native.contains(t)).collect();
             let mut exact = native.clone();
             let mut guard = None;
             for tests in compat_only {
@@ -166,8 +175,28 @@ pub(crate) fn group(
 /// heapcap's notify rules as OCI syscall entries with action `SCMP_ACT_NOTIFY`, for a profile
 /// whose `architectures` are any of x86_64, x86, x32, aarch64, arm.
 pub fn notify_syscalls() -> Vec<LinuxSyscall> {
-    let alternatives = plan().into_iter().flat_map(|p| p.notify.into_iter().map(move |args| (p.name, args)));
+    notify_syscalls_for(Counting::Heap)
+}
+
+/// [`notify_syscalls`] for `counting`.
+pub fn notify_syscalls_for(counting: Counting) -> Vec<LinuxSyscall> {
+    let alternatives =
+        plan_for(counting).into_iter().flat_map(|p| p.notify.into_iter().map(move |args| (p.name, args)));
     group(alternatives, LinuxSeccompAction::ScmpActNotify)
+}
+
+/// Whether a `config.json` (as JSON) sends the strict rules' calls to its agent: `None` when its
+/// profile names no `listenerPath` (the filter came from elsewhere, e.g. the prestart hook, which
+/// injects the program its settings ask for); else whether a `SCMP_ACT_NOTIFY` entry names
+/// `shmat`, which only [`rules::STRICT_NATIVE`] notifies.
+pub fn sends_strict_rules(config: &serde_json::Value) -> Option<bool> {
+    let seccomp = config.get("linux")?.get("seccomp")?;
+    seccomp.get("listenerPath").and_then(|p| p.as_str()).filter(|p| !p.is_empty())?;
+    let entries = seccomp.get("syscalls").and_then(|s| s.as_array()).cloned().unwrap_or_default();
+    Some(entries.iter().any(|e| {
+        e.get("action").and_then(|a| a.as_str()) == Some("SCMP_ACT_NOTIFY")
+            && e.get("names").and_then(|n| n.as_array()).is_some_and(|n| n.iter().any(|x| x == "shmat"))
+    }))
 }
 
 /// A profile that allows every call and sends heap growth to the agent at `listener_path`
@@ -176,12 +205,17 @@ pub fn notify_syscalls() -> Vec<LinuxSyscall> {
 /// It restricts nothing: combine it with no other profile, or use [`crate::merge_into`] to add
 /// heapcap to a profile that does.
 pub fn heapcap_profile(listener_path: &Path, metadata: Option<&str>) -> LinuxSeccomp {
+    heapcap_profile_for(Counting::Heap, listener_path, metadata)
+}
+
+/// [`heapcap_profile`] with the rules of `counting`.
+pub fn heapcap_profile_for(counting: Counting, listener_path: &Path, metadata: Option<&str>) -> LinuxSeccomp {
     let mut profile = LinuxSeccomp::default();
     profile.set_default_action(LinuxSeccompAction::ScmpActAllow);
     profile.set_architectures(Some(vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]));
     profile.set_listener_path(Some(listener_path.to_path_buf()));
     profile.set_listener_metadata(metadata.map(str::to_string));
-    profile.set_syscalls(Some(notify_syscalls()));
+    profile.set_syscalls(Some(notify_syscalls_for(counting)));
     profile
 }
 
@@ -191,6 +225,19 @@ mod tests {
 
     fn args_of(entry: &LinuxSyscall) -> Vec<(usize, LinuxSeccompOperator, u64, Option<u64>)> {
         entry.args().iter().flatten().map(|a| (a.index(), a.op(), a.value(), a.value_two())).collect()
+    }
+
+    #[test]
+    fn tells_a_profile_with_the_strict_rules() {
+        let config = |p: LinuxSeccomp| serde_json::json!({"linux": {"seccomp": serde_json::to_value(p).unwrap()}});
+        let sock = Path::new("/run/heapcap/heapcapd.sock");
+        assert_eq!(sends_strict_rules(&config(heapcap_profile_for(Counting::Strict, sock, None))), Some(true));
+        assert_eq!(sends_strict_rules(&config(heapcap_profile(sock, None))), Some(false));
+        assert_eq!(
+            sends_strict_rules(&serde_json::json!({"linux": {}})),
+            None,
+            "no listenerPath: not from config.json"
+        );
     }
 
     #[test]

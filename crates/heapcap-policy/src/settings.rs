@@ -1,17 +1,20 @@
 //! A container's heapcap settings, from its OCI annotations or its seccomp `listenerMetadata`.
 //!
 //! Keys: `heapcap.io/limit` (quota for each process), `heapcap.io/total-limit` (for all the
-//! container's processes together), `heapcap.io/mode` (`enforce`, the default, or `audit`).
+//! container's processes together), `heapcap.io/mode` (`enforce`, the default, or `audit`),
+//! `heapcap.io/strict` (`true`: count what no program can step around, see [`Counting`]; `false`,
+//! the default; also `1`/`0`, `yes`/`no`, `on`/`off`).
 //! `listenerMetadata` carries the same keys for setups that cannot set annotations, as
 //! `key=value` pairs separated by spaces, commas or semicolons, or as a JSON-like object
 //! `{"heapcap.io/limit": "64Mi"}`; where both give a key, the annotation wins.
 
-use crate::ledger::{Limits, Mode};
+use crate::ledger::{Counting, Limits, Mode};
 use crate::size::{Size, SizeError};
 
 pub const LIMIT: &str = "heapcap.io/limit";
 pub const TOTAL_LIMIT: &str = "heapcap.io/total-limit";
 pub const MODE: &str = "heapcap.io/mode";
+pub const STRICT: &str = "heapcap.io/strict";
 const PREFIX: &str = "heapcap.io/";
 
 /// What a container asked for.
@@ -19,6 +22,7 @@ const PREFIX: &str = "heapcap.io/";
 pub struct Settings {
     pub limits: Limits,
     pub mode: Mode,
+    pub counting: Counting,
 }
 
 /// A bad setting; the message says what to write instead.
@@ -28,7 +32,9 @@ pub enum SettingsError {
     Size { key: &'static str, source: SizeError },
     #[error("{MODE}: '{0}' is not a mode: write enforce or audit")]
     Mode(String),
-    #[error("unknown setting '{0}': heapcap knows {LIMIT}, {TOTAL_LIMIT} and {MODE}")]
+    #[error("{STRICT}: '{0}' is not a yes or a no: write true or false")]
+    Strict(String),
+    #[error("unknown setting '{0}': heapcap knows {LIMIT}, {TOTAL_LIMIT}, {MODE} and {STRICT}")]
     UnknownKey(String),
     #[error("listenerMetadata: cannot read '{0}': write key=value pairs such as {LIMIT}=64Mi")]
     Metadata(String),
@@ -48,9 +54,23 @@ fn apply(settings: &mut Settings, key: &str, value: &str) -> Result<(), Settings
             let value = value.trim();
             settings.mode = value.parse::<Mode>().map_err(|_| SettingsError::Mode(value.to_string()))?;
         }
+        STRICT => {
+            settings.counting =
+                Counting::from_strict(parse_yes_no(value).ok_or_else(|| SettingsError::Strict(value.to_string()))?);
+        }
         other => return Err(SettingsError::UnknownKey(other.to_string())),
     }
     Ok(())
+}
+
+/// `true`/`false` and the yes and no words the environment flags take (`1`, `yes`, `on`; `0`,
+/// `no`, `off`), in any case.
+fn parse_yes_no(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
 }
 
 /// Split `listenerMetadata` into key/value pairs (only `heapcap.io/` keys are kept).
@@ -114,7 +134,11 @@ mod tests {
         let s = resolve([(LIMIT, "64Mi"), (TOTAL_LIMIT, "1Gi"), ("io.kubernetes.pod", "x")], None).unwrap();
         assert_eq!(
             s,
-            Some(Settings { limits: Limits { process: Some(64 * MIB), total: Some(1024 * MIB) }, mode: Mode::Enforce })
+            Some(Settings {
+                limits: Limits { process: Some(64 * MIB), total: Some(1024 * MIB) },
+                mode: Mode::Enforce,
+                counting: Counting::Heap,
+            })
         );
         let s = resolve([(MODE, "audit")], None).unwrap().unwrap();
         assert_eq!(s.mode, Mode::Audit);
@@ -154,6 +178,18 @@ mod tests {
         let e = resolve([("heapcap.io/limits", "64Mi")], None).unwrap_err();
         assert!(e.to_string().contains("heapcap.io/limit,"), "{e}");
         assert!(matches!(resolve([], Some("heapcap.io/limit")), Err(SettingsError::Metadata(_))));
+        let e = resolve([(STRICT, "maybe")], None).unwrap_err();
+        assert_eq!(e.to_string(), "heapcap.io/strict: 'maybe' is not a yes or a no: write true or false");
+    }
+
+    #[test]
+    fn strict_from_annotations_and_metadata() {
+        let s = resolve([(STRICT, "true"), (LIMIT, "64Mi")], None).unwrap().unwrap();
+        assert_eq!(s.counting, Counting::Strict);
+        let s = resolve([(STRICT, "false")], Some("heapcap.io/strict=1")).unwrap().unwrap();
+        assert_eq!(s.counting, Counting::Heap, "annotations win");
+        let s = resolve([], Some("heapcap.io/strict=yes heapcap.io/limit=1Mi")).unwrap().unwrap();
+        assert_eq!(s.counting, Counting::Strict);
     }
 
     proptest! {

@@ -131,6 +131,11 @@ struct RunArgs {
     /// Observe only: never deny; report each process's peak heap at exit.
     #[arg(long)]
     audit: bool,
+    /// Count what no program can step around: every writable private mapping (as RLIMIT_DATA)
+    /// and every writable shared mapping of memory (memfd, SysV shm, tmpfs, MAP_SHARED
+    /// anonymous), charged to each process that maps it.
+    #[arg(long)]
+    strict: bool,
     /// Print a table of each process's peak heap and denials on stderr at exit.
     #[arg(long)]
     report: bool,
@@ -208,7 +213,7 @@ fn main() -> ExitCode {
             Some(option) => {
                 eprintln!(
                     "heapcap: unknown option '{option}' for run: its options are --limit, --total-limit, --audit, \
-                     --report, --quiet (see heapcap run --help); a command goes after --"
+                     --strict, --report, --quiet (see heapcap run --help); a command goes after --"
                 );
                 ExitCode::from(USAGE)
             }

@@ -11,6 +11,7 @@ use heapcap_linux::filter::{LoadFlags, Program};
 use heapcap_linux::journal::{Journal, Slot};
 use heapcap_linux::notify::Listener;
 use heapcap_linux::spawn::under_filter;
+use heapcap_policy::ledger::Counting;
 use heapcap_supervise::{ExitWatcher, Ledger, Limits, Mode, Serve, Supervisor};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -52,7 +53,8 @@ pub fn main(args: RunArgs) -> ExitCode {
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let limits = Limits { process: args.limit.map(|s| s.bytes()), total: args.total_limit.map(|s| s.bytes()) };
     let mode = if args.audit { Mode::Audit } else { Mode::Enforce };
-    let program = Program::heap_notify().context("cannot build the seccomp filter")?;
+    let counting = Counting::from_strict(args.strict);
+    let program = Program::heap_notify_for(counting).context("cannot build the seccomp filter")?;
 
     // Block the signals we handle before any thread starts, so they all inherit the mask and
     // the signals reach the signalfd. The command gets an empty mask back before exec.
@@ -74,7 +76,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             sink_log.log(d);
         }
     });
-    let supervisor = Arc::new(Supervisor::new(Ledger::new(limits, mode, heapcap_linux::page_size()), exits, sink));
+    let mut ledger = Ledger::new(limits, mode, heapcap_linux::page_size());
+    ledger.set_counting(counting);
+    let supervisor = Arc::new(Supervisor::new(ledger, exits, sink));
     // Finished processes (and so every command line, read at admission) are kept only for the
     // final report: without one, a command line is read only when a denial or a warning needs it.
     supervisor.accounts().keep_finished(args.report || args.audit);
@@ -86,6 +90,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         limit: limits.process,
         total_limit: limits.total,
         audit: args.audit,
+        strict: counting == Counting::Strict,
         quiet: args.quiet,
         report: args.report,
         command: 0,

@@ -25,7 +25,7 @@ use heapcap_linux::notify::Listener;
 use heapcap_linux::peercred::{check_peer, peer_cred, PeerError};
 use heapcap_linux::pidfd::Pidfd;
 use heapcap_oci::agent::{self, AgentError, AgentMessage, MAX_MESSAGE};
-use heapcap_policy::ledger::{Limits, Mode};
+use heapcap_policy::ledger::{Counting, Limits, Mode};
 use heapcap_policy::settings::{Settings, SettingsError};
 use oci_spec::runtime::SECCOMP_FD_NAME;
 use tokio::io::{AsyncReadExt, Interest};
@@ -80,6 +80,8 @@ pub enum IntakeError {
     NotAListener,
     #[error("container {id}: {source}; it was refused (start heapcapd with --bad-settings audit to run such containers unquota'd)")]
     Refused { id: String, source: SettingsError },
+    #[error("container {id}: {}; it was refused", StrictRules)]
+    StrictWithoutRules { id: String },
     #[error("cannot start serving: {0}")]
     Serve(#[source] std::io::Error),
     #[error("taking the message failed: {0}")]
@@ -197,7 +199,7 @@ fn take(
     };
     let listener = Listener::verify(fds.swap_remove(message.seccomp_fd)).map_err(|_| IntakeError::NotAListener)?;
     drop(fds);
-    let AgentMessage { id, pid, settings, pod, sandbox, .. } = message;
+    let AgentMessage { id, pid, settings, pod, sandbox, bundle, .. } = message;
     let settings = match settings {
         // The last line: the runtime shim and the hooks never send a pod's sandbox (pause)
         // container, but a hand-written listenerPath may. Its calls must still be answered (a closed
@@ -219,11 +221,46 @@ fn take(
             }
             OnBadSettings::Audit => {
                 tracing::warn!(container = %id, error = %source, "bad heapcap settings: running unquota'd in audit mode");
-                Settings { limits: Limits::default(), mode: Mode::Audit }
+                Settings { limits: Limits::default(), mode: Mode::Audit, ..Settings::default() }
             }
         },
     };
+    if settings.counting == Counting::Strict && !strict_rules_sent(&bundle, &id) {
+        refuse(runtime, pid, &id, &StrictRules);
+        return Err(IntakeError::StrictWithoutRules { id });
+    }
     registry.attach_process(&id, pod, settings, listener, pid).map_err(IntakeError::Serve)
+}
+
+/// Why a strict container whose profile sends the default rules is refused.
+struct StrictRules;
+
+impl std::fmt::Display for StrictRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "heapcap.io/strict: its seccomp profile sends heapcapd only the default rules (no file or shared mmap, \
+             no shmat), so strict mode could be stepped around: give it the strict rules (heapcap-runtime and the \
+             precreate hook write them; heapcap_oci::heapcap_profile_for with Counting::Strict), or drop \
+             heapcap.io/strict",
+        )
+    }
+}
+
+/// Whether the container's `config.json` (in `bundle`) sends the strict rules' calls, or its
+/// filter came from elsewhere (no `listenerPath`: the prestart hook injects the strict program).
+/// A `config.json` that cannot be read is given the benefit of the doubt, with a warning.
+fn strict_rules_sent(bundle: &std::path::Path, id: &str) -> bool {
+    let path = bundle.join("config.json");
+    let config = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|data| serde_json::from_slice::<serde_json::Value>(&data).map_err(|e| e.to_string()));
+    match config {
+        Ok(config) => heapcap_oci::sends_strict_rules(&config) != Some(false),
+        Err(e) => {
+            tracing::warn!(container = id, path = %path.display(), error = %e, "cannot check that a strict container's profile has the strict rules");
+            true
+        }
+    }
 }
 
 /// Stop a container whose settings (or id) are bad before it runs the user's program, and say

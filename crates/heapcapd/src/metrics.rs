@@ -160,6 +160,7 @@ struct Row {
     heap: u64,
     limit: Option<u64>,
     total: Option<u64>,
+    strict: bool,
     /// (pid, command, peak) of each process.
     peaks: Vec<(u32, String, u64)>,
 }
@@ -206,6 +207,7 @@ impl Collector for Figures {
                         heap: summaries.iter().map(|p| p.heap).sum(),
                         limit: l.limits().process,
                         total: l.limits().total,
+                        strict: l.counting() == heapcap_policy::ledger::Counting::Strict,
                         peaks: summaries.into_iter().map(|p| (p.pid, p.command, p.peak)).collect(),
                     }
                 })
@@ -233,6 +235,13 @@ impl Collector for Figures {
             "container_total_limit_bytes",
             "Quota of all a container's processes together (absent: none).",
             total,
+        )?;
+        let strict = rows.iter().map(|r| (by_container(r), i64::from(r.strict)));
+        gauges(
+            e,
+            "container_strict",
+            "1 for a container in strict mode (heapcap.io/strict: every writable private mapping and shared memory counted), else 0.",
+            strict,
         )?;
         let peaks = rows.iter().flat_map(|r| {
             r.peaks.iter().map(|(pid, command, peak)| {
