@@ -597,7 +597,12 @@ fn processes_that_share_an_address_space_share_one_account_until_one_execs() {
         let before = r.bound(100);
         let n = r.world.call(300, EXECVE, [0; 6]);
         assert_eq!(e.decide(&r.world, &n), Answer::Allow);
-        assert_eq!((r.sup.accounts().len(), r.bound(100)), (3, before));
+        assert_eq!((r.sup.accounts().len(), r.bound(100)), (2, before), "nothing to account before its image grows");
+        r.world.lock().vm_of.remove(&300);
+        r.world.lock().procs.get_mut(&300).unwrap().vmas = vec![anon(1 << 20, MIB)];
+        let n = r.world.call(300, MMAP, mmap(16 * MIB));
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+        assert_eq!((r.sup.accounts().len(), r.bound(100)), (3, before), "its own account, on its own image");
     }
 }
 
