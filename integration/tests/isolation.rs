@@ -161,8 +161,21 @@ fn no_process_under_heapcap_run_holds_a_listener() {
     let procs = tree(heapcap);
     let check = std::panic::catch_unwind(|| {
         assert_holds_listener("heapcap run", heapcap);
-        // heapcap itself is the supervisor and is not filtered: check everything below it.
-        let below: Vec<u32> = procs.iter().copied().filter(|p| *p != heapcap).collect();
+        // heapcap's keeper (`heapcap keep`, its child) is the listener's second copy: the
+        // supervisor's side, unfiltered, like heapcap itself.
+        let is_keeper = |p: &u32| {
+            fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"keep"))
+        };
+        let keepers: Vec<u32> = procs.iter().copied().filter(is_keeper).collect();
+        assert_eq!(keepers.len(), 1, "one keeper under heapcap run: {procs:?}");
+        // It is handed its copy over a socket as the command's first call is served: soon.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while listener_fds(keepers[0]).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_holds_listener("heapcap run's keeper", keepers[0]);
+        // Everything else below heapcap is the command's: filtered, holding no listener.
+        let below: Vec<u32> = procs.iter().copied().filter(|p| *p != heapcap && !keepers.contains(p)).collect();
         assert!(below.len() >= 3, "expected the shell and two sleeps under heapcap: {procs:?}");
         for pid in below {
             assert_no_listener_in_tree("heapcap run", pid, 1);
