@@ -6,6 +6,7 @@
 //! - [`rules`]: the seccomp notify rules, as data, so the Linux layer and the OCI spec writer agree.
 //! - [`maps`]: parsing `/proc/<pid>/maps` into the counted heap and range queries on it.
 //! - [`ledger`]: per-process bounds, quotas and decisions; [`denial`]: a refusal as reported.
+//! - [`machine`]: what a process under a quota sees as its machine's memory (`sysinfo(2)`).
 //!
 //! What counts as heap: private, anonymous, writable mappings (the `brk` heap, anonymous private
 //! writable `mmap`, memory made writable with `mprotect`, `mremap` growth). File mappings of any
@@ -14,6 +15,7 @@
 
 pub mod denial;
 pub mod ledger;
+pub mod machine;
 pub mod maps;
 pub mod quota;
 pub mod rules;
@@ -22,6 +24,7 @@ pub mod size;
 pub mod syscall;
 
 pub use denial::Denial;
+pub use machine::MachineMemory;
 pub use ledger::{Deny, Figure, Ledger, Limits, Mode, NameError, Need, Scope, Step, Verdict};
 pub use quota::{Quota, QuotaError};
 pub use size::{Size, SizeError};

@@ -53,3 +53,8 @@ pub const COMPAT: &[NotifyRule] = &[
     NotifyRule { syscall: "execve", tests: &[] },
     NotifyRule { syscall: "execveat", tests: &[] },
 ];
+
+/// Sent too where a process should see its quota as its machine's memory
+/// ([`crate::machine`]): `sysinfo`, on every ABI. Nothing else reads it, so the memory calls'
+/// path is the same with or without it.
+pub const MACHINE: &[NotifyRule] = &[NotifyRule { syscall: "sysinfo", tests: &[] }];

@@ -1,17 +1,21 @@
 //! A container's heapcap settings, from its OCI annotations or its seccomp `listenerMetadata`.
 //!
 //! Keys: `heapcap.io/limit` (quota for each process), `heapcap.io/total-limit` (for all the
-//! container's processes together), `heapcap.io/mode` (`enforce`, the default, or `audit`).
+//! container's processes together), `heapcap.io/mode` (`enforce`, the default, or `audit`),
+//! `heapcap.io/machine-memory` (`quota`, the default: where a quota is enforced, programs see it as
+//! their machine's memory; or `host`, see [`crate::machine`]).
 //! `listenerMetadata` carries the same keys for setups that cannot set annotations, as
 //! `key=value` pairs separated by spaces, commas or semicolons, or as a JSON-like object
 //! `{"heapcap.io/limit": "64Mi"}`; where both give a key, the annotation wins.
 
 use crate::ledger::{Limits, Mode};
+use crate::machine::MachineMemory;
 use crate::size::{Size, SizeError};
 
 pub const LIMIT: &str = "heapcap.io/limit";
 pub const TOTAL_LIMIT: &str = "heapcap.io/total-limit";
 pub const MODE: &str = "heapcap.io/mode";
+pub const MACHINE_MEMORY: &str = "heapcap.io/machine-memory";
 const PREFIX: &str = "heapcap.io/";
 
 /// What a container asked for.
@@ -19,6 +23,17 @@ const PREFIX: &str = "heapcap.io/";
 pub struct Settings {
     pub limits: Limits,
     pub mode: Mode,
+    pub machine: MachineMemory,
+}
+
+impl Settings {
+    /// A quota is enforced and the process is to see it as its machine's memory: its filter sends
+    /// `sysinfo` too ([`crate::rules::MACHINE`]).
+    pub fn quota_as_machine(&self) -> bool {
+        self.machine == MachineMemory::Quota
+            && self.mode == Mode::Enforce
+            && (self.limits.process.is_some() || self.limits.total.is_some())
+    }
 }
 
 /// A bad setting; the message says what to write instead.
@@ -28,7 +43,9 @@ pub enum SettingsError {
     Size { key: &'static str, source: SizeError },
     #[error("{MODE}: '{0}' is not a mode: write enforce or audit")]
     Mode(String),
-    #[error("unknown setting '{0}': heapcap knows {LIMIT}, {TOTAL_LIMIT} and {MODE}")]
+    #[error("{MACHINE_MEMORY}: {0}")]
+    MachineMemory(#[from] crate::machine::MachineMemoryError),
+    #[error("unknown setting '{0}': heapcap knows {LIMIT}, {TOTAL_LIMIT}, {MODE} and {MACHINE_MEMORY}")]
     UnknownKey(String),
     #[error("listenerMetadata: cannot read '{0}': write key=value pairs such as {LIMIT}=64Mi")]
     Metadata(String),
@@ -48,6 +65,7 @@ fn apply(settings: &mut Settings, key: &str, value: &str) -> Result<(), Settings
             let value = value.trim();
             settings.mode = value.parse::<Mode>().map_err(|_| SettingsError::Mode(value.to_string()))?;
         }
+        MACHINE_MEMORY => settings.machine = value.parse()?,
         other => return Err(SettingsError::UnknownKey(other.to_string())),
     }
     Ok(())
@@ -114,8 +132,21 @@ mod tests {
         let s = resolve([(LIMIT, "64Mi"), (TOTAL_LIMIT, "1Gi"), ("io.kubernetes.pod", "x")], None).unwrap();
         assert_eq!(
             s,
-            Some(Settings { limits: Limits { process: Some(64 * MIB), total: Some(1024 * MIB) }, mode: Mode::Enforce })
+            Some(Settings {
+                limits: Limits { process: Some(64 * MIB), total: Some(1024 * MIB) },
+                mode: Mode::Enforce,
+                machine: MachineMemory::Quota
+            })
         );
+        let s = s.unwrap();
+        assert!(s.quota_as_machine(), "on by default where a quota is enforced");
+        let host = resolve([(LIMIT, "64Mi"), (MACHINE_MEMORY, "host")], None).unwrap().unwrap();
+        assert_eq!(host.machine, MachineMemory::Host);
+        assert!(!host.quota_as_machine(), "the opt-out");
+        let audit = resolve([(LIMIT, "64Mi"), (MODE, "audit")], None).unwrap().unwrap();
+        assert!(!audit.quota_as_machine(), "audit mode observes only");
+        let none = resolve([(MACHINE_MEMORY, "quota")], None).unwrap().unwrap();
+        assert!(!none.quota_as_machine(), "no quota, nothing to see");
         let s = resolve([(MODE, "audit")], None).unwrap().unwrap();
         assert_eq!(s.mode, Mode::Audit);
         assert_eq!(resolve([("other", "1")], None).unwrap(), None, "no heapcap key: not ours");
@@ -151,6 +182,8 @@ mod tests {
         assert!(matches!(resolve([(LIMIT, "0")], None), Err(SettingsError::Size { .. })));
         let e = resolve([(MODE, "strict")], None).unwrap_err();
         assert!(e.to_string().contains("enforce or audit"), "{e}");
+        let e = resolve([(MACHINE_MEMORY, "off")], None).unwrap_err();
+        assert!(e.to_string().starts_with("heapcap.io/machine-memory: 'off' is not a machine memory: write quota"), "{e}");
         let e = resolve([("heapcap.io/limits", "64Mi")], None).unwrap_err();
         assert!(e.to_string().contains("heapcap.io/limit,"), "{e}");
         assert!(matches!(resolve([], Some("heapcap.io/limit")), Err(SettingsError::Metadata(_))));

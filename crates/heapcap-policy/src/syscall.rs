@@ -56,10 +56,10 @@ impl Abi {
         use Kind::*;
         match self {
             Abi::X86_64 => {
-                &[(9, Mmap), (10, Mprotect), (12, Brk), (25, Mremap), (59, Exec), (322, Exec), (329, Mprotect)]
+                &[(9, Mmap), (10, Mprotect), (12, Brk), (25, Mremap), (59, Exec), (322, Exec), (329, Mprotect), (99, Sysinfo)]
             }
             Abi::X32 => {
-                &[(9, Mmap), (10, Mprotect), (12, Brk), (25, Mremap), (520, Exec), (545, Exec), (329, Mprotect)]
+                &[(9, Mmap), (10, Mprotect), (12, Brk), (25, Mremap), (520, Exec), (545, Exec), (329, Mprotect), (99, Sysinfo)]
             }
             Abi::I386 => &[
                 (45, Brk),
@@ -70,12 +70,31 @@ impl Abi {
                 (11, Exec),
                 (358, Exec),
                 (380, Mprotect),
+                (116, Sysinfo),
             ],
             Abi::Aarch64 => {
-                &[(214, Brk), (216, Mremap), (221, Exec), (222, Mmap), (226, Mprotect), (281, Exec), (288, Mprotect)]
+                &[
+                    (214, Brk),
+                    (216, Mremap),
+                    (221, Exec),
+                    (222, Mmap),
+                    (226, Mprotect),
+                    (281, Exec),
+                    (288, Mprotect),
+                    (179, Sysinfo),
+                ]
             }
             Abi::Arm => {
-                &[(45, Brk), (125, Mprotect), (163, Mremap), (192, Mmap), (11, Exec), (387, Exec), (394, Mprotect)]
+                &[
+                    (45, Brk),
+                    (125, Mprotect),
+                    (163, Mremap),
+                    (192, Mmap),
+                    (11, Exec),
+                    (387, Exec),
+                    (394, Mprotect),
+                    (116, Sysinfo),
+                ]
             }
         }
     }
@@ -89,6 +108,7 @@ enum Kind {
     Mremap,
     Mprotect,
     Exec,
+    Sysinfo,
 }
 
 /// A memory call, decoded from a notification.
@@ -106,6 +126,9 @@ pub enum MemCall {
     Mprotect { addr: u64, len: u64, prot: u64 },
     /// `execve`/`execveat`: the process is about to get a new address space.
     Exec,
+    /// `sysinfo(struct sysinfo *)`: notified only where the process is to see its quota as its
+    /// machine's memory ([`crate::machine`]); it never grows the heap.
+    Sysinfo { buf: u64 },
 }
 
 impl MemCall {
@@ -118,6 +141,7 @@ impl MemCall {
             MemCall::Mremap { .. } => "mremap",
             MemCall::Mprotect { .. } => "mprotect",
             MemCall::Exec => "execve",
+            MemCall::Sysinfo { .. } => "sysinfo",
         }
     }
 
@@ -133,6 +157,7 @@ impl MemCall {
             Kind::Mremap => MemCall::Mremap { old_addr: a[0], old_len: a[1], new_len: a[2], flags: a[3] },
             Kind::Mprotect => MemCall::Mprotect { addr: a[0], len: a[1], prot: a[2] },
             Kind::Exec => MemCall::Exec,
+            Kind::Sysinfo => MemCall::Sysinfo { buf: a[0] },
         })
     }
 
@@ -229,6 +254,11 @@ mod tests {
             "compat args are 32-bit"
         );
         assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 59, args), Some(MemCall::Exec));
+        let info = Some(MemCall::Sysinfo { buf: 0x1000 });
+        assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 99, [0x1000, 0, 0, 0, 0, 0]), info);
+        assert_eq!(MemCall::decode(AUDIT_ARCH_I386, 116, [0x1_0000_1000, 0, 0, 0, 0, 0]), info);
+        assert_eq!(MemCall::decode(AUDIT_ARCH_AARCH64, 179, [0x1000, 0, 0, 0, 0, 0]), info);
+        assert_eq!(MemCall::Sysinfo { buf: 0 }.request(4096), None, "never grows the heap");
         assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 0, args), None, "read is not a memory call");
         assert_eq!(MemCall::decode(0x1234, 9, args), None, "unknown arch passes");
     }

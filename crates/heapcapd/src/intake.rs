@@ -172,7 +172,7 @@ fn take(
             }
             OnBadSettings::Audit => {
                 tracing::warn!(container = %id, error = %source, "bad heapcap settings: running unquota'd in audit mode");
-                Settings { limits: Limits::default(), mode: Mode::Audit }
+                Settings { limits: Limits::default(), mode: Mode::Audit, ..Settings::default() }
             }
         },
     };

@@ -34,7 +34,7 @@ impl Record {
     /// What the ledger holds now, for the container named `pod`.
     pub fn of(ledger: &Ledger, pod: Option<Pod>) -> Record {
         let limits = ledger.limits();
-        let mut record = Record::new(&Settings { limits, mode: ledger.mode() }, pod);
+        let mut record = Record::new(&Settings { limits, mode: ledger.mode(), ..Settings::default() }, pod);
         record.process_limits =
             ledger.summaries().into_iter().filter(|p| p.limit != limits.process).map(|p| (p.pid, p.limit)).collect();
         record
@@ -50,6 +50,9 @@ impl Record {
         Settings {
             limits: Limits { process: self.limit, total: self.total_limit },
             mode: if self.audit { Mode::Audit } else { Mode::Enforce },
+            // What a process sees as its machine is decided by its filter (which sends `sysinfo`
+            // or not), not by heapcapd: nothing to keep across a restart.
+            ..Settings::default()
         }
     }
 
