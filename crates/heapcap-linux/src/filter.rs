@@ -91,11 +91,20 @@ impl Program {
     /// The program that sends heap growth to a listener: native ABI (and x32 on x86_64)
     /// plus the 32-bit compat ABI.
     pub fn heap_notify() -> Result<Program, FilterError> {
+        Self::heap_notify_with(Extra::default())
+    }
+
+    /// [`Program::heap_notify`], sending `extra` calls too.
+    pub fn heap_notify_with(extra: Extra) -> Result<Program, FilterError> {
+        let with = |base: &[NotifyRule]| -> Vec<NotifyRule> {
+            let machine = if extra.machine { rules::MACHINE } else { &[] };
+            base.iter().chain(machine).copied().collect()
+        };
         let native = ScmpArch::native();
-        let extra: &[ScmpArch] = if native == ScmpArch::X8664 { &[ScmpArch::X32] } else { &[] };
-        let mut ctx = context(native, rules::NATIVE, extra)?;
+        let arches: &[ScmpArch] = if native == ScmpArch::X8664 { &[ScmpArch::X32] } else { &[] };
+        let mut ctx = context(native, &with(rules::NATIVE), arches)?;
         if let Some(compat) = compat_arch() {
-            ctx.merge(context(compat, rules::COMPAT, &[])?).map_err(FilterError::Merge)?;
+            ctx.merge(context(compat, &with(rules::COMPAT), &[])?).map_err(FilterError::Merge)?;
         }
         Self::export(&ctx)
     }
@@ -177,6 +186,13 @@ impl Program {
     }
 }
 
+/// What a program sends besides heap growth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extra {
+    /// `sysinfo` ([`rules::MACHINE`]): the process is to see its quota as its machine's memory.
+    pub machine: bool,
+}
+
 /// How to load the program.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadFlags {
@@ -205,5 +221,7 @@ mod tests {
         let p = Program::heap_notify().expect("libseccomp builds the heap-notify program");
         assert!(p.len() > 10 && p.len() < 400, "{} instructions", p.len());
         assert_eq!(p.to_bytes().len(), p.len() * 8);
+        let more = Program::heap_notify_with(Extra { machine: true }).expect("with sysinfo");
+        assert!(more.len() > p.len(), "sysinfo adds its test");
     }
 }

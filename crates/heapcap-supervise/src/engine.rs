@@ -28,6 +28,8 @@ use crate::supervisor::Supervisor;
 use crate::threads::Threads;
 use heapcap_policy::denial::Denial;
 
+mod machine;
+
 /// What a notification needs answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -36,6 +38,8 @@ pub enum Answer {
     Deny(Box<Denial>),
     /// The call is no longer pending (its caller left or died): nothing to answer.
     Drop,
+    /// heapcap carried the call out itself (`sysinfo`): answer with this.
+    Reply(crate::notifier::Reply),
 }
 
 /// Why a read gave nothing.
@@ -202,6 +206,9 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 self.runtime = false;
             }
             return Answer::Allow;
+        }
+        if let MemCall::Sysinfo { buf } = call {
+            return self.sysinfo(l, n, pid, buf);
         }
         let Some(req) = req else { return Answer::Allow };
         let step = match step {

@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use heapcap_linux::fdpass::recv_fds;
-use heapcap_linux::filter::{LoadFlags, Program};
+use heapcap_linux::filter::{Extra, LoadFlags, Program};
 use heapcap_linux::notify::Listener;
 use heapcap_linux::spawn::under_filter;
+use heapcap_policy::settings::Settings;
 use heapcap_supervise::{ExitWatcher, Ledger, Limits, Mode, Serve, Supervisor};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -50,7 +51,10 @@ pub fn main(args: RunArgs) -> ExitCode {
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let limits = Limits { process: args.limit.map(|s| s.bytes()), total: args.total_limit.map(|s| s.bytes()) };
     let mode = if args.audit { Mode::Audit } else { Mode::Enforce };
-    let program = Program::heap_notify().context("cannot build the seccomp filter")?;
+    let settings = Settings { limits, mode, machine: args.machine_memory };
+    // Where the command is to see its quota as its machine's memory, its filter sends sysinfo too.
+    let extra = Extra { machine: settings.quota_as_machine() };
+    let program = Program::heap_notify_with(extra).context("cannot build the seccomp filter")?;
 
     // Block the signals we handle before any thread starts, so they all inherit the mask and
     // the signals reach the signalfd. The command gets an empty mask back before exec.
