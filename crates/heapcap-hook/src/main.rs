@@ -28,7 +28,7 @@ use heapcap_env::flag;
 use heapcap_env::paths::{how_to_start, Paths};
 use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
 use heapcap_linux::fdpass::send_fd;
-use heapcap_linux::filter::Program;
+use heapcap_linux::filter::{Extra, Program};
 use heapcap_linux::inject::install_listener;
 use heapcap_oci::{apply_json, cmdline, kubernetes, Defaults, Outcome};
 use heapcap_policy::settings;
@@ -155,10 +155,10 @@ fn prestart(cli: &Cli) -> Result<()> {
     }
     let wanted = settings::resolve(annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())), None)
         .with_context(|| format!("container {id}: bad heapcap annotation"))?;
-    if wanted.is_none() {
+    let Some(wanted) = wanted else {
         // Not ours: untouched.
         return Ok(());
-    }
+    };
     let Some(pid) = state.pid().and_then(|p| u32::try_from(p).ok()).filter(|p| *p > 0) else {
         bail!("container {id}: the runtime gave no pid in the state: heapcap-hook must run as a prestart or createRuntime hook");
     };
@@ -190,7 +190,8 @@ fn prestart(cli: &Cli) -> Result<()> {
 
     // A heapcapd that accepts but never reads must not hang the container's start.
     sock.set_write_timeout(Some(Duration::from_secs(5))).context("cannot set a timeout on heapcapd's socket")?;
-    let program = Program::heap_notify().context("cannot build heapcap's seccomp filter")?;
+    // sysinfo too where the container's programs are to see their quota as their machine's memory.
+    let program = Program::heap_notify_with(Extra::of(&wanted)).context("cannot build heapcap's seccomp filter")?;
     let injected = install_listener(pid, &program)
         .with_context(|| format!("container {id}: cannot install heapcap's filter into its init (pid {pid})"))?;
 

@@ -4,6 +4,7 @@
 use std::io::{Read, Seek};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
+pub use heapcap_policy::rules::Extra;
 use heapcap_policy::rules::{self, ArgTest, NotifyRule};
 use libseccomp::{ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
 
@@ -96,15 +97,11 @@ impl Program {
 
     /// [`Program::heap_notify`], sending `extra` calls too.
     pub fn heap_notify_with(extra: Extra) -> Result<Program, FilterError> {
-        let with = |base: &[NotifyRule]| -> Vec<NotifyRule> {
-            let machine = if extra.machine { rules::MACHINE } else { &[] };
-            base.iter().chain(machine).copied().collect()
-        };
         let native = ScmpArch::native();
         let arches: &[ScmpArch] = if native == ScmpArch::X8664 { &[ScmpArch::X32] } else { &[] };
-        let mut ctx = context(native, &with(rules::NATIVE), arches)?;
+        let mut ctx = context(native, &extra.with(rules::NATIVE), arches)?;
         if let Some(compat) = compat_arch() {
-            ctx.merge(context(compat, &with(rules::COMPAT), &[])?).map_err(FilterError::Merge)?;
+            ctx.merge(context(compat, &extra.with(rules::COMPAT), &[])?).map_err(FilterError::Merge)?;
         }
         Self::export(&ctx)
     }
@@ -184,13 +181,6 @@ impl Program {
             return Err(err);
         }
     }
-}
-
-/// What a program sends besides heap growth.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Extra {
-    /// `sysinfo` ([`rules::MACHINE`]): the process is to see its quota as its machine's memory.
-    pub machine: bool,
 }
 
 /// How to load the program.

@@ -15,6 +15,8 @@ use oci_spec::runtime::{LinuxSeccompAction, LinuxSeccompArg, LinuxSyscall};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use heapcap_policy::rules::Extra;
+
 use crate::merge::{check_no_listener, merge_entries, Action, Entry, MergeError};
 
 /// A containers/common seccomp profile. Fields heapcap does not look at are kept as they are.
@@ -137,10 +139,15 @@ impl ContainersProfile {
     /// Merge heapcap's notify rules, as [`crate::merge_into`] does for an OCI profile, and make the
     /// runtime send the listener to `listener_path`. On error the profile is unchanged.
     pub fn merge(&mut self, listener_path: &Path, metadata: Option<&str>) -> Result<(), MergeError> {
+        self.merge_with(listener_path, metadata, Extra::default())
+    }
+
+    /// [`ContainersProfile::merge`], sending the `extra` calls too (where the profile lets them run).
+    pub fn merge_with(&mut self, listener_path: &Path, metadata: Option<&str>, extra: Extra) -> Result<(), MergeError> {
         let default = Action::new(self.default_action, self.default_errno_ret);
         check_no_listener(self.listener_path.as_deref(), self.listener_metadata.as_deref())?;
         let mut entries = self.syscalls.clone().unwrap_or_default();
-        merge_entries(&mut entries, default)?;
+        merge_entries(&mut entries, default, extra)?;
         self.syscalls = Some(entries);
         self.listener_path = Some(listener_path.to_path_buf());
         self.listener_metadata = metadata.map(str::to_string);

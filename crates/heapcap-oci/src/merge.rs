@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSyscall};
 
-use crate::seccomp::{group, plan};
+use heapcap_policy::rules::Extra;
+
+use crate::seccomp::{group, plan_with};
 
 /// Why heapcap's rules cannot be merged into a profile.
 #[derive(Debug, thiserror::Error)]
@@ -194,7 +196,7 @@ fn runs_today<'a, E: Entry>(
 }
 
 /// Merge heapcap's rules into `entries` of a profile whose default action is `default`.
-pub(crate) fn merge_entries<E: Entry>(entries: &mut Vec<E>, default: Action) -> Result<(), MergeError> {
+pub(crate) fn merge_entries<E: Entry>(entries: &mut Vec<E>, default: Action, extra: Extra) -> Result<(), MergeError> {
     if default.kind == LinuxSeccompAction::ScmpActNotify {
         return Err(MergeError::NotifyDefault);
     }
@@ -209,7 +211,7 @@ pub(crate) fn merge_entries<E: Entry>(entries: &mut Vec<E>, default: Action) -> 
     let original = entries.clone();
     let mut buckets: Vec<Bucket<E>> = Vec::new();
     let mut taken: Vec<(&'static str, String)> = Vec::new();
-    for plan in plan() {
+    for plan in plan_with(extra) {
         let runs = runs_today(plan.name, &original, default)?;
         for Runs { scope, entry: template, action } in runs {
             taken.push((plan.name, scope.clone()));
@@ -302,10 +304,20 @@ pub(crate) fn check_no_listener(path: Option<&Path>, metadata: Option<&str>) -> 
 /// The merged profile denies what `profile` denied, and allows what it allowed except that the
 /// calls heapcap's rules select go to the agent. On error `profile` is unchanged.
 pub fn merge_into(profile: &mut LinuxSeccomp, listener_path: &Path, metadata: Option<&str>) -> Result<(), MergeError> {
+    merge_into_with(profile, listener_path, metadata, Extra::default())
+}
+
+/// [`merge_into`], sending the `extra` calls too (where the profile lets them run at all).
+pub fn merge_into_with(
+    profile: &mut LinuxSeccomp,
+    listener_path: &Path,
+    metadata: Option<&str>,
+    extra: Extra,
+) -> Result<(), MergeError> {
     let default = Action::new(profile.default_action(), profile.default_errno_ret());
     check_no_listener(profile.listener_path().as_deref(), profile.listener_metadata().as_deref())?;
     let mut entries = profile.syscalls().clone().unwrap_or_default();
-    merge_entries(&mut entries, default)?;
+    merge_entries(&mut entries, default, extra)?;
     profile.set_syscalls(Some(entries));
     profile.set_listener_path(Some(PathBuf::from(listener_path)));
     profile.set_listener_metadata(metadata.map(str::to_string));

@@ -35,7 +35,7 @@
 
 use std::path::Path;
 
-use heapcap_policy::rules::{self, ArgTest};
+use heapcap_policy::rules::{self, ArgTest, Extra};
 use oci_spec::runtime::{
     Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompArgBuilder, LinuxSeccompOperator, LinuxSyscall,
 };
@@ -96,9 +96,9 @@ fn render_cube(cube: &Cube) -> Vec<LinuxSeccompArg> {
 }
 
 /// The calls heapcap's rules name, in the order they first appear in NATIVE, then COMPAT.
-fn syscall_names() -> Vec<&'static str> {
+fn syscall_names(native: &[rules::NotifyRule], compat: &[rules::NotifyRule]) -> Vec<&'static str> {
     let mut names: Vec<&'static str> = Vec::new();
-    for rule in rules::NATIVE.iter().chain(rules::COMPAT) {
+    for rule in native.iter().chain(compat) {
         if !names.contains(&rule.syscall) {
             names.push(rule.syscall);
         }
@@ -108,15 +108,21 @@ fn syscall_names() -> Vec<&'static str> {
 
 /// Every call heapcap notifies, with the notify and keep conditions that hold on all ABIs.
 pub fn plan() -> Vec<SyscallPlan> {
-    syscall_names()
+    plan_with(Extra::default())
+}
+
+/// [`plan`], with the `extra` calls too.
+pub fn plan_with(extra: Extra) -> Vec<SyscallPlan> {
+    let (native_rules, compat_rules) = (extra.with(rules::NATIVE), extra.with(rules::COMPAT));
+    syscall_names(&native_rules, &compat_rules)
         .into_iter()
         .map(|name| {
-            let tests_of = |set: &'static [rules::NotifyRule]| -> Vec<&'static [ArgTest]> {
+            let tests_of = |set: &[rules::NotifyRule]| -> Vec<&'static [ArgTest]> {
                 set.iter().filter(|r| r.syscall == name).map(|r| r.tests).collect()
             };
-            let native = tests_of(rules::NATIVE);
+            let native = tests_of(&native_rules);
             // Rules the 32-bit ABIs need beyond the native ones.
-            let compat_only: Vec<_> = tests_of(rules::COMPAT).into_iter().filter(|t| !native.contains(t)).collect();
+            let compat_only: Vec<_> = tests_of(&compat_rules).into_iter().filter(|t| !native.contains(t)).collect();
             let mut exact = native.clone();
             let mut guard = None;
             for tests in compat_only {
@@ -166,7 +172,12 @@ pub(crate) fn group(
 /// heapcap's notify rules as OCI syscall entries with action `SCMP_ACT_NOTIFY`, for a profile
 /// whose `architectures` are any of x86_64, x86, x32, aarch64, arm.
 pub fn notify_syscalls() -> Vec<LinuxSyscall> {
-    let alternatives = plan().into_iter().flat_map(|p| p.notify.into_iter().map(move |args| (p.name, args)));
+    notify_syscalls_with(Extra::default())
+}
+
+/// [`notify_syscalls`], with the `extra` calls too.
+pub fn notify_syscalls_with(extra: Extra) -> Vec<LinuxSyscall> {
+    let alternatives = plan_with(extra).into_iter().flat_map(|p| p.notify.into_iter().map(move |args| (p.name, args)));
     group(alternatives, LinuxSeccompAction::ScmpActNotify)
 }
 
@@ -176,12 +187,17 @@ pub fn notify_syscalls() -> Vec<LinuxSyscall> {
 /// It restricts nothing: combine it with no other profile, or use [`crate::merge_into`] to add
 /// heapcap to a profile that does.
 pub fn heapcap_profile(listener_path: &Path, metadata: Option<&str>) -> LinuxSeccomp {
+    heapcap_profile_with(listener_path, metadata, Extra::default())
+}
+
+/// [`heapcap_profile`], sending the `extra` calls too.
+pub fn heapcap_profile_with(listener_path: &Path, metadata: Option<&str>, extra: Extra) -> LinuxSeccomp {
     let mut profile = LinuxSeccomp::default();
     profile.set_default_action(LinuxSeccompAction::ScmpActAllow);
     profile.set_architectures(Some(vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]));
     profile.set_listener_path(Some(listener_path.to_path_buf()));
     profile.set_listener_metadata(metadata.map(str::to_string));
-    profile.set_syscalls(Some(notify_syscalls()));
+    profile.set_syscalls(Some(notify_syscalls_with(extra)));
     profile
 }
 
@@ -257,6 +273,18 @@ mod tests {
             let always = plan.notify.iter().any(Vec::is_empty);
             assert_eq!(always, plan.keep.is_empty(), "{}", plan.name);
         }
+    }
+
+    #[test]
+    fn sysinfo_is_sent_only_when_asked_for() {
+        let sends = |entries: &[LinuxSyscall]| entries.iter().any(|e| e.names().iter().any(|n| n == "sysinfo"));
+        assert!(!sends(&notify_syscalls()));
+        let with = notify_syscalls_with(Extra { machine: true });
+        assert!(sends(&with));
+        let sysinfo = with.iter().find(|e| e.names().iter().any(|n| n == "sysinfo")).unwrap();
+        assert_eq!(sysinfo.args(), &None, "every sysinfo call, on every ABI");
+        let plan = plan_with(Extra { machine: true });
+        assert!(plan.iter().any(|p| p.name == "sysinfo" && p.keep.is_empty()));
     }
 
     #[test]

@@ -58,3 +58,23 @@ pub const COMPAT: &[NotifyRule] = &[
 /// ([`crate::machine`]): `sysinfo`, on every ABI. Nothing else reads it, so the memory calls'
 /// path is the same with or without it.
 pub const MACHINE: &[NotifyRule] = &[NotifyRule { syscall: "sysinfo", tests: &[] }];
+
+/// Calls a filter sends besides heap growth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extra {
+    /// `sysinfo` ([`MACHINE`]): the process is to see its quota as its machine's memory.
+    pub machine: bool,
+}
+
+impl Extra {
+    /// What a container (or a `heapcap run` tree) with `settings` needs sent.
+    pub fn of(settings: &crate::settings::Settings) -> Extra {
+        Extra { machine: settings.quota_as_machine() }
+    }
+
+    /// `base` and the extra rules.
+    pub fn with(self, base: &[NotifyRule]) -> Vec<NotifyRule> {
+        let machine = if self.machine { MACHINE } else { &[] };
+        base.iter().chain(machine).copied().collect()
+    }
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use heapcap_policy::ledger::{Figure, Ledger, ThreadState};
 
 use crate::accounts::Accounts;
-use crate::emulate::{Emulator, LinuxEmulator};
+use crate::emulate::Emulator;
 use crate::exits::ExitWatcher;
 use crate::procview::{checked, Checked, LinuxProc, ProcView, Reading, Task, Want};
 use heapcap_policy::denial::Denial;
@@ -101,7 +101,6 @@ impl Supervisor<LinuxProc> {
     /// `on_denial`.
     pub fn new(ledger: Ledger, exits: Arc<ExitWatcher>, on_denial: Box<dyn Fn(&Denial) + Send + Sync>) -> Self {
         Supervisor::with_view(ledger, LinuxProc::default(), Some(exits), heapcap_linux::page_size(), on_denial)
-            .with_emulator(Box::new(LinuxEmulator))
     }
 }
 

@@ -11,7 +11,7 @@ use heapcap_linux::filter::{Extra, LoadFlags, Program};
 use heapcap_linux::notify::Listener;
 use heapcap_linux::spawn::under_filter;
 use heapcap_policy::settings::Settings;
-use heapcap_supervise::{ExitWatcher, Ledger, Limits, Mode, Serve, Supervisor};
+use heapcap_supervise::{ExitWatcher, Ledger, Limits, LinuxEmulator, Mode, Serve, Supervisor};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{kill, raise, SigSet, Signal};
@@ -53,7 +53,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mode = if args.audit { Mode::Audit } else { Mode::Enforce };
     let settings = Settings { limits, mode, machine: args.machine_memory };
     // Where the command is to see its quota as its machine's memory, its filter sends sysinfo too.
-    let extra = Extra { machine: settings.quota_as_machine() };
+    let extra = Extra::of(&settings);
     let program = Program::heap_notify_with(extra).context("cannot build the seccomp filter")?;
 
     // Block the signals we handle before any thread starts, so they all inherit the mask and
@@ -76,7 +76,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             sink_log.log(d);
         }
     });
-    let supervisor = Arc::new(Supervisor::new(Ledger::new(limits, mode, heapcap_linux::page_size()), exits, sink));
+    let supervisor = Supervisor::new(Ledger::new(limits, mode, heapcap_linux::page_size()), exits, sink);
+    let supervisor = Arc::new(match extra.machine {
+        true => supervisor.with_emulator(Box::new(LinuxEmulator)),
+        false => supervisor,
+    });
 
     let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
     let done = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).context("cannot create an eventfd")?);

@@ -7,6 +7,7 @@ use heapcap_holder::Client;
 use heapcap_linux::journal::Slot;
 use heapcap_linux::notify::Listener;
 use heapcap_policy::ledger::Limits;
+use heapcap_policy::machine::MachineMemory;
 use heapcap_supervise::Supervisor;
 
 use crate::record::Record;
@@ -28,6 +29,8 @@ pub struct Container {
     pub id: String,
     /// Its Kubernetes names, when a CRI runtime started it.
     pub pod: Option<Pod>,
+    /// What its programs see as their machine's memory.
+    pub machine: MachineMemory,
     pub supervisor: Supervisor,
     pub(crate) holder: Option<Arc<Client>>,
 }
@@ -62,7 +65,7 @@ impl Container {
     /// Tell the holder the container's quotas now.
     fn save(&self) {
         let Some(holder) = &self.holder else { return };
-        let record = self.supervisor.accounts().with_ledger(|l| Record::of(l, self.pod.clone()));
+        let record = self.supervisor.accounts().with_ledger(|l| Record::of(l, self.pod.clone(), self.machine));
         if let Err(e) = holder.update(&self.id, record.to_json()) {
             tracing::warn!(container = %self.id, error = %e, "cannot tell the holder the new quotas");
         }

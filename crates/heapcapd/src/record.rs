@@ -4,6 +4,7 @@
 
 use heapcap_control::Pod;
 use heapcap_policy::ledger::{Ledger, Limits, Mode};
+use heapcap_policy::machine::MachineMemory;
 use heapcap_policy::settings::Settings;
 
 /// A container's record.
@@ -18,6 +19,10 @@ pub struct Record {
     /// The container's Kubernetes names (absent from earlier heapcapds' records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<Pod>,
+    /// `heapcap.io/machine-memory: host`: `sysinfo` is left to the kernel even where the profile
+    /// sends it (absent, as false, from earlier heapcapds' records).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    host_memory: bool,
 }
 
 impl Record {
@@ -28,13 +33,14 @@ impl Record {
             audit: settings.mode == Mode::Audit,
             process_limits: Vec::new(),
             pod,
+            host_memory: settings.machine == MachineMemory::Host,
         }
     }
 
-    /// What the ledger holds now, for the container named `pod`.
-    pub fn of(ledger: &Ledger, pod: Option<Pod>) -> Record {
+    /// What the ledger holds now, for the container named `pod` whose programs see `machine`.
+    pub fn of(ledger: &Ledger, pod: Option<Pod>, machine: MachineMemory) -> Record {
         let limits = ledger.limits();
-        let mut record = Record::new(&Settings { limits, mode: ledger.mode(), ..Settings::default() }, pod);
+        let mut record = Record::new(&Settings { limits, mode: ledger.mode(), machine }, pod);
         record.process_limits =
             ledger.summaries().into_iter().filter(|p| p.limit != limits.process).map(|p| (p.pid, p.limit)).collect();
         record
@@ -43,16 +49,21 @@ impl Record {
     /// A record that could not be read: the container is served unquota'd in audit mode (never
     /// dropped: its programs would fail).
     pub fn unreadable() -> Record {
-        Record { limit: None, total_limit: None, audit: true, process_limits: Vec::new(), pod: None }
+        Record {
+            limit: None,
+            total_limit: None,
+            audit: true,
+            process_limits: Vec::new(),
+            pod: None,
+            host_memory: false,
+        }
     }
 
     pub fn settings(&self) -> Settings {
         Settings {
             limits: Limits { process: self.limit, total: self.total_limit },
             mode: if self.audit { Mode::Audit } else { Mode::Enforce },
-            // What a process sees as its machine is decided by its filter (which sends `sysinfo`
-            // or not), not by heapcapd: nothing to keep across a restart.
-            ..Settings::default()
+            machine: if self.host_memory { MachineMemory::Host } else { MachineMemory::Quota },
         }
     }
 
@@ -73,11 +84,21 @@ mod tests {
         assert_eq!(old.settings().limits.process, Some(64 << 20));
         let mut ledger = Ledger::new(old.settings().limits, Mode::Audit, 4096);
         ledger.set_limits(Limits { process: None, total: Some(1 << 30) });
-        let now = Record::of(&ledger, None);
+        let now = Record::of(&ledger, None, MachineMemory::Quota);
         assert_eq!(
             now.to_json(),
             serde_json::json!({"limit": null, "total_limit": 1073741824, "audit": true, "process_limits": []})
         );
+    }
+
+    #[test]
+    fn the_host_memory_opt_out_travels_to_the_next_heapcapd() {
+        let host = Settings { machine: MachineMemory::Host, ..Settings::default() };
+        let json = Record::new(&host, None).to_json();
+        assert_eq!(json["host_memory"], serde_json::json!(true));
+        let back: Record = serde_json::from_value(json).unwrap();
+        assert_eq!(back.settings().machine, MachineMemory::Host);
+        assert!(Record::new(&Settings::default(), None).to_json().get("host_memory").is_none(), "the default is not written");
     }
 
     #[test]
