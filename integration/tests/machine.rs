@@ -29,7 +29,11 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 
 fn java() -> PathBuf {
     let java = Path::new(JDK).join("bin/java");
-    assert!(java.exists(), "no JVM at {}: run scripts/setup.sh (apt-get install openjdk-17-jdk-headless)", java.display());
+    assert!(
+        java.exists(),
+        "no JVM at {}: run scripts/setup.sh (apt-get install openjdk-17-jdk-headless)",
+        java.display()
+    );
     java
 }
 
@@ -41,12 +45,9 @@ fn leak_classes() -> &'static Path {
         std::fs::create_dir_all(&dir).expect("class dir");
         let javac = Path::new(JDK).join("bin/javac");
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/Leak.java");
-        let out = Command::new(&javac)
-            .arg("-d")
-            .arg(&dir)
-            .arg(&source)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}: run scripts/setup.sh (openjdk-17-jdk-headless)", javac.display()));
+        let out = Command::new(&javac).arg("-d").arg(&dir).arg(&source).output().unwrap_or_else(|e| {
+            panic!("cannot run {}: {e}: run scripts/setup.sh (openjdk-17-jdk-headless)", javac.display())
+        });
         assert!(out.status.success(), "javac failed: {}", show(&out));
         dir
     })
@@ -192,10 +193,8 @@ fn in_containers_the_quota_is_the_machine_too() {
         assert_eq!((total, phys), (256 * MIB, 256 * MIB), "{rt:?}");
         b.args(&["/bin/free"]);
         assert_eq!(free_total_kib(&b.run(rt, &unique_id("free"))), 256 * 1024, "{rt:?}");
-        let mut host = d.bundle(
-            &[("heapcap.io/limit", "256Mi"), ("heapcap.io/machine-memory", "host")],
-            &["/sysinfo", "sysinfo"],
-        );
+        let mut host =
+            d.bundle(&[("heapcap.io/limit", "256Mi"), ("heapcap.io/machine-memory", "host")], &["/sysinfo", "sysinfo"]);
         host.copy_into_rootfs(SYSINFO, "/sysinfo");
         profile(&mut host);
         let (total, _, _) = figures(&host.run(rt, &unique_id("sysinfo-host")));

@@ -32,7 +32,7 @@ pub mod spec;
 mod testdata;
 
 pub use containers::ContainersProfile;
-pub use merge::{merge_into, merge_into_with, MergeError};
 pub use heapcap_policy::rules::Extra;
+pub use merge::{merge_into, merge_into_with, MergeError};
 pub use seccomp::{heapcap_profile, heapcap_profile_with, notify_syscalls, notify_syscalls_with};
 pub use spec::{apply_json, Defaults, Outcome, SpecError};

@@ -11,10 +11,11 @@
 //!
 //! Every value is validated first; a bad one is an error naming where it came from and what to
 //! write, never a container that runs silently unlimited. Then `linux.seccomp` gets heapcap's
-//! notify rules ([`merge_into`] an existing profile, which never widens it, or
-//! [`heapcap_profile`] when there is none; `sysinfo` too where the container's programs are to see
-//! their quota as their machine's memory, [`Settings::quota_as_machine`]), `listenerPath`, and the settings as
-//! `listenerMetadata` (`key=value` pairs), so heapcapd has them also when they did not come from
+//! notify rules ([`merge_into`](crate::merge_into) an existing profile, which never widens it,
+//! or [`heapcap_profile`](crate::heapcap_profile) when there is none; `sysinfo` too where the
+//! container's programs are to see their quota as their machine's memory,
+//! [`Settings::quota_as_machine`]), `listenerPath`, and the settings as `listenerMetadata`
+//! (`key=value` pairs), so heapcapd has them also when they did not come from
 //! annotations. A container that asks for nothing is not touched: [`Outcome::Unchanged`]; nor is a
 //! Kubernetes pod's sandbox ([`kubernetes::is_sandbox`]), whatever its annotations say: containerd
 //! copies the pod's `heapcap.io/*` annotations to it, and they are meant for the pod's containers
@@ -341,7 +342,10 @@ mod tests {
         assert_eq!(metadata, "heapcap.io/limit=64Mi");
         let seccomp: LinuxSeccomp = serde_json::from_value(spec["linux"]["seccomp"].clone()).unwrap();
         let machine = Extra { machine: true };
-        assert_eq!(seccomp, heapcap_profile_with(Path::new("/run/x/agent.sock"), Some("heapcap.io/limit=64Mi"), machine));
+        assert_eq!(
+            seccomp,
+            heapcap_profile_with(Path::new("/run/x/agent.sock"), Some("heapcap.io/limit=64Mi"), machine)
+        );
         // Only linux.seccomp changed.
         let mut without = spec.clone();
         without["linux"].as_object_mut().unwrap().remove("seccomp");
@@ -392,9 +396,10 @@ mod tests {
     fn sysinfo_is_sent_where_a_quota_is_enforced_unless_the_host_is_asked_for() {
         let sends_sysinfo = |spec: &Value| {
             let p: LinuxSeccomp = serde_json::from_value(spec["linux"]["seccomp"].clone()).unwrap();
-            p.syscalls().iter().flatten().any(|s| {
-                s.action() == LinuxSeccompAction::ScmpActNotify && s.names().iter().any(|n| n == "sysinfo")
-            })
+            p.syscalls()
+                .iter()
+                .flatten()
+                .any(|s| s.action() == LinuxSeccompAction::ScmpActNotify && s.names().iter().any(|n| n == "sysinfo"))
         };
         for (pairs, env, sends) in [
             (vec![(LIMIT, "256Mi")], vec![], true),

@@ -24,7 +24,7 @@ pub mod size;
 pub mod syscall;
 
 pub use denial::Denial;
-pub use machine::MachineMemory;
 pub use ledger::{Deny, Figure, Ledger, Limits, Mode, NameError, Need, Scope, Step, Verdict};
+pub use machine::MachineMemory;
 pub use quota::{Quota, QuotaError};
 pub use size::{Size, SizeError};

@@ -183,7 +183,10 @@ mod tests {
         let e = resolve([(MODE, "strict")], None).unwrap_err();
         assert!(e.to_string().contains("enforce or audit"), "{e}");
         let e = resolve([(MACHINE_MEMORY, "off")], None).unwrap_err();
-        assert!(e.to_string().starts_with("heapcap.io/machine-memory: 'off' is not a machine memory: write quota"), "{e}");
+        assert!(
+            e.to_string().starts_with("heapcap.io/machine-memory: 'off' is not a machine memory: write quota"),
+            "{e}"
+        );
         let e = resolve([("heapcap.io/limits", "64Mi")], None).unwrap_err();
         assert!(e.to_string().contains("heapcap.io/limit,"), "{e}");
         assert!(matches!(resolve([], Some("heapcap.io/limit")), Err(SettingsError::Metadata(_))));

@@ -55,12 +55,26 @@ impl Abi {
     fn table(self) -> &'static [(i32, Kind)] {
         use Kind::*;
         match self {
-            Abi::X86_64 => {
-                &[(9, Mmap), (10, Mprotect), (12, Brk), (25, Mremap), (59, Exec), (322, Exec), (329, Mprotect), (99, Sysinfo)]
-            }
-            Abi::X32 => {
-                &[(9, Mmap), (10, Mprotect), (12, Brk), (25, Mremap), (520, Exec), (545, Exec), (329, Mprotect), (99, Sysinfo)]
-            }
+            Abi::X86_64 => &[
+                (9, Mmap),
+                (10, Mprotect),
+                (12, Brk),
+                (25, Mremap),
+                (59, Exec),
+                (322, Exec),
+                (329, Mprotect),
+                (99, Sysinfo),
+            ],
+            Abi::X32 => &[
+                (9, Mmap),
+                (10, Mprotect),
+                (12, Brk),
+                (25, Mremap),
+                (520, Exec),
+                (545, Exec),
+                (329, Mprotect),
+                (99, Sysinfo),
+            ],
             Abi::I386 => &[
                 (45, Brk),
                 (90, OldMmap),
@@ -72,30 +86,26 @@ impl Abi {
                 (380, Mprotect),
                 (116, Sysinfo),
             ],
-            Abi::Aarch64 => {
-                &[
-                    (214, Brk),
-                    (216, Mremap),
-                    (221, Exec),
-                    (222, Mmap),
-                    (226, Mprotect),
-                    (281, Exec),
-                    (288, Mprotect),
-                    (179, Sysinfo),
-                ]
-            }
-            Abi::Arm => {
-                &[
-                    (45, Brk),
-                    (125, Mprotect),
-                    (163, Mremap),
-                    (192, Mmap),
-                    (11, Exec),
-                    (387, Exec),
-                    (394, Mprotect),
-                    (116, Sysinfo),
-                ]
-            }
+            Abi::Aarch64 => &[
+                (214, Brk),
+                (216, Mremap),
+                (221, Exec),
+                (222, Mmap),
+                (226, Mprotect),
+                (281, Exec),
+                (288, Mprotect),
+                (179, Sysinfo),
+            ],
+            Abi::Arm => &[
+                (45, Brk),
+                (125, Mprotect),
+                (163, Mremap),
+                (192, Mmap),
+                (11, Exec),
+                (387, Exec),
+                (394, Mprotect),
+                (116, Sysinfo),
+            ],
         }
     }
 }

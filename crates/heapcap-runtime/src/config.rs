@@ -116,9 +116,9 @@ impl Config {
         let d = &self.defaults;
         let settings =
             [(LIMIT, &d.limit), (TOTAL_LIMIT, &d.total_limit), (MODE, &d.mode), (MACHINE_MEMORY, &d.machine_memory)]
-            .into_iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
-            .collect();
+                .into_iter()
+                .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
+                .collect();
         Defaults {
             listener_path: self.listener_path.clone().unwrap_or_else(|| socket.to_path_buf()),
             settings,

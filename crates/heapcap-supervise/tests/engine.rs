@@ -11,9 +11,9 @@ use std::time::Duration;
 use heapcap_linux::notify::Notification;
 use heapcap_policy::denial::Denial;
 use heapcap_policy::ledger::{Limits, Mode, Scope, ThreadState};
+use heapcap_policy::machine::SysInfo;
 use heapcap_supervise::{Answer, Engine, Ledger, Reply, Serve, Supervisor};
 use proptest::prelude::*;
-use heapcap_policy::machine::SysInfo;
 use script::{anon, Cue, Failure, Memory, View, What, World, MIB, PAGE};
 
 const MMAP: i32 = 9;
@@ -407,7 +407,11 @@ fn sysinfo_under_a_quota_tells_the_quota_that_applies_as_the_machine() {
         assert_eq!(writes.len(), 1);
         let (tid, addr, bytes) = &writes[0];
         assert_eq!((*tid, *addr, bytes.len()), (500, BUF, 112), "the caller's buffer, all of it");
-        assert_eq!(written(bytes), (256 * MIB, 256 * MIB - bound, 4242, 180, 1), "quota, quota less heap, the rest the kernel's");
+        assert_eq!(
+            written(bytes),
+            (256 * MIB, 256 * MIB - bound, 4242, 180, 1),
+            "quota, quota less heap, the rest the kernel's"
+        );
     }
     // A neighbour holding 200 MiB of the 300 MiB total leaves this process less than its own quota.
     r.world.spawn(501, "neighbour", vec![anon(1 << 20, 200 * MIB)]);

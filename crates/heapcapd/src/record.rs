@@ -98,7 +98,10 @@ mod tests {
         assert_eq!(json["host_memory"], serde_json::json!(true));
         let back: Record = serde_json::from_value(json).unwrap();
         assert_eq!(back.settings().machine, MachineMemory::Host);
-        assert!(Record::new(&Settings::default(), None).to_json().get("host_memory").is_none(), "the default is not written");
+        assert!(
+            Record::new(&Settings::default(), None).to_json().get("host_memory").is_none(),
+            "the default is not written"
+        );
     }
 
     #[test]

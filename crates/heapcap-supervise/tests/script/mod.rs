@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use heapcap_linux::notify::{Answered, Notification, Recv};
+use heapcap_linux::processvm::VmError;
 use heapcap_linux::procfs::ProcError;
 use heapcap_policy::ledger::{Snapshot, ThreadState};
+use heapcap_policy::machine::SysInfo;
 use heapcap_policy::maps::{Maps, Vma};
 use heapcap_policy::syscall::AUDIT_ARCH_X86_64;
 use heapcap_supervise::procview::{Baseline, Kept, Reading, Task, Want};
-use heapcap_linux::processvm::VmError;
-use heapcap_policy::machine::SysInfo;
 use heapcap_supervise::{Emulator, Notifier, ProcView, Reply};
 
 pub const PAGE: u64 = 4096;
@@ -446,6 +446,9 @@ pub enum Cue {
     NoSysinfo,
 }
 
+/// A write made: thread, address, bytes.
+pub type Written = (u32, u64, Vec<u8>);
+
 /// A scripted [`Emulator`]: a host `sysinfo`, the callers' writable buffers, every write made.
 #[derive(Clone)]
 pub struct Memory {
@@ -453,7 +456,7 @@ pub struct Memory {
     pub host: SysInfo,
     /// (thread, start, len) of memory a caller may be written.
     pub buffers: Arc<Mutex<Vec<(u32, u64, u64)>>>,
-    pub writes: Arc<Mutex<Vec<(u32, u64, Vec<u8>)>>>,
+    pub writes: Arc<Mutex<Vec<Written>>>,
     pub cue: Arc<Mutex<Cue>>,
 }
 
