@@ -444,6 +444,10 @@ fn sysinfo_that_cannot_be_answered_writes_nothing() {
     // sysinfo(2) failing for heapcap: the kernel answers.
     *m.cue.lock().unwrap() = Cue::NoSysinfo;
     assert_eq!(e.decide(&r.world, &call(BUF)), Answer::Allow);
+    // The caller's process cannot be learnt: never refused (it grows nothing), the kernel answers.
+    r.world.thread(601, 600);
+    r.world.fail(None, What::Thread, Failure::Open(libc::EMFILE), 1);
+    assert_eq!(e.decide(&r.world, &r.world.call(601, SYSINFO, [BUF, 0, 0, 0, 0, 0])), Answer::Allow);
     // The caller dies before the write: dropped, never written.
     *m.cue.lock().unwrap() = Cue::KillCaller;
     assert_eq!(e.decide(&r.world, &call(BUF)), Answer::Drop);
