@@ -68,7 +68,7 @@ fn cells(tiny: bool, cpus: usize) -> Vec<Cell> {
 }
 
 /// A small C project: `files` units of a few functions each, and a Makefile.
-fn write_project(dir: &Path, files: usize) -> Result<()> {
+pub(crate) fn write_project(dir: &Path, files: usize) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut objs = Vec::new();
     let mut main = String::from("#include <stdio.h>\n");

@@ -1,5 +1,7 @@
 //! Measurement 2: real programs far below their quota, wall time with heapcap, without, and
-//! under the kernel's RLIMIT_DATA (prlimit --data), interleaved.
+//! under the kernel's RLIMIT_DATA (prlimit --data), interleaved; each on one CPU (`taskset`, the
+//! supervisor included: a container given one CPU) and on all, in runs of at least 5 s (a program
+//! shorter than that runs back to back in one shell, under one heapcap).
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -32,6 +34,39 @@ for (let r = 0; r < n; r++) {
 }
 "#;
 
+const JAVA: &str = r#"
+import java.util.*;
+public class Alloc {
+    public static void main(String[] a) {
+        long sum = 0;
+        for (int r = 0; r < Integer.parseInt(a[0]); r++) {
+            List<String> xs = new ArrayList<>();
+            for (int i = 0; i < 300000; i++) xs.add(Integer.toString(i).repeat(3));
+            Map<Integer, int[]> m = new HashMap<>();
+            for (int i = 0; i < 100000; i++) m.put(i, new int[10]);
+            byte[][] bs = new byte[200][];
+            for (int i = 0; i < 200; i++) bs[i] = new byte[100000];
+            sum += xs.size() + m.size() + bs.length;
+        }
+        System.out.println(sum);
+    }
+}
+"#;
+
+/// One C file for gcc alone: many functions, enough to take the optimiser a while.
+fn gcc_source(path: &Path, functions: usize) -> Result<()> {
+    let mut src = String::from("#include <stdlib.h>\n#include <string.h>\n");
+    for f in 0..functions {
+        src += &format!(
+            "long g{f}(long n) {{ long *v = malloc(n * sizeof *v); long s = 0; \
+             for (long i = 0; i < n; i++) v[i] = i * {f} ^ (i >> 3); \
+             for (long i = 1; i < n; i++) s += v[i] % (v[i - 1] | 1); free(v); return s; }}\n"
+        );
+    }
+    std::fs::write(path, src)?;
+    Ok(())
+}
+
 /// A program as `argv`.
 #[derive(Debug)]
 struct Program {
@@ -63,10 +98,11 @@ fn sort_input(path: &Path, lines: u64) -> Result<()> {
     Ok(())
 }
 
-fn wall(argv: &[String]) -> Result<f64> {
+fn wall(argv: &[String], dir: &Path) -> Result<f64> {
     let t = Instant::now();
     let out = Command::new(&argv[0])
         .args(&argv[1..])
+        .current_dir(dir)
         .env("LC_ALL", "C")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -81,6 +117,7 @@ fn wall(argv: &[String]) -> Result<f64> {
 
 pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
     let tiny = args.tiny;
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut programs = Vec::new();
     let mut left_out = Vec::new();
     match python() {
@@ -88,7 +125,7 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
             name: "python3 (lists, dicts, bytearrays)".into(),
             argv: vec![py, "-c".into(), PYTHON.into(), if tiny { "1" } else { "8" }.into()],
         }),
-        None => left_out.push("python3 (not found)"),
+        None => left_out.push("python3 (not found)".to_string()),
     }
     let input = work.join("sort-input.txt");
     sort_input(&input, if tiny { 20_000 } else { 2_000_000 })?;
@@ -106,61 +143,144 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
             name: "node (objects, Buffers)".into(),
             argv: vec![node.display().to_string(), "-e".into(), NODE.into(), if tiny { "1" } else { "10" }.into()],
         }),
-        None => left_out.push("node (not found)"),
+        None => left_out.push("node (not found)".to_string()),
     }
-    let heapcap = args.heapcap().display().to_string();
-    let wrap = |side: usize, argv: &[String]| -> Vec<String> {
-        let mut v: Vec<String> = match side {
-            0 => vec![],
-            1 => vec![heapcap.clone(), "run".into(), "--limit".into(), QUOTA.into(), "--".into()],
-            _ => vec!["prlimit".into(), format!("--data={RLIMIT_DATA}"), "--".into()],
-        };
+    match (which("java"), which("javac")) {
+        (Some(java), Some(javac)) => {
+            std::fs::write(work.join("Alloc.java"), JAVA)?;
+            let built = Command::new(&javac).arg("Alloc.java").current_dir(work).status();
+            match built {
+                Ok(s) if s.success() => programs.push(Program {
+                    name: "JVM (openjdk: lists, maps, arrays)".into(),
+                    argv: vec![
+                        java.display().to_string(),
+                        "-cp".into(),
+                        work.display().to_string(),
+                        "Alloc".into(),
+                        if tiny { "1" } else { "20" }.into(),
+                    ],
+                }),
+                _ => left_out.push("the JVM (javac failed)".to_string()),
+            }
+        }
+        _ => left_out.push("the JVM (no java and javac)".to_string()),
+    }
+    match which("gcc") {
+        Some(gcc) => {
+            let c = work.join("gcc-input.c");
+            gcc_source(&c, if tiny { 20 } else { 400 })?;
+            programs.push(Program {
+                name: "gcc -O2 (one file)".into(),
+                argv: vec![
+                    gcc.display().to_string(),
+                    "-O2".into(),
+                    "-c".into(),
+                    "-o".into(),
+                    "/dev/null".into(),
+                    c.display().to_string(),
+                ],
+            });
+            let project = work.join("programs-project");
+            crate::matrix::write_project(&project, if tiny { 3 } else { 31 })?;
+            programs.push(Program {
+                name: format!("make -j{cpus} (C project, from clean)"),
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("cd \"$0\" && make -s clean && make -s -j{cpus}"),
+                    project.display().to_string(),
+                ],
+            });
+        }
+        None => left_out.push("gcc and the build (no gcc)".to_string()),
+    }
+    // Absolute: the programs run in the work directory.
+    let heapcap = std::fs::canonicalize(args.heapcap()).context("no heapcap binary")?.display().to_string();
+    // taskset comes first: on one CPU, the supervisor shares it with the program.
+    let wrap = |side: usize, one_cpu: bool, argv: &[String]| -> Vec<String> {
+        let mut v: Vec<String> = if one_cpu { vec!["taskset".into(), "-c".into(), "0".into()] } else { vec![] };
+        match side {
+            0 => {}
+            1 => v.extend([heapcap.clone(), "run".into(), "--limit".into(), QUOTA.into(), "--".into()]),
+            _ => v.extend(["prlimit".into(), format!("--data={RLIMIT_DATA}"), "--".into()]),
+        }
         v.extend(argv.iter().cloned());
         v
     };
-    let rounds = args.rounds();
+    // Rounds of at least 5 s each (a few in all: a full run of this measurement is long).
+    let rounds = args.rounds().min(5);
+    let min_run = if tiny { 0.0 } else { 5.0 };
     let mut failures = Vec::new();
     let mut md = format!(
         "## 2. Real programs far below their quota\n\n\
          Wall time of each program alone, under `heapcap run --limit {QUOTA}`, and under `prlimit --data={RLIMIT_DATA}` \
          (RLIMIT_DATA 4 GiB: the kernel's own limit, zero overhead), {rounds} rounds, the three sides interleaved \
-         per program. Ratios are per round (side ÷ same round's plain run), then summarised.\n\n\
-         | program | plain s | heapcap s | RLIMIT_DATA s | heapcap ÷ plain | RLIMIT_DATA ÷ plain |\n\
-         |---|---|---|---|---|---|\n"
+         per program, on one CPU (`taskset -c 0` around the whole side, supervisor included: a container given one CPU) \
+         and on all {cpus}. A program that runs for less than {min_run} s is run back to back (`reps`) in one shell under \
+         one supervisor, so that each measured run lasts at least that. Ratios are per round (side ÷ same round's plain \
+         run), then summarised.\n\n\
+         | program | CPUs | reps | plain s | heapcap s | RLIMIT_DATA s | heapcap ÷ plain | RLIMIT_DATA ÷ plain |\n\
+         |---|---|---|---|---|---|---|---|\n"
     );
     let mut bars = Vec::new();
     for p in &programs {
-        let mut s: [Vec<f64>; 3] = Default::default();
-        for r in 0..rounds {
-            for (side, v) in s.iter_mut().enumerate() {
-                let x = wall(&wrap(side, &p.argv)).unwrap_or_else(|e| {
-                    failures.push(format!("measurement 2, {}, side {side}, round {r}: {e:#}", p.name));
-                    f64::NAN
-                });
-                v.push(x);
+        for one_cpu in [true, false] {
+            let cpus_used = if one_cpu { 1 } else { cpus };
+            // Calibrate on a plain run (which also warms the page cache).
+            let once = match wall(&wrap(0, one_cpu, &p.argv), work) {
+                Ok(t) => t,
+                Err(e) => {
+                    failures.push(format!("measurement 2, {}: {e:#}", p.name));
+                    continue;
+                }
+            };
+            let reps = if once >= min_run { 1 } else { (min_run / once.max(0.01)).ceil() as usize };
+            let argv: Vec<String> = if reps == 1 {
+                p.argv.clone()
+            } else {
+                let lp = format!("i=0; while [ $i -lt {reps} ]; do \"$@\" >/dev/null || exit 1; i=$((i+1)); done");
+                let mut v = vec!["sh".into(), "-c".into(), lp, "sh".into()];
+                v.extend(p.argv.iter().cloned());
+                v
+            };
+            let mut s: [Vec<f64>; 3] = Default::default();
+            for r in 0..rounds {
+                for (side, v) in s.iter_mut().enumerate() {
+                    let x = wall(&wrap(side, one_cpu, &argv), work).unwrap_or_else(|e| {
+                        failures.push(format!(
+                            "measurement 2, {} on {cpus_used} CPUs, side {side}, round {r}: {e:#}",
+                            p.name
+                        ));
+                        f64::NAN
+                    });
+                    v.push(x);
+                }
+                eprintln!(
+                    "{} on {cpus_used} CPUs round {r}: plain {:.3} s heapcap {:.3} s rlimit {:.3} s",
+                    p.name, s[0][r], s[1][r], s[2][r]
+                );
             }
-            eprintln!("{} round {r}: plain {:.3} s heapcap {:.3} s rlimit {:.3} s", p.name, s[0][r], s[1][r], s[2][r]);
+            let rh = paired(&s[1], &s[0], |x, y| x / y);
+            let rr = paired(&s[2], &s[0], |x, y| x / y);
+            let ratio = |r: &crate::stats::Summary| format!("{}x ({}–{})", fmt3(r.median), fmt3(r.min), fmt3(r.max));
+            md += &format!(
+                "| {} | {cpus_used} | {reps} | {} | {} | {} | {} | {} |\n",
+                p.name,
+                fmt_spread(&summarize(&s[0])),
+                fmt_spread(&summarize(&s[1])),
+                fmt_spread(&summarize(&s[2])),
+                ratio(&rh),
+                ratio(&rr),
+            );
+            let pct = |r: &crate::stats::Summary, label: &str| plot::Bar {
+                label: format!("{}, {cpus_used} CPU: {label}", p.name),
+                median: (r.median - 1.0) * 100.0,
+                lo: (r.min - 1.0) * 100.0,
+                hi: (r.max - 1.0) * 100.0,
+            };
+            bars.push(pct(&rh, "heapcap"));
+            bars.push(pct(&rr, "RLIMIT_DATA"));
         }
-        let rh = paired(&s[1], &s[0], |x, y| x / y);
-        let rr = paired(&s[2], &s[0], |x, y| x / y);
-        let ratio = |r: &crate::stats::Summary| format!("{}x ({}–{})", fmt3(r.median), fmt3(r.min), fmt3(r.max));
-        md += &format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
-            p.name,
-            fmt_spread(&summarize(&s[0])),
-            fmt_spread(&summarize(&s[1])),
-            fmt_spread(&summarize(&s[2])),
-            ratio(&rh),
-            ratio(&rr),
-        );
-        let pct = |r: &crate::stats::Summary, label: &str| plot::Bar {
-            label: format!("{}: {label}", p.name),
-            median: (r.median - 1.0) * 100.0,
-            lo: (r.min - 1.0) * 100.0,
-            hi: (r.max - 1.0) * 100.0,
-        };
-        bars.push(pct(&rh, "heapcap"));
-        bars.push(pct(&rr, "RLIMIT_DATA"));
     }
     let svg = "programs.svg";
     if let Err(e) =

@@ -27,6 +27,8 @@ pub struct Config {
     pub slots: usize,
     /// Exit if no heapcapd connects this soon after start.
     pub first_contact: Duration,
+    /// Never exit by itself (run by a service manager, which would only start it again).
+    pub stay: bool,
 }
 
 const LISTEN: u64 = u64::MAX;
@@ -59,6 +61,7 @@ fn log(message: std::fmt::Arguments<'_>) {
 
 /// Hold listeners until there is nothing left to hold.
 pub fn run(config: Config) -> io::Result<()> {
+    let _one = one_at_a_time(&config)?;
     let listen = seqpacket::listen(&config.socket)?;
     let journal = Arc::new(Journal::create(config.slots)?);
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -86,7 +89,7 @@ impl Holder {
         loop {
             if let Some(since) = self.alone_since {
                 let limit = if self.ever_connected { Duration::ZERO } else { self.config.first_contact };
-                if self.entries.is_empty() && since.elapsed() >= limit {
+                if self.entries.is_empty() && since.elapsed() >= limit && !self.config.stay {
                     log(format_args!("nothing to hold and no heapcapd: exiting"));
                     return Ok(());
                 }
@@ -112,7 +115,9 @@ impl Holder {
     fn timeout(&self) -> EpollTimeout {
         let Some(since) = self.alone_since else { return EpollTimeout::NONE };
         let until = if self.entries.is_empty() {
-            if self.ever_connected {
+            if self.config.stay {
+                return EpollTimeout::NONE;
+            } else if self.ever_connected {
                 Duration::ZERO
             } else {
                 self.config.first_contact
@@ -197,8 +202,12 @@ impl Holder {
         };
         let reply = match message {
             ToHolder::Hello { version } => return self.hello(conn.as_fd(), version),
-            ToHolder::Hold { container, pid, record } => match (fds.pop(), fds.is_empty()) {
-                (Some(fd), true) => self.hold(container, pid, record, fd),
+            ToHolder::Restore { version } => match (fds.pop(), fds.is_empty()) {
+                (Some(fd), true) => return self.restore(conn.as_fd(), version, fd),
+                _ => Err("send exactly one journal fd with restore".to_string()),
+            },
+            ToHolder::Hold { container, pid, record, slot } => match (fds.pop(), fds.is_empty()) {
+                (Some(fd), true) => self.hold(container, pid, record, fd, slot),
                 _ => Err("send exactly one listener fd with hold".to_string()),
             },
             ToHolder::Update { container, record } => {
@@ -247,19 +256,56 @@ impl Holder {
         }
     }
 
+    /// A heapcapd whose last holder died: keep its journal (the one its threads note calls in)
+    /// instead of ours; it hands every listener back with its slot next.
+    fn restore(&mut self, conn: BorrowedFd<'_>, version: u32, fd: OwnedFd) {
+        let refused = if version != VERSION {
+            Some(format!("this holder speaks version {VERSION}, heapcapd {version}"))
+        } else if !self.entries.is_empty() {
+            Some(format!("this holder already holds {} listener(s): connect with hello", self.entries.len()))
+        } else {
+            match Journal::map(fd) {
+                Ok(journal) => {
+                    self.journal = Arc::new(journal);
+                    None
+                }
+                Err(e) => Some(format!("the journal sent with restore cannot be used: {e}")),
+            }
+        };
+        if let Some(message) = refused {
+            let _ = seqpacket::send(conn, &FromHolder::Error { message }, &[]);
+            return self.daemon_gone("restore refused");
+        }
+        self.ever_connected = true;
+        self.alone_since = None;
+        log(format_args!("restoring heapcapd's listeners: the last holder is gone"));
+        if let Err(e) = seqpacket::send(conn, &FromHolder::Welcome { version: VERSION, held: 0 }, &[]) {
+            self.daemon_gone(&e.to_string());
+        }
+    }
+
     fn hold(
         &mut self,
         container: String,
         pid: u32,
         record: serde_json::Value,
         fd: OwnedFd,
+        slot: Option<usize>,
     ) -> Result<FromHolder, String> {
         let listener =
             Listener::verify(fd).map_err(|_| "the fd sent with hold is not a seccomp listener".to_string())?;
-        let slot = (0..self.journal.slots())
-            .find(|s| !self.entries.contains_key(s))
-            .ok_or_else(|| format!("the holder is full ({} listeners)", self.journal.slots()))?;
-        Slot::new(self.journal.clone(), slot).expect("slot in range").clear();
+        let slot = match slot {
+            // A listener served since before this holder: its slot keeps what was noted.
+            Some(s) if s < self.journal.slots() && !self.entries.contains_key(&s) => s,
+            Some(s) => return Err(format!("journal slot {s} is taken or out of range")),
+            None => {
+                let free = (0..self.journal.slots())
+                    .find(|s| !self.entries.contains_key(s))
+                    .ok_or_else(|| format!("the holder is full ({} listeners)", self.journal.slots()))?;
+                Slot::new(self.journal.clone(), free).expect("slot in range").clear();
+                free
+            }
+        };
         let flags = if self.failing_open { EpollFlags::EPOLLIN } else { EpollFlags::empty() };
         self.epoll.add(listener.as_fd(), EpollEvent::new(flags, slot as u64)).map_err(|e| e.to_string())?;
         self.entries.insert(slot, Entry { listener, container, pid, record });
@@ -277,6 +323,46 @@ impl Holder {
             if let Ok(Recv::Notification(n)) = e.listener.recv() {
                 let _ = e.listener.allow(n.id);
             }
+        }
+    }
+}
+
+/// One holder per socket, by a lock beside it (`holder.sock.lock`), held for life. A holder run
+/// by a service manager (`stay`) that finds another running waits for it to end, then takes
+/// over the socket (heapcapd starts one of its own at once when its holder dies, and the
+/// service manager's restart must not fail over and over meanwhile); any other fails.
+fn one_at_a_time(config: &Config) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let socket = &config.socket;
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    let mut path = socket.clone().into_os_string();
+    path.push(".lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path)?;
+    // A holder that was just killed may take a moment to let go (heapcapd starts the next one
+    // as soon as their connection hangs up).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if config.stay => {
+                log(format_args!("another holder runs on {}: taking over when it ends", socket.display()));
+                return Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| e.into());
+            }
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("a holder is already running on {}", socket.display()),
+                ))
+            }
+            Err((_, e)) => return Err(e.into()),
         }
     }
 }

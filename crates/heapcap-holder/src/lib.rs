@@ -42,9 +42,20 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 pub enum ToHolder {
     /// The first message: give me everything you hold.
     Hello { version: u32 },
+    /// Sent instead of `hello` to a new holder by a heapcapd whose holder died: keep this
+    /// journal (the memfd comes with the message) instead of your own; `hold`s with their slots
+    /// follow. Refused by a holder that already holds listeners.
+    Restore { version: u32 },
     /// Hold this listener (the fd comes with the message): container `container`, first served
-    /// for process `pid`.
-    Hold { container: String, pid: u32, record: serde_json::Value },
+    /// for process `pid`. `slot`: its journal slot, when heapcapd already has one (after
+    /// `restore`); else the holder picks a free one.
+    Hold {
+        container: String,
+        pid: u32,
+        record: serde_json::Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<usize>,
+    },
     /// The container's record changed (e.g. `heapcap set-limit`).
     Update { container: String, record: serde_json::Value },
 }
@@ -53,7 +64,8 @@ pub enum ToHolder {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum FromHolder {
-    /// Answer to `hello`, with the journal's memfd; `held` messages follow.
+    /// Answer to `hello`, with the journal's memfd; `held` messages follow. Answer to `restore`
+    /// too, with no fd and `held: 0`.
     Welcome {
         version: u32,
         held: usize,
@@ -101,20 +113,10 @@ fn protocol(message: impl Into<String>) -> io::Error {
 impl Client {
     /// Connect, and take back everything the holder holds.
     pub fn connect(path: &Path) -> io::Result<(Client, Vec<Held>)> {
-        let sock = seqpacket::connect(path)?;
-        // A holder that stops answering must not hang container starts.
-        let timeout = nix::sys::time::TimeVal::new(5, 0);
-        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
+        let sock = open(path)?;
         seqpacket::send(sock.as_fd(), &ToHolder::Hello { version: VERSION }, &[])?;
         let (welcome, mut fds) = seqpacket::recv::<FromHolder>(sock.as_fd())?;
-        let held = match welcome {
-            FromHolder::Welcome { version, held } if version == VERSION => held,
-            FromHolder::Welcome { version, .. } => {
-                return Err(protocol(format!("the holder speaks version {version}, this heapcapd {VERSION}")))
-            }
-            FromHolder::Error { message } => return Err(io::Error::new(io::ErrorKind::AddrInUse, message)),
-            other => return Err(protocol(format!("unexpected answer to hello: {other:?}"))),
-        };
+        let held = welcomed(welcome)?;
         let journal = fds.pop().filter(|_| fds.is_empty()).ok_or_else(|| protocol("welcome came without a journal"))?;
         let journal = Arc::new(Journal::map(journal)?);
         let mut out = Vec::with_capacity(held);
@@ -130,6 +132,24 @@ impl Client {
         Ok((Client { sock, turn: Mutex::new(()), journal }, out))
     }
 
+    /// Connect to a new holder (the last one died) and give it `journal`, the one the serving
+    /// threads note their calls in; then hand it every listener with [`Client::hold_at`]. A
+    /// holder that already holds listeners refuses.
+    pub fn restore(path: &Path, journal: Arc<Journal>) -> io::Result<Client> {
+        let sock = open(path)?;
+        seqpacket::send(sock.as_fd(), &ToHolder::Restore { version: VERSION }, &[journal.as_fd()])?;
+        let (welcome, fds) = seqpacket::recv::<FromHolder>(sock.as_fd())?;
+        if welcomed(welcome)? != 0 || !fds.is_empty() {
+            return Err(protocol("the holder answered restore as if it held listeners"));
+        }
+        Ok(Client { sock, turn: Mutex::new(()), journal })
+    }
+
+    /// The journal the holder keeps (its slots are the serving threads').
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
     /// Hand a copy of `listener` to the holder; returns its journal slot.
     pub fn hold(
         &self,
@@ -138,13 +158,34 @@ impl Client {
         record: serde_json::Value,
         listener: BorrowedFd<'_>,
     ) -> io::Result<Slot> {
-        let message = ToHolder::Hold { container: container.to_string(), pid, record };
+        let slot =
+            self.request(ToHolder::Hold { container: container.to_string(), pid, record, slot: None }, listener)?;
+        Slot::new(self.journal.clone(), slot).ok_or_else(|| protocol(format!("no journal slot {slot}")))
+    }
+
+    /// Hand a copy of `listener` to the holder, noting its calls in `slot` (a listener served
+    /// since before the holder was started: see [`Client::restore`]).
+    pub fn hold_at(
+        &self,
+        container: &str,
+        pid: u32,
+        record: serde_json::Value,
+        listener: BorrowedFd<'_>,
+        slot: &Slot,
+    ) -> io::Result<()> {
+        let message = ToHolder::Hold { container: container.to_string(), pid, record, slot: Some(slot.index()) };
+        match self.request(message, listener)? {
+            got if got == slot.index() => Ok(()),
+            got => Err(protocol(format!("asked for journal slot {}, the holder gave {got}", slot.index()))),
+        }
+    }
+
+    /// Send a `hold` with its listener; the slot the holder answers with.
+    fn request(&self, message: ToHolder, listener: BorrowedFd<'_>) -> io::Result<usize> {
         let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
         seqpacket::send(self.sock.as_fd(), &message, &[listener])?;
         match seqpacket::recv::<FromHolder>(self.sock.as_fd())?.0 {
-            FromHolder::Holding { slot } => {
-                Slot::new(self.journal.clone(), slot).ok_or_else(|| protocol(format!("no journal slot {slot}")))
-            }
+            FromHolder::Holding { slot } => Ok(slot),
             FromHolder::Error { message } => Err(io::Error::other(message)),
             other => Err(protocol(format!("unexpected answer to hold: {other:?}"))),
         }
@@ -171,6 +212,41 @@ impl Client {
             Err(_) => false,
         }
     }
+
+    /// Wait until the holder hangs up (it exited or was killed). Waits for nothing else: no
+    /// event is asked for, and hang-up and errors are always reported.
+    pub fn wait_hangup(&self) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::empty())];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(n) if n > 0 => return,
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// A connection to the holder at `path`, with a receive deadline.
+fn open(path: &Path) -> io::Result<OwnedFd> {
+    let sock = seqpacket::connect(path)?;
+    // A holder that stops answering must not hang container starts.
+    let timeout = nix::sys::time::TimeVal::new(5, 0);
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
+    Ok(sock)
+}
+
+/// How many listeners a welcome announces.
+fn welcomed(welcome: FromHolder) -> io::Result<usize> {
+    match welcome {
+        FromHolder::Welcome { version, held } if version == VERSION => Ok(held),
+        FromHolder::Welcome { version, .. } => {
+            Err(protocol(format!("the holder speaks version {version}, this heapcapd {VERSION}")))
+        }
+        FromHolder::Error { message } => Err(io::Error::new(io::ErrorKind::AddrInUse, message)),
+        other => Err(protocol(format!("unexpected answer to hello: {other:?}"))),
+    }
 }
 
 /// Where `heapcap-holder` is: beside the running executable, else on `PATH`.
@@ -184,9 +260,30 @@ pub fn default_binary() -> PathBuf {
 
 /// Connect to the holder at `socket`, starting `binary` first if none is there.
 pub fn connect_or_start(socket: &Path, binary: &Path, grace: Duration) -> io::Result<(Client, Vec<Held>)> {
-    match Client::connect(socket) {
+    reach(socket, binary, grace, || Client::connect(socket))
+}
+
+/// A new holder for a heapcapd whose holder died: the one at `socket` if one is there (restarted
+/// by a service manager), else `binary` started now; given `journal` ([`Client::restore`]).
+pub fn restore_or_start(socket: &Path, binary: &Path, grace: Duration, journal: &Arc<Journal>) -> io::Result<Client> {
+    reach(socket, binary, grace, || Client::restore(socket, journal.clone()))
+}
+
+/// `attempt` (a connection to the holder at `socket`), starting `binary` first if none is there.
+fn reach<T>(socket: &Path, binary: &Path, grace: Duration, attempt: impl Fn() -> io::Result<T>) -> io::Result<T> {
+    match attempt() {
         Ok(c) => return Ok(c),
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {}
+        // Nobody there; or a holder dying as we connect (its listening socket closes a moment
+        // after the connection heapcapd watches hung up): start one.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound
+                    | io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ) => {}
         Err(e) => return Err(e),
     }
     let mut child = std::process::Command::new(binary)
@@ -202,7 +299,7 @@ pub fn connect_or_start(socket: &Path, binary: &Path, grace: Duration) -> io::Re
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", binary.display())))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match Client::connect(socket) {
+        match attempt() {
             Ok(c) => {
                 // It outlives us on purpose; reap it from a thread should it exit first.
                 std::thread::spawn(move || child.wait());
@@ -210,7 +307,7 @@ pub fn connect_or_start(socket: &Path, binary: &Path, grace: Duration) -> io::Re
             }
             Err(e) if Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) => {
                 let _ = e;
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => {
                 let status = child.try_wait().ok().flatten().map(|s| format!(" ({s})")).unwrap_or_default();

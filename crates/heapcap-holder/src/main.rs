@@ -1,6 +1,7 @@
 //! `heapcap-holder`: keeps heapcapd's listener fds (and its journal) alive while heapcapd
-//! restarts. heapcapd starts it; it exits by itself when it holds nothing and no heapcapd is
-//! connected. See the crate docs of `heapcap_holder`.
+//! restarts. heapcapd starts it (and starts a new one at once if it dies); it exits by itself
+//! when it holds nothing and no heapcapd is connected, unless run with `--stay` by a service
+//! manager. See the crate docs of `heapcap_holder`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -25,6 +26,10 @@ struct Args {
     /// How many listeners (containers plus `exec`s) it can hold.
     #[arg(long, value_name = "N", default_value_t = 65536)]
     slots: usize,
+    /// Never exit by itself, even holding nothing: for a holder run by a service manager (its own
+    /// systemd unit, its own container in heapcapd's pod), which would only start it again.
+    #[arg(long)]
+    stay: bool,
 }
 
 /// The holder's socket unless given, for the user it runs as (heapcapd passes its own).
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
         grace: args.grace,
         slots: args.slots.max(1),
         first_contact: Duration::from_secs(30),
+        stay: args.stay,
     };
     match heapcap_holder::holder::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -77,11 +77,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ProcError + '_ {
     move |source| ProcError::Io { path: path.to_path_buf(), source }
 }
 
-/// A command line and name opened for one process, to be read after a check.
+/// A command line opened for one process, to be read after a check.
 #[derive(Debug)]
 pub struct OpenedCommand {
-    cmdline: Option<(PathBuf, File)>,
-    comm: Option<(PathBuf, File)>,
+    pid: u32,
+    cmdline: Option<File>,
 }
 
 /// Files opened for one process, to be read after the notification check.
@@ -260,16 +260,18 @@ impl ProcFs {
 
     /// Open what [`ProcFs::read_command`] reads, to read it after a check.
     pub fn open_command(&self, pid: u32) -> OpenedCommand {
-        OpenedCommand { cmdline: self.open(pid, "cmdline").ok(), comm: self.open(pid, "comm").ok() }
+        OpenedCommand { pid, cmdline: self.open(pid, "cmdline").ok().map(|(_, f)| f) }
     }
 
     /// The command line from [`ProcFs::open_command`] (never fails: `?` when nothing reads).
     pub fn read_command(&self, opened: OpenedCommand) -> String {
         const MAX: usize = 60;
-        let mut bytes = Vec::new();
-        let cmdline = opened.cmdline.and_then(|(_, mut f)| f.read_to_end(&mut bytes).ok()).filter(|n| *n > 0);
+        // One read: only the first MAX characters are shown.
+        let mut bytes = [0u8; 4 * MAX];
+        let cmdline = opened.cmdline.and_then(|mut f| f.read(&mut bytes).ok()).filter(|n| *n > 0);
         let mut cmd = match cmdline {
-            Some(_) => {
+            Some(n) => {
+                let bytes = &bytes[..n];
                 let mut args: Vec<String> = bytes
                     .split(|&b| b == 0)
                     .filter(|a| !a.is_empty())
@@ -282,13 +284,11 @@ impl ProcFs {
                 }
                 args.join(" ")
             }
-            None => {
-                let mut comm = String::new();
-                match opened.comm.map(|(_, mut f)| f.read_to_string(&mut comm)) {
-                    Some(Ok(_)) => format!("[{}]", comm.trim_end()),
-                    _ => "?".to_string(),
-                }
-            }
+            // No command line (a kernel thread, a zombie): its name, read now, for a label.
+            None => match self.read(opened.pid, "comm") {
+                Ok((_, comm)) => format!("[{}]", comm.trim_end()),
+                Err(_) => "?".to_string(),
+            },
         };
         if cmd.chars().count() > MAX {
             cmd = cmd.chars().take(MAX - 1).collect::<String>() + "…";

@@ -107,6 +107,8 @@ fn kubernetes_daemonset_installs_and_runs_heapcap() {
         assert!(text.contains(installed), "the install script handles {installed}");
     }
     assert!(text.contains(r#"command: ["/opt/heapcap/bin/heapcapd""#), "runs heapcapd");
+    // The holder in its own container: a restart of heapcapd's container must spare it.
+    assert!(text.contains(r#"command: ["/opt/heapcap/bin/heapcap-holder", "--stay"]"#), "runs the holder apart");
 
     // The hooks.d file in the ConfigMap is valid JSON and points where the script puts the hook.
     let hook_line = text.lines().find(|l| l.trim_start().starts_with(r#"{"version""#)).expect("hooks.d JSON");

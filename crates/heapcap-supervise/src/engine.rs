@@ -156,6 +156,14 @@ impl<'s, P: ProcView> Engine<'s, P> {
         // settled) and, on the common path, decide it: one short hold of the lock.
         let (mut settled, exec_thread, step) = {
             let mut g = self.sup.accounts.lock();
+            if !g.ledger.contains(pid) && call == MemCall::Exec {
+                // A process's first call is its exec (a fork, a vfork or posix_spawn child): its
+                // account opens at its first growth, on the new image's figures. If it is the
+                // runtime's, what it execs is the container's program.
+                drop(g);
+                self.runtime = false;
+                return Answer::Allow;
+            }
             if !g.ledger.contains(pid) {
                 drop(g);
                 if let Err(answer) = self.admit(l, n, pid, call) {
@@ -260,6 +268,8 @@ impl<'s, P: ProcView> Engine<'s, P> {
         let task = self.sup.accounts.lock().task(pid);
         match task {
             Some(task) if !task.exited() => Ok(pid),
+            // Nothing to measure before an exec: the account opens at the new image's growth.
+            None if call == MemCall::Exec => Ok(pid),
             _ => self.admit(l, n, pid, call).map(|()| pid),
         }
     }

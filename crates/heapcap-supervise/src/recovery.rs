@@ -87,7 +87,8 @@ impl<P: ProcView> Supervisor<P> {
                 continue;
             }
             // Not about a notification: the process's own handle, opened with the files, says
-            // whether they are still about it. Refused mappings: statm, as for any blind process.
+            // whether they are still about it: statm now (an upper figure), the mappings when a
+            // decision needs them (refused: statm for good, as for any blind process).
             // The handle comes with the files; alive after the read, they were its own.
             let command = self.accounts.wants_commands();
             let read = match checked(&self.proc, pid, Want::Admission { command }, || true) {
@@ -101,7 +102,7 @@ impl<P: ProcView> Supervisor<P> {
                 let mut g = self.accounts.lock();
                 let figure = match &figure {
                     Baseline::Exact(snap) => Figure::Exact(snap),
-                    Baseline::Upper(u) => Figure::UpperOnly(*u),
+                    Baseline::Upper(u) => Figure::Upper(*u),
                 };
                 g.open(pid, task.clone(), command, figure, false)
             };

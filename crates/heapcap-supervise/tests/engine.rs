@@ -304,6 +304,38 @@ fn the_runtime_before_its_exec_is_never_denied_and_the_program_after_it_is() {
 }
 
 #[test]
+fn a_process_whose_first_call_is_its_exec_is_accounted_from_its_new_image() {
+    let r = rig(quota(16 * MIB), Mode::Enforce);
+    // crun's init makes no notified call before it execs the program: the exec is what ends
+    // the runtime's part, though the runtime never had an account.
+    r.world.spawn(500, "crun-init", vec![anon(1 << 20, 40 * MIB)]);
+    let mut e = r.engine(true);
+    let n = r.world.call(500, EXECVE, [0; 6]);
+    assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+    assert!(r.sup.accounts().summaries().is_empty(), "nothing is measured before the exec");
+    {
+        let mut s = r.world.lock();
+        let p = s.procs.get_mut(&500).unwrap();
+        p.vmas = vec![anon(1 << 20, MIB)];
+        p.command = "app".into();
+    }
+    let mut at = 1 << 32;
+    assert_eq!(r.alloc(&mut e, 500, 8 * MIB, &mut at), Answer::Allow);
+    let rows = r.sup.accounts().summaries();
+    assert_eq!((rows.len(), rows[0].runtime, rows[0].heap), (1, false, 9 * MIB), "{rows:?}");
+    let a = r.alloc(&mut e, 500, 8 * MIB, &mut at);
+    assert_eq!(denial(&a).usage, Some(9 * MIB), "the program is held from its exec on");
+    // A posix_spawn child of the program: its exec first, then growth on its own image.
+    r.world.spawn(501, "app", vec![anon(1 << 20, 12 * MIB)]);
+    let n = r.world.call(501, EXECVE, [0; 6]);
+    assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+    r.world.lock().procs.get_mut(&501).unwrap().vmas = vec![anon(1 << 20, 2 * MIB)];
+    assert_eq!(r.alloc(&mut e, 501, 12 * MIB, &mut at), Answer::Allow, "the parent's image is not the child's");
+    let a = r.alloc(&mut e, 501, 4 * MIB, &mut at);
+    assert_eq!(denial(&a).usage, Some(14 * MIB));
+}
+
+#[test]
 fn the_serve_loop_answers_every_pending_call_whatever_fails() {
     let r = rig(quota(32 * MIB), Mode::Enforce);
     r.world.spawn(500, "a", vec![anon(1 << 20, 30 * MIB)]);

@@ -3,6 +3,7 @@
 
 mod control;
 mod demo;
+mod keeper;
 mod report;
 mod run;
 
@@ -95,6 +96,9 @@ enum Command {
         #[arg(long, value_name = "SIZE", value_parser = parse_limit, default_value = "1Gi")]
         max: Size,
     },
+    /// `heapcap run`'s keeper: holds a copy of its listener, takes over if it is killed.
+    #[command(hide = true)]
+    Keep,
 }
 
 /// heapcapd's control socket.
@@ -232,6 +236,7 @@ fn main() -> ExitCode {
         Command::Events { follow, json, socket } => control::events(&socket.path, follow, json),
         Command::Demo => demo::demo(),
         Command::Leak { max } => demo::leak(max),
+        Command::Keep => keeper::main(),
     }
 }
 

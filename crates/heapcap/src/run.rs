@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use heapcap_linux::fdpass::recv_fds;
 use heapcap_linux::filter::{Extra, LoadFlags, Program};
+use heapcap_linux::journal::{Journal, Slot};
 use heapcap_linux::notify::Listener;
 use heapcap_linux::spawn::under_filter;
 use heapcap_policy::settings::Settings;
@@ -19,6 +20,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::keeper::{Brief, Keeping};
 use crate::report::{self, DenialLog};
 use crate::RunArgs;
 
@@ -81,13 +83,31 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         true => supervisor.with_emulator(Box::new(LinuxEmulator)),
         false => supervisor,
     });
+    // Finished processes (and so every command line, read at admission) are kept only for the
+    // final report: without one, a command line is read only when a denial or a warning needs it.
+    supervisor.accounts().keep_finished(args.report || args.audit);
+
+    // The second copy of the listener: a keeper that takes over if this process is killed.
+    let journal = Arc::new(Journal::create(1).context("cannot create the in-flight journal")?);
+    let slot = Slot::new(journal.clone(), 0).expect("a journal of one slot");
+    let brief = Brief {
+        limit: limits.process,
+        total_limit: limits.total,
+        audit: args.audit,
+        quiet: args.quiet,
+        report: args.report,
+        command: 0,
+        supervisor: std::process::id(),
+        machine: extra.machine,
+    };
+    let keeping = Arc::new(Keeping::start(brief, journal));
 
     let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
     let done = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).context("cannot create an eventfd")?);
     let server = {
-        let (supervisor, done) = (supervisor.clone(), done.clone());
+        let (supervisor, done, keeping) = (supervisor.clone(), done.clone(), keeping.clone());
         std::thread::Builder::new().name("heapcap-notify".into()).spawn(move || {
-            let result = serve(&supervisor, &ours);
+            let result = serve(&supervisor, &ours, &keeping, &slot);
             let _ = done.write(1);
             result
         })?
@@ -103,6 +123,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(child) => Pid::from_raw(child.id() as i32),
         Err(e) => {
             let _ = server.join();
+            keeping.finish();
             let name = args.command[0].to_string_lossy();
             eprintln!("heapcap: cannot run '{name}': {e}");
             return Ok(ExitCode::from(match e.kind() {
@@ -113,8 +134,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    let status = wait_for_tree(&signals, &done, child, &supervisor)?;
+    keeping.command(child.as_raw() as u32);
+
+    let status = wait_for_tree(&signals, &done, child, &supervisor, &keeping)?;
     let served = server.join().map_err(|_| anyhow::anyhow!("the notification thread panicked"))?;
+    if served.is_ok() {
+        keeping.finish();
+    }
     log.flush();
     if args.report || args.audit {
         let _ = report::table(&mut std::io::stderr(), &supervisor.accounts().report());
@@ -125,14 +151,16 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(pass_through(status))
 }
 
-fn serve(supervisor: &Supervisor, sock: &UnixStream) -> anyhow::Result<()> {
+fn serve(supervisor: &Supervisor, sock: &UnixStream, keeping: &Keeping, slot: &Slot) -> anyhow::Result<()> {
     let mut buf = [0u8; 16];
     let got = recv_fds(sock.as_fd(), &mut buf).context("cannot receive the listener fd")?;
     // No fd: the command never got as far as exec (its error is reported by spawn).
     let Some(fd) = got.fds.into_iter().next() else { return Ok(()) };
+    // Kept before served: from the first call on, a kill of this process harms nothing.
+    keeping.hold(fd.as_fd());
     // The child loads the filter just before it execs the command: until that exec, what the
     // listener sees is heapcap's own code.
-    let how = Serve { journal: None, runtime: true };
+    let how = Serve { journal: Some(slot), runtime: true };
     supervisor.serve(&Listener::new(fd), how).context("the seccomp listener failed")
 }
 
@@ -143,6 +171,7 @@ fn wait_for_tree(
     done: &EventFd,
     child: Pid,
     supervisor: &Supervisor,
+    keeping: &Keeping,
 ) -> anyhow::Result<WaitStatus> {
     let mut status = None;
     let mut served = false;
@@ -162,7 +191,7 @@ fn wait_for_tree(
         while let Ok(Some(info)) = signals.read_signal() {
             let sig = Signal::try_from(info.ssi_signo as i32).ok();
             if sig == Some(Signal::SIGCHLD) {
-                reap(child, &mut status);
+                reap(child, &mut status, keeping);
             } else if let Some(sig) = sig {
                 // The terminal signals the whole foreground group itself (SI_KERNEL): only pass
                 // on what another process sent to heapcap.
@@ -180,12 +209,13 @@ fn wait_for_tree(
     Ok(status.expect("loop ends with a status"))
 }
 
-fn reap(child: Pid, status: &mut Option<WaitStatus>) {
+fn reap(child: Pid, status: &mut Option<WaitStatus>, keeping: &Keeping) {
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(ws) if ws.pid() == Some(child) => *status = Some(ws),
-            Ok(_) => {}
+            Ok(ws @ WaitStatus::Signaled(..)) => keeping.reaped(ws.pid().map_or(0, |p| p.as_raw() as u32), true),
+            Ok(ws) => keeping.reaped(ws.pid().map_or(0, |p| p.as_raw() as u32), false),
         }
     }
 }

@@ -3,13 +3,13 @@
 use std::sync::Arc;
 
 use heapcap_control::{ContainerView, Pod, ProcessView};
-use heapcap_holder::Client;
 use heapcap_linux::journal::Slot;
 use heapcap_linux::notify::Listener;
 use heapcap_policy::ledger::Limits;
 use heapcap_policy::machine::MachineMemory;
 use heapcap_supervise::Supervisor;
 
+use crate::holder::Holder;
 use crate::record::Record;
 
 /// Why a control request could not be done.
@@ -32,7 +32,7 @@ pub struct Container {
     /// What its programs see as their machine's memory.
     pub machine: MachineMemory,
     pub supervisor: Supervisor,
-    pub(crate) holder: Option<Arc<Client>>,
+    pub(crate) holder: Option<Arc<Holder>>,
 }
 
 /// What a heapcapd taking over a listener must do before serving it.
@@ -62,11 +62,18 @@ impl Container {
         }
     }
 
-    /// Tell the holder the container's quotas now.
+    /// What the holder must keep for it now (quotas changed live included).
+    pub(crate) fn record(&self) -> Record {
+        self.supervisor.accounts().with_ledger(|l| Record::of(l, self.pod.clone(), self.machine))
+    }
+
+    /// Tell the holder the container's quotas now. A holder being replaced meanwhile is waited
+    /// for (it is handed the records as they are when it is).
     fn save(&self) {
         let Some(holder) = &self.holder else { return };
-        let record = self.supervisor.accounts().with_ledger(|l| Record::of(l, self.pod.clone(), self.machine));
-        if let Err(e) = holder.update(&self.id, record.to_json()) {
+        let link = holder.lock();
+        let Some(client) = link.client() else { return };
+        if let Err(e) = client.update(&self.id, self.record().to_json()) {
             tracing::warn!(container = %self.id, error = %e, "cannot tell the holder the new quotas");
         }
     }

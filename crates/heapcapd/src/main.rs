@@ -10,12 +10,15 @@
 //!   socket's intake, the control socket (`ps`, `set-limit`, `events --follow`) and `/metrics`
 //!   (hyper), each connection a task with its deadline; work that reads `/proc` or talks to the
 //!   holder goes to the runtime's blocking pool;
+//! - the fd holder's watch (`holder-watch`): blocks until the holder hangs up, then brings a new
+//!   one and hands it every listener ([`holder`]);
 //! - the main thread waits for SIGTERM/SIGINT.
 #![forbid(unsafe_code)]
 
 mod container;
 mod control;
 mod events;
+mod holder;
 mod intake;
 mod metrics;
 mod record;
@@ -139,8 +142,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .transpose()?;
     // After the sockets: a second heapcapd has already stopped above, before touching the holder.
     let binary = args.holder.clone().unwrap_or_else(heapcap_holder::default_binary);
-    let (holder, held) = heapcap_holder::connect_or_start(&args.holder_socket, &binary, args.holder_grace)
+    let (client, held) = heapcap_holder::connect_or_start(&args.holder_socket, &binary, args.holder_grace)
         .with_context(|| format!("cannot reach the fd holder at {}", args.holder_socket.display()))?;
+    let start = holder::Start { socket: args.holder_socket.clone(), binary, grace: args.holder_grace };
+    let holder = Arc::new(holder::Holder::new(start, client));
     let registry = registry::Registry::new(exits, events.clone(), observer, Some(holder));
     if !held.is_empty() {
         tracing::info!(listeners = held.len(), "taking back what the holder kept");
@@ -151,6 +156,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
             tracing::error!(%container, error = %e, "cannot serve a listener taken back from the holder");
         }
     }
+    // A holder that dies is replaced at once, and handed every listener.
+    registry.watch_holder().context("cannot watch the fd holder")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -3,13 +3,16 @@
 //!
 //! Each listener is handed to the holder before it is served, with the container's
 //! [`Record`]; a heapcapd that starts takes the held listeners back and picks up where the last
-//! one left off.
+//! one left off. Every listener served is kept here too, so that a new holder gets them all if
+//! the last one dies ([`crate::holder`]).
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use heapcap_control::{Event, Pod};
-use heapcap_holder::{Client, Held};
+use heapcap_holder::Held;
 use heapcap_linux::journal::Slot;
 use heapcap_linux::notify::Listener;
 use heapcap_policy::machine::MachineMemory;
@@ -18,19 +21,32 @@ use heapcap_supervise::{Denial, ExitWatcher, Ledger, LinuxEmulator, Observer, Se
 
 use crate::container::{Container, ControlError, Resume};
 use crate::events::Events;
+use crate::holder::{Handover, Holder, Link};
 use crate::record::Record;
 
-/// A container and how many listener fds are being served for it.
+/// A container and the listener fds being served for it (by key).
 #[derive(Debug)]
 struct Entry {
     container: Arc<Container>,
-    listeners: usize,
+    served: HashMap<u64, Served>,
+}
+
+/// One listener being served: shared with its serving thread.
+#[derive(Debug, Clone)]
+struct Served {
+    listener: Arc<Listener>,
+    /// The process it was made for (0: unknown).
+    pid: u32,
+    /// Where its serving thread notes its calls, if anywhere.
+    slot: Option<Slot>,
 }
 
 /// Every container being supervised.
 pub struct Registry {
     containers: Mutex<HashMap<String, Entry>>,
-    holder: Option<Arc<Client>>,
+    /// Keys of served listeners.
+    next: AtomicU64,
+    holder: Option<Arc<Holder>>,
     exits: Arc<ExitWatcher>,
     events: Arc<Events>,
     observer: Option<Arc<dyn Observer>>,
@@ -47,10 +63,42 @@ impl Registry {
         exits: Arc<ExitWatcher>,
         events: Arc<Events>,
         observer: Option<Arc<dyn Observer>>,
-        holder: Option<Client>,
+        holder: Option<Arc<Holder>>,
     ) -> Arc<Registry> {
-        let holder = holder.map(Arc::new);
-        Arc::new(Registry { containers: Mutex::new(HashMap::new()), holder, exits, events, observer })
+        let containers = Mutex::new(HashMap::new());
+        Arc::new(Registry { containers, next: AtomicU64::new(0), holder, exits, events, observer })
+    }
+
+    /// Bring a new holder at once whenever the holder dies (see [`crate::holder`]).
+    pub fn watch_holder(self: &Arc<Self>) -> std::io::Result<()> {
+        let Some(holder) = &self.holder else { return Ok(()) };
+        let registry = self.clone();
+        holder.watch(move || {
+            let Some(holder) = &registry.holder else { return };
+            let mut link = holder.lock();
+            if link.lost() {
+                registry.replace_holder(&mut link, holder);
+            }
+        })
+    }
+
+    /// Hand every listener served to a new holder (the link's lock held: nothing is attached
+    /// meanwhile), each with its container's record as it is now.
+    fn replace_holder(&self, link: &mut Link, holder: &Holder) {
+        let served: Vec<(Arc<Container>, Served)> =
+            self.lock().values().flat_map(|e| e.served.values().map(|s| (e.container.clone(), s.clone()))).collect();
+        let mut records: HashMap<String, serde_json::Value> = HashMap::new();
+        for (c, ..) in &served {
+            records.entry(c.id.clone()).or_insert_with(|| c.record().to_json());
+        }
+        let handovers = served.iter().map(|(c, s)| Handover {
+            container: &c.id,
+            pid: s.pid,
+            record: records[&c.id].clone(),
+            listener: s.listener.as_fd(),
+            slot: s.slot.as_ref(),
+        });
+        link.replace(holder, handovers);
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
@@ -69,20 +117,40 @@ impl Registry {
         listener: Listener,
         pid: Option<u32>,
     ) -> std::io::Result<()> {
-        let container = self.entry(id, pod.clone(), settings);
-        // Held before served: from the first call on, a crash of heapcapd loses nothing.
-        let record = Record::new(&settings, pod).to_json();
-        let slot = match &self.holder {
-            Some(h) => match h.hold(id, pid.unwrap_or(0), record, std::os::fd::AsFd::as_fd(&listener)) {
-                Ok(slot) => Some(slot),
-                Err(e) => {
-                    tracing::error!(container = id, error = %e, "the holder did not take the listener: a heapcapd crash would break this container");
-                    None
-                }
-            },
-            None => None,
+        let pid = pid.unwrap_or(0);
+        let listener = Arc::new(listener);
+        let Some(holder) = &self.holder else {
+            let (container, key) =
+                self.entry(id, pod, settings, Served { listener: listener.clone(), pid, slot: None });
+            return self.serve(container, key, listener, None, None);
         };
-        self.serve(container, listener, slot, None)
+        // Held before served: from the first call on, a crash of heapcapd loses nothing. Under
+        // the link's lock: a holder being replaced gets this listener too, exactly once.
+        let mut link = holder.lock();
+        if link.lost() {
+            self.replace_holder(&mut link, holder);
+        }
+        let record = Record::new(&settings, pod.clone()).to_json();
+        let served = Served { listener: listener.clone(), pid, slot: None };
+        let (container, key) = self.entry(id, pod, settings, served);
+        let held = match link.client() {
+            Some(client) => client.hold(id, pid, record, listener.as_fd()),
+            None => Err(std::io::Error::other("no fd holder is running")),
+        };
+        let slot = match held {
+            Ok(slot) => {
+                if let Some(s) = self.lock().get_mut(id).and_then(|e| e.served.get_mut(&key)) {
+                    s.slot = Some(slot.clone());
+                }
+                Some(slot)
+            }
+            Err(e) => {
+                tracing::error!(container = id, error = %e, "the holder did not take the listener: a heapcapd crash would break this container");
+                None
+            }
+        };
+        drop(link);
+        self.serve(container, key, listener, slot, None)
     }
 
     /// Take back a listener the holder kept while heapcapd was away.
@@ -95,14 +163,23 @@ impl Registry {
                 Record::unreadable()
             }
         };
-        let container = self.entry(&held.container, record.pod.clone(), record.settings());
+        let listener = Arc::new(Listener::new(held.listener));
+        let served = Served { listener: listener.clone(), pid: held.pid, slot: Some(held.slot.clone()) };
+        let (container, key) = self.entry(&held.container, record.pod.clone(), record.settings(), served);
         tracing::info!(container = %held.container, pid = held.pid, "taken back from the holder");
         let resume = Resume { pid: held.pid, process_limits: record.process_limits };
-        self.serve(container, Listener::new(held.listener), Some(held.slot), Some(resume))
+        self.serve(container, key, listener, Some(held.slot), Some(resume))
     }
 
-    /// The container `id`, made with `pod` and `settings` if new; counts one more listener for it.
-    fn entry(self: &Arc<Self>, id: &str, pod: Option<Pod>, settings: Settings) -> Arc<Container> {
+    /// The container `id`, made with `pod` and `settings` if new; `served` is one more of its
+    /// listeners, under the key returned.
+    fn entry(
+        self: &Arc<Self>,
+        id: &str,
+        pod: Option<Pod>,
+        settings: Settings,
+        served: Served,
+    ) -> (Arc<Container>, u64) {
         let mut containers = self.lock();
         let entry = containers.entry(id.to_string()).or_insert_with(|| {
             let events = self.events.clone();
@@ -124,16 +201,18 @@ impl Registry {
             tracing::info!(container = id, pod = shown, limit = ?settings.limits.process, total = ?settings.limits.total, mode = ?settings.mode, "supervising");
             let container =
                 Container { id: id.to_string(), pod, machine: settings.machine, supervisor, holder: self.holder.clone() };
-            Entry { container: Arc::new(container), listeners: 0 }
+            Entry { container: Arc::new(container), served: HashMap::new() }
         });
-        entry.listeners += 1;
-        entry.container.clone()
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        entry.served.insert(key, served);
+        (entry.container.clone(), key)
     }
 
     fn serve(
         self: &Arc<Self>,
         container: Arc<Container>,
-        listener: Listener,
+        key: u64,
+        listener: Arc<Listener>,
         slot: Option<Slot>,
         resume: Option<Resume>,
     ) -> std::io::Result<()> {
@@ -148,24 +227,24 @@ impl Registry {
                 container.resume(&listener, slot, resume);
             }
             let how = Serve { journal: slot.as_ref(), runtime };
-            if let Err(e) = container.supervisor.serve(&listener, how) {
+            if let Err(e) = container.supervisor.serve(&*listener, how) {
                 tracing::error!(container = %id, error = %e, "serving failed");
             }
             drop(listener);
-            registry.detach(&id);
+            registry.detach(&id, key);
         });
         if let Err(e) = spawned {
-            self.detach(&id_for_error);
+            self.detach(&id_for_error, key);
             return Err(e);
         }
         Ok(())
     }
 
-    fn detach(&self, id: &str) {
+    fn detach(&self, id: &str, key: u64) {
         let mut containers = self.lock();
         let Some(entry) = containers.get_mut(id) else { return };
-        entry.listeners -= 1;
-        if entry.listeners == 0 {
+        entry.served.remove(&key);
+        if entry.served.is_empty() {
             containers.remove(id);
             self.events.forget(id);
             tracing::info!(container = id, "container gone");
