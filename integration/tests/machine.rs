@@ -121,6 +121,50 @@ fn sysconf_and_sysinfo_report_the_quota_that_applies() {
 }
 
 #[test]
+fn heapcap_runs_keeper_answers_with_the_quota_too() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let dir = tempdir("keeper");
+    let flag = dir.join("go");
+    // The command waits for the flag, which is made once the keeper has taken over.
+    let script = format!("while [ ! -e {} ]; do sleep 0.05; done; {SYSINFO} sysinfo", flag.display());
+    let mut child = heapcap()
+        .args(["run", "--limit", "256Mi", "--", "/bin/sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start heapcap run");
+    let pid = child.id();
+    // heapcap run has started its keeper once its command runs under the filter.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let has_keeper = || {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        children.split_whitespace().any(|c| {
+            std::fs::read(format!("/proc/{c}/cmdline")).is_ok_and(|cl| cl.split(|b| *b == 0).nth(1) == Some(b"keep"))
+        })
+    };
+    while !has_keeper() {
+        assert!(std::time::Instant::now() < deadline, "heapcap run (pid {pid}) has no keeper");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) of the heapcap run this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    child.wait().expect("reap heapcap run");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    while !said.contains("supervises the command's processes from now on") {
+        assert!(stderr.read_line(&mut said).expect("stderr") > 0, "the keeper never took over: {said}");
+    }
+    std::fs::write(&flag, "").expect("flag");
+    let mut out = String::new();
+    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("stdout");
+    let line = out.lines().find(|l| l.starts_with("totalram=")).unwrap_or_else(|| panic!("{out} {said}"));
+    assert_eq!(field(line, "totalram"), (256 * MIB).to_string(), "{line}");
+    assert_eq!(field(line, "phys"), (256 * MIB).to_string(), "{line}");
+}
+
+#[test]
 fn a_bad_buffer_gets_efault_and_nothing_is_written() {
     let out = run(&["--limit", "64Mi"], &[SYSINFO, "efault"]);
     assert!(out.status.success(), "{}", show(&out));
