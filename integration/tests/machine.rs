@@ -244,6 +244,26 @@ fn in_containers_the_quota_is_the_machine_too() {
         let (total, _, _) = figures(&host.run(rt, &unique_id("sysinfo-host")));
         assert_eq!(total, host_totalram(), "{rt:?}: the opt-out, though the profile sends sysinfo");
     }
+    // heapcap ps says which containers see the host's memory.
+    let mut sleeper = d.bundle(
+        &[("heapcap.io/limit", "64Mi"), ("heapcap.io/machine-memory", "host")],
+        &["/bin/sleep", "60"],
+    );
+    profile(&mut sleeper);
+    let c = sleeper.create(Runtime::Runc, &unique_id("ps-host"));
+    c.start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let shown = loop {
+        let ps = d.ps();
+        let found = ps["containers"].as_array().and_then(|cs| cs.iter().find(|x| x["id"] == c.id()).cloned());
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} not in {ps}", c.id());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(shown["host_memory"], true, "{shown}");
+    c.kill("KILL");
     // The host's JVM, read-only in a busybox container, leaking under 512 MiB.
     let java = java();
     let mut b = d.bundle(

@@ -81,7 +81,12 @@ fn print_ps(out: &mut impl Write, containers: &[ContainerView]) -> std::io::Resu
             short_id(&c.id),
             pod_cell(&pod_column(c)),
             "-",
-            format!("({}, total limit {})", c.mode, quota(c.total_limit)),
+            format!(
+                "({}, total limit {}{})",
+                c.mode,
+                quota(c.total_limit),
+                if c.host_memory { ", host memory" } else { "" }
+            ),
             size(c.heap),
             "",
             quota(c.limit),
@@ -177,6 +182,7 @@ mod tests {
             mode: Mode::Enforce,
             limit: Some(64 << 20),
             total_limit: None,
+            host_memory: false,
             heap: 63 << 20,
             processes: vec![process],
         }

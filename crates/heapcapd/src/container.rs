@@ -102,6 +102,7 @@ impl Container {
             mode,
             limit: limits.process,
             total_limit: limits.total,
+            host_memory: self.machine == MachineMemory::Host,
             heap: processes.iter().map(|p| p.heap).sum(),
             processes,
         }
