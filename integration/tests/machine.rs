@@ -245,10 +245,8 @@ fn in_containers_the_quota_is_the_machine_too() {
         assert_eq!(total, host_totalram(), "{rt:?}: the opt-out, though the profile sends sysinfo");
     }
     // heapcap ps says which containers see the host's memory.
-    let mut sleeper = d.bundle(
-        &[("heapcap.io/limit", "64Mi"), ("heapcap.io/machine-memory", "host")],
-        &["/bin/sleep", "60"],
-    );
+    let mut sleeper =
+        d.bundle(&[("heapcap.io/limit", "64Mi"), ("heapcap.io/machine-memory", "host")], &["/bin/sleep", "60"]);
     profile(&mut sleeper);
     let c = sleeper.create(Runtime::Runc, &unique_id("ps-host"));
     c.start();
