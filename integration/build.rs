@@ -1,6 +1,7 @@
 //! Compiles `fixtures/alloc.c` three times, natively, with `-m32`, and
 //! natively with `-static`, and tells the tests where the binaries are
-//! (`HEAPCAP_ALLOC`, `HEAPCAP_ALLOC32`, `HEAPCAP_ALLOC_STATIC`).
+//! (`HEAPCAP_ALLOC`, `HEAPCAP_ALLOC32`, `HEAPCAP_ALLOC_STATIC`); and
+//! `fixtures/strict.c` four times (native, `-m32`, each also `-static`).
 //!
 //! The static build is what the container tests copy into their busybox-only
 //! root filesystems (`/alloc`), where there is no dynamic loader or libc.
@@ -44,6 +45,26 @@ fn main() {
     println!("cargo:rustc-env=HEAPCAP_ALLOC={}", alloc.display());
     println!("cargo:rustc-env=HEAPCAP_ALLOC32={}", alloc32.display());
     println!("cargo:rustc-env=HEAPCAP_ALLOC_STATIC={}", alloc_static.display());
+
+    // The ways around a quota (strict mode): native and i386 for `heapcap run`, static (64-bit and
+    // i386) for containers' busybox root filesystems. HEAPCAP_STRICT_FIXTURE{,32,_STATIC,32_STATIC}.
+    let source = manifest_dir.join("fixtures/strict.c");
+    println!("cargo:rerun-if-changed={}", source.display());
+    for (suffix, var, flags) in [
+        ("", "HEAPCAP_STRICT_FIXTURE", &[][..]),
+        ("32", "HEAPCAP_STRICT_FIXTURE32", &["-m32"][..]),
+        ("-static", "HEAPCAP_STRICT_FIXTURE_STATIC", &["-static"][..]),
+        ("32-static", "HEAPCAP_STRICT_FIXTURE32_STATIC", &["-m32", "-static"][..]),
+    ] {
+        let output = out_dir.join(format!("strict{suffix}"));
+        compile(
+            &source,
+            &output,
+            flags,
+            "install gcc, gcc-multilib and libc6-dev (apt-get install gcc gcc-multilib libc6-dev)",
+        );
+        println!("cargo:rustc-env={var}={}", output.display());
+    }
 
     // The isolation, signal and sysinfo probes, static: the same binary runs on the host and in
     // containers (HEAPCAP_ISOLATION_STATIC, HEAPCAP_SIGNALS_STATIC, HEAPCAP_SYSINFO_STATIC).

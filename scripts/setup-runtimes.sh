@@ -23,6 +23,8 @@
 #                      none, but podman checks for it)
 #      fuse-overlayfs  rootless podman's storage where the kernel's own
 #                      overlay is not allowed to a user (podman may pick vfs)
+#      systemd         systemd-analyze, which checks examples/systemd/user's
+#                      unit as the rootless user reads it (no systemd runs)
 #    Not needed: catatonit (--init), buildah, a registry (the image comes from
 #    `podman import`).
 #
@@ -69,7 +71,7 @@ die() {
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and mounts cgroup hierarchies)"
 
 # ------------------------------------------------------------------ packages
-packages=(runc crun podman busybox-static libc6-dev python3 tar uidmap slirp4netns fuse-overlayfs)
+packages=(runc crun podman busybox-static libc6-dev python3 tar uidmap slirp4netns fuse-overlayfs systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -80,7 +82,7 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-for bin in runc crun podman busybox gcc tar python3 newuidmap newgidmap slirp4netns fuse-overlayfs; do
+for bin in runc crun podman busybox gcc tar python3 newuidmap newgidmap slirp4netns fuse-overlayfs systemd-analyze setpriv; do
   command -v "$bin" >/dev/null || die "$bin is not in PATH after installing ${packages[*]}"
 done
 

@@ -12,6 +12,7 @@ mod nearquota;
 mod plot;
 mod programs;
 mod stats;
+mod strict;
 mod syscall;
 
 use std::path::PathBuf;
@@ -44,8 +45,8 @@ pub struct Args {
     #[arg(long)]
     pub calls: Option<u64>,
     /// Measurements to run, comma-separated, from 1 (syscall), 2 (programs), 3 (near quota), 4 (scale), 5 (container
-    /// start), 6 (workload matrix).
-    #[arg(long, value_delimiter = ',', default_value = "1,6,2,3,4,5")]
+    /// start), 6 (workload matrix), 7 (strict mode).
+    #[arg(long, value_delimiter = ',', default_value = "1,6,2,3,4,5,7")]
     pub only: Vec<u32>,
     /// Container counts for measurement 4.
     #[arg(long, value_delimiter = ',')]
@@ -119,7 +120,8 @@ fn run(args: &Args) -> Result<usize> {
             4 => container::scale(args, &fx, work.path()),
             5 => container::start(args, &fx, work.path()),
             6 => matrix::run(args, &fx, work.path()),
-            other => anyhow::bail!("no measurement {other} (1..6)"),
+            7 => strict::run(args, &fx, work.path()),
+            other => anyhow::bail!("no measurement {other} (1..7)"),
         };
         sections.push(section.unwrap_or_else(|e| Section {
             markdown: format!("_Measurement {m} did not run: {e:#}_\n\n"),

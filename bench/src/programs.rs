@@ -17,7 +17,7 @@ use crate::{plot, Args, Section};
 const QUOTA: &str = "4Gi";
 const RLIMIT_DATA: &str = "4294967296";
 
-const PYTHON: &str = r#"
+pub(crate) const PYTHON: &str = r#"
 import sys
 for r in range(int(sys.argv[1])):
     xs = [str(i) * 3 for i in range(200000)]
@@ -80,7 +80,7 @@ fn which(name: &str) -> Option<PathBuf> {
 }
 
 /// The real python3 binary (not a pyenv shim script, which would add its own start-up).
-fn python() -> Option<String> {
+pub(crate) fn python() -> Option<String> {
     let out = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -98,7 +98,7 @@ fn sort_input(path: &Path, lines: u64) -> Result<()> {
     Ok(())
 }
 
-fn wall(argv: &[String], dir: &Path) -> Result<f64> {
+pub(crate) fn wall(argv: &[String], dir: &Path) -> Result<f64> {
     let t = Instant::now();
     let out = Command::new(&argv[0])
         .args(&argv[1..])

@@ -57,7 +57,8 @@ fn reference(data: &[u8], fds_received: usize) -> Result<AgentMessage, AgentErro
     let pairs = annotations.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let settings = settings::resolve(pairs.clone(), state.metadata().as_deref());
     let (pod, sandbox) = (kubernetes::pod(pairs.clone()), kubernetes::is_sandbox(pairs));
-    Ok(AgentMessage { id, pid, seccomp_fd, settings, pod, sandbox })
+    let bundle = state.state().bundle().clone();
+    Ok(AgentMessage { id, pid, seccomp_fd, settings, pod, sandbox, bundle })
 }
 
 /// Equal, error messages from serde aside.

@@ -138,14 +138,7 @@ impl Daemon {
 
     /// The pid of the holder serving this daemon's holder socket, if one runs.
     pub fn holder_pid(&self) -> Option<u32> {
-        let needle = self.holder.to_str()?.as_bytes().to_vec();
-        fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
-            let mut args = cmdline.split(|b| *b == 0);
-            let exe = args.next()?;
-            (exe.ends_with(b"heapcap-holder") && args.any(|a| a == needle.as_slice())).then_some(pid)
-        })
+        holder_pid_on(&self.holder)
     }
 
     /// heapcapd's pid; panics if it is not running.
@@ -189,6 +182,11 @@ impl Daemon {
         let mut body = String::new();
         s.read_to_string(&mut body).expect("/metrics did not answer within 30 s");
         body
+    }
+
+    /// The metrics address (`HOST:PORT`) heapcapd serves `/metrics` on.
+    pub fn metrics_addr(&self) -> &str {
+        &self.metrics
     }
 
     /// The value of a metric line that starts with `prefix` (labels included), if any.
@@ -269,8 +267,20 @@ impl Drop for Wedged {
     }
 }
 
+/// The pid of the heapcap-holder listening on `socket` (by its command line), if one runs.
+pub fn holder_pid_on(socket: &Path) -> Option<u32> {
+    let needle = socket.to_str()?.as_bytes().to_vec();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+        let mut args = cmdline.split(|b| *b == 0);
+        let exe = args.next()?;
+        (exe.ends_with(b"heapcap-holder") && args.any(|a| a == needle.as_slice())).then_some(pid)
+    })
+}
+
 /// Open fds and threads of a process (heapcapd, the holder).
-pub(crate) fn fds_and_tasks(pid: u32) -> (usize, usize) {
+pub fn fds_and_tasks(pid: u32) -> (usize, usize) {
     let count = |sub: &str| {
         fs::read_dir(format!("/proc/{pid}/{sub}"))
             .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/{sub}: {e} (did the process die?)"))

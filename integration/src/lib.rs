@@ -47,6 +47,9 @@
 //!   [`daemon::settled`] and [`daemon::wait_back_to`]: a process's fds and threads, and waiting
 //!   for them to come back to a baseline.
 //!
+//! - [`rootless`]: rootless podman as a real non-root user ([`rootless::USER`]): commands run as
+//!   that user, the test image in its own storage, and its own heapcapd started with no flags.
+//!
 //! Every command has a timeout ([`process::TIMEOUT`] unless given): on expiry the container is
 //! deleted, the command killed, and the test panics with what it printed.
 //!
@@ -83,4 +86,5 @@ pub mod ids;
 pub mod podman;
 pub mod process;
 pub mod rootfs;
+pub mod rootless;
 pub mod runtime;

@@ -55,7 +55,7 @@ fn prepare_image() -> Result<String, String> {
     if !Path::new(CONTAINERS_CONF).is_file() {
         return Err(format!("the harness's containers.conf {CONTAINERS_CONF} is missing"));
     }
-    let image = format!("{IMAGE_REPO}:{:016x}", image_hash()?);
+    let image = image_name()?;
 
     let lock_path = std::env::temp_dir().join("heapcap-test-podman-image.lock");
     let lock = lock_exclusive(&lock_path)?;
@@ -87,6 +87,11 @@ fn prepare_image() -> Result<String, String> {
     Ok(image)
 }
 
+/// The test image's name: its repository and a hash of its content as the tag.
+pub(crate) fn image_name() -> Result<String, String> {
+    Ok(format!("{IMAGE_REPO}:{:016x}", image_hash()?))
+}
+
 /// Hash of everything that goes into the image.
 fn image_hash() -> Result<u64, String> {
     let (busybox, applets) = busybox();
@@ -99,18 +104,24 @@ fn image_hash() -> Result<u64, String> {
     Ok(hasher.finish())
 }
 
-fn import_image(image: &str) -> Result<(), String> {
-    let dir = TempDir::new("image");
-    let rootfs = dir.0.join("rootfs");
+/// The test image's root filesystem packed as `rootfs.tar` in `dir` (for `podman import`).
+pub(crate) fn pack_rootfs(dir: &Path) -> Result<std::path::PathBuf, String> {
+    let rootfs = dir.join("rootfs");
     fs::create_dir_all(&rootfs).map_err(|e| format!("cannot create {}: {e}", rootfs.display()))?;
     populate_rootfs(&rootfs);
-    let tar = dir.0.join("rootfs.tar");
+    let tar = dir.join("rootfs.tar");
     let mut cmd = Command::new("tar");
     cmd.arg("--numeric-owner").arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg(".");
     let out = run_command(cmd, Capture::Pipes, TIMEOUT, || {})?;
     if !out.status.success() {
         return Err(format!("packing the test image's root filesystem failed:\n{}", show(&out)));
     }
+    Ok(tar)
+}
+
+fn import_image(image: &str) -> Result<(), String> {
+    let dir = TempDir::new("image");
+    let tar = pack_rootfs(&dir.0)?;
     let mut cmd = command();
     cmd.args(["import", "--change", r#"CMD ["/bin/sh"]"#, "--message", "heapcap container tests"]).arg(&tar).arg(image);
     let out = run_command(cmd, Capture::Pipes, TIMEOUT, || {})?;
@@ -121,7 +132,7 @@ fn import_image(image: &str) -> Result<(), String> {
 }
 
 /// Holds an exclusive `flock` on `path` (created if needed) until dropped.
-fn lock_exclusive(path: &Path) -> Result<File, String> {
+pub(crate) fn lock_exclusive(path: &Path) -> Result<File, String> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -25,6 +25,34 @@ fn runc_and_crun_containers_are_denied_at_their_quota() {
     }
 }
 
+/// crun connects to the listenerPath at `crun create` but sends the listener only when the
+/// container's init installs its filter, at `crun start`: a container started long after its
+/// create (here longer than heapcapd waits for an agent connection's first bytes in one of its
+/// places, 5 s) is still served and held at its quota. heapcapd used to close such a connection
+/// after 5 s, and the container then ran unsupervised, not listed by `heapcap ps`.
+#[test]
+fn a_container_started_long_after_its_create_is_held_at_its_quota() {
+    let d = Daemon::start();
+    for rt in Runtime::ALL {
+        let b = d.bundle(&[("heapcap.io/limit", "64Mi")], &["/alloc", "mmap", "4194304", "0"]);
+        let c = b.create(rt, &unique_id("late-start"));
+        std::thread::sleep(Duration::from_secs(7));
+        c.start();
+        c.wait_stopped(Duration::from_secs(60));
+        let out = c.stdout();
+        assert!(
+            out.contains("allocated="),
+            "{rt:?} started 7 s after its create printed no result\nstdout: {out}\nstderr: {}\nheapcapd:\n{}",
+            c.stderr(),
+            d.log()
+        );
+        let (allocated, result) = parse_allocated(&out);
+        assert_at_quota(&format!("{rt:?}, started 7 s after its create"), allocated, &result, 64 * MIB, 4 * MIB);
+        c.delete();
+    }
+    assert!(!d.log().contains("agent message not taken"), "heapcapd:\n{}", d.log());
+}
+
 #[test]
 fn a_container_with_a_larger_quota_is_unaffected() {
     let d = Daemon::start();

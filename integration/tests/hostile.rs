@@ -1,13 +1,16 @@
-//! heapcapd under hostile and broken input on its two real sockets, and the CLI given malformed
-//! sizes: non-root peers, truncated, oversized, non-JSON and wrong-schema messages, no fd, too
-//! many fds, fds that are not seccomp listeners, idle and trickling clients, floods of
-//! connections, bad `set-limit` sizes and ids, bad annotations. Each gets a clear error (in
-//! heapcapd's log for the agent socket, which has no answer channel; in the answer for the
-//! control socket; on stderr for the CLI), and afterwards heapcapd still holds a real runc
-//! container at its quota, `heapcap ps` answers, and its fds and threads are back to where they
-//! were.
+//! heapcapd under hostile and broken input on its two real sockets and its `/metrics` address,
+//! and the CLI given malformed sizes: non-root peers, truncated, oversized, non-JSON and
+//! wrong-schema messages, no fd, too many fds, fds that are not seccomp listeners, idle and
+//! trickling clients, floods of connections, bad `set-limit` sizes and ids, bad annotations; on
+//! `/metrics`, idle, trickling and garbage clients, floods, bad paths, methods and heads. Each
+//! gets a clear error (in heapcapd's log for the agent socket, which has no answer channel; in
+//! the answer for the control socket and `/metrics`, whose Content-Length is its body's; on
+//! stderr for the CLI), scrapes answer while hostile clients are connected, and afterwards
+//! heapcapd still holds a real runc container at its quota, `heapcap ps` answers, and its fds
+//! and threads are back to where they were.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -302,9 +305,12 @@ fn idle_and_trickling_agent_clients_block_no_one() {
     let before = baseline(&d);
     let mark = d.log().len();
     let idle = UnixStream::connect(&d.agent).expect("connect");
-    // A container starts while the idle client holds its connection.
+    // A container starts while the idle client holds its connection, and after heapcapd parked
+    // it (an idle connection is not cut off: crun sends its listener only at `crun start`).
     assert_serves_a_container(&d, "while an agent client idles");
-    expect_logged(&d, mark, &["agent message not taken", "no complete message within 5s (0 bytes received)"]);
+    std::thread::sleep(Duration::from_secs(6));
+    assert_serves_a_container(&d, "while an agent client idles, parked");
+    assert!(!d.log()[mark..].contains("agent message not taken"), "an idle client was cut off:\n{}", d.log());
     drop(idle);
 
     // A client sending a byte a second is cut off at the deadline, not served forever.
@@ -317,12 +323,13 @@ fn idle_and_trickling_agent_clients_block_no_one() {
             break;
         }
         sent += 1;
-        if d.log()[mark..].contains("no complete message within 5s") {
+        if d.log()[mark..].contains("no complete message within 5s of its first bytes") {
             break;
         }
         std::thread::sleep(Duration::from_millis(1000));
     }
-    let line = expect_logged(&d, mark, &["agent message not taken", "no complete message within 5s ("]);
+    let line =
+        expect_logged(&d, mark, &["agent message not taken", "no complete message within 5s of its first bytes ("]);
     assert!(sent < 20, "heapcapd kept reading a trickling client for {sent} s: {line}");
     assert!(!line.contains("(0 bytes received)"), "{line}");
     drop(trickle);
@@ -592,5 +599,209 @@ fn bad_annotations_are_refused_and_heapcapd_serves_on() {
         assert!(said.contains("refused") && said.contains(says), "{key}={value:?}: {}", show(&out));
     }
     d.wait_no_containers(DEADLINE);
+    assert_still_serves(&d, before);
+}
+
+/// One raw HTTP exchange with heapcapd's `/metrics` address: `request` sent, everything it
+/// answers until it closes. Panics after [`DEADLINE`] (a hang).
+fn http(d: &Daemon, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(d.metrics_addr()).expect("connect to /metrics");
+    s.set_read_timeout(Some(DEADLINE)).expect("read timeout");
+    let _ = s.write_all(request);
+    let mut answer = Vec::new();
+    let read = s.read_to_end(&mut answer);
+    assert!(
+        read.is_ok() || read.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "/metrics did not answer {:?}: {read:?}",
+        String::from_utf8_lossy(&request[..request.len().min(80)])
+    );
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The status code, headers (lower-cased names) and body of an HTTP/1.1 answer.
+fn parse_http(answer: &str) -> (u16, Vec<(String, String)>, &str) {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP head in {answer:?}"));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)?.parse().ok());
+    let status = status.unwrap_or_else(|| panic!("no status line in {answer:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body)
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// A scrape, how long it took, and that it is a full exposition.
+fn scrape(d: &Daemon) -> Duration {
+    let start = Instant::now();
+    let answer = http(d, b"GET /metrics HTTP/1.1\r\nHost: heapcapd\r\n\r\n");
+    let took = start.elapsed();
+    let (status, headers, body) = parse_http(&answer);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(header(&headers, "content-length").and_then(|l| l.parse().ok()), Some(body.len()), "{answer}");
+    assert!(body.contains("heapcap_decision_latency_seconds_bucket") && body.ends_with("# EOF\n"), "{body}");
+    took
+}
+
+/// heapcapd's resident memory (VmRSS, KiB).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS in kB")
+}
+
+/// Connections that stayed open: each still connected (a read would block: not cut off).
+fn still_open(clients: &[TcpStream]) -> usize {
+    clients
+        .iter()
+        .filter(|c| {
+            c.set_nonblocking(true).expect("nonblocking");
+            let mut byte = [0u8; 1];
+            let open = matches!((&**c).read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            c.set_nonblocking(false).expect("blocking");
+            open
+        })
+        .count()
+}
+
+#[test]
+fn metrics_answers_at_once_beside_idle_trickling_and_garbage_clients() {
+    let d = Daemon::start();
+    let before = baseline(&d);
+    let quiet = scrape(&d);
+
+    // 300 clients that connect and send nothing, 20 that send one byte of a request head every
+    // 200 ms, and 20 that send garbage and then wait.
+    let idle: Vec<TcpStream> = (0..300).map(|_| TcpStream::connect(d.metrics_addr()).expect("connect idle")).collect();
+    let garbage: Vec<TcpStream> = (0..20)
+        .map(|i| {
+            let mut c = TcpStream::connect(d.metrics_addr()).expect("connect garbage");
+            let junk: Vec<u8> = (0..200u32).map(|b| (b * 7 + i) as u8).collect();
+            let _ = c.write_all(if i % 2 == 0 { b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" } else { &junk });
+            c
+        })
+        .collect();
+    let (took, most_threads) = std::thread::scope(|s| {
+        let trickling: Vec<_> = (0..20)
+            .map(|_| {
+                let d = &d;
+                s.spawn(move || {
+                    // A head that never ends, a byte every 200 ms: cut off at the head deadline.
+                    let mut c = TcpStream::connect(d.metrics_addr()).expect("connect trickling");
+                    let start = Instant::now();
+                    let head = b"GET /metrics HTTP/1.1\r\n".iter().chain(b"X-Trickle: a\r\n".iter().cycle());
+                    for byte in head {
+                        if c.write_all(&[*byte]).is_err() || Instant::now() - start > DEADLINE {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    start.elapsed()
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // Scrapes while they are all connected: each answers while the idle clients are still
+        // connected, i.e. without waiting for their 5 s head deadline.
+        let mut took = Vec::new();
+        let mut most_threads = 0;
+        for _ in 0..5 {
+            took.push(scrape(&d));
+            most_threads = most_threads.max(d.resources().1);
+        }
+        let open = still_open(&idle);
+        assert_eq!(open, idle.len(), "idle clients were cut off before the scrapes answered ({took:?})");
+        for t in trickling {
+            let lasted = t.join().expect("trickling client");
+            assert!(lasted < DEADLINE, "a trickling client was served for {lasted:?}");
+        }
+        (took, most_threads)
+    });
+    let slowest = took.iter().max().copied().unwrap_or_default();
+    // A generous bound about hanging, not speed: far below the 5 s an idle client may keep its slot.
+    assert!(slowest < Duration::from_secs(2), "a scrape took {slowest:?} beside hostile clients ({took:?})");
+    let (fds, threads) = d.resources();
+    eprintln!(
+        "metrics: scrape {quiet:?} alone, slowest {slowest:?} of {took:?} beside 300 idle, 20 trickling and 20 \
+         garbage clients; heapcapd {threads} threads (most {most_threads}, {} before), {fds} fds, RSS {} KiB",
+        before.1,
+        rss_kib(d.pid())
+    );
+    // Connections are tasks, not threads.
+    assert!(most_threads <= before.1 + 4, "heapcapd ran {most_threads} threads for 340 clients ({} before)", before.1);
+
+    // The idle and garbage clients are cut off at the head deadline (garbage at once, with 400).
+    let deadline = Instant::now() + DEADLINE;
+    while still_open(&idle) + still_open(&garbage) > 0 {
+        assert!(Instant::now() < deadline, "idle or garbage /metrics clients were never cut off");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop((idle, garbage));
+    assert_back_to(&d, before, "after the /metrics clients left");
+    assert_still_serves(&d, before);
+}
+
+#[test]
+fn metrics_survives_floods_and_answers_bad_requests_with_the_right_length() {
+    let d = Daemon::start();
+    let before = baseline(&d);
+    // 2000 connections opened and closed, 4 clients at once, half with garbage or half a request.
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let d = &d;
+            s.spawn(move || {
+                for i in 0..500 {
+                    let mut c = TcpStream::connect(d.metrics_addr()).expect("connect in the flood");
+                    match (t + i) % 4 {
+                        0 => drop(c.write_all(b"garbage\r\n\r\n")),
+                        1 => drop(c.write_all(b"GET /metr")),
+                        _ => {}
+                    }
+                }
+            });
+        }
+        // Scrapes answer during the flood.
+        for _ in 0..5 {
+            scrape(&d);
+        }
+    });
+    scrape(&d);
+
+    // Wrong path, method, protocol, head size: each its status, its Content-Length its body's.
+    let big = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many = format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{many}\r\n");
+    let cases: [(&[u8], u16); 7] = [
+        (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (b"GET /metrics/../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 405),
+        (b"DELETE /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        (b"garbage\r\n\r\n", 400),
+        (big.as_bytes(), 431),
+        (many.as_bytes(), 431),
+    ];
+    for (request, expected) in cases {
+        let shown = String::from_utf8_lossy(&request[..request.len().min(60)]).into_owned();
+        let answer = http(&d, request);
+        let (status, headers, body) = parse_http(&answer);
+        assert_eq!(status, expected, "{shown:?}: {answer}");
+        let length = header(&headers, "content-length").and_then(|l| l.parse::<usize>().ok());
+        assert_eq!(length, Some(body.len()), "{shown:?}: Content-Length and body differ: {answer}");
+        if expected == 404 {
+            assert_eq!(body, "not found: heapcapd serves GET /metrics\n", "{answer}");
+        }
+        if expected == 405 {
+            assert_eq!(header(&headers, "allow"), Some("GET, HEAD"), "{answer}");
+        }
+    }
+    // HEAD: the headers of a scrape, no body.
+    let answer = http(&d, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, _, body) = parse_http(&answer);
+    assert!(status == 200 && body.is_empty(), "{answer}");
+    assert_back_to(&d, before, "after the /metrics flood");
     assert_still_serves(&d, before);
 }

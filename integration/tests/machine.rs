@@ -21,6 +21,7 @@ use heapcap_integration::fixture::{field, MIB};
 use heapcap_integration::ids::unique_id;
 use heapcap_integration::process::{run_captured, show, stdout};
 use heapcap_integration::runtime::Runtime;
+use heapcap_policy::ledger::Counting;
 
 const SYSINFO: &str = env!("HEAPCAP_SYSINFO_STATIC");
 /// Debian's OpenJDK 17 (`apt-get install openjdk-17-jdk-headless`, in scripts/setup.sh).
@@ -225,7 +226,7 @@ fn a_leaking_java_program_gets_out_of_memory_error_not_a_crash() {
 fn in_containers_the_quota_is_the_machine_too() {
     let d = Daemon::start();
     let profile = |b: &mut heapcap_integration::bundle::Bundle| {
-        let p = heapcap_oci::heapcap_profile_with(&d.agent, None, heapcap_oci::Extra { machine: true });
+        let p = heapcap_oci::heapcap_profile_with(Counting::Heap, &d.agent, None, heapcap_oci::Extra { machine: true });
         b.seccomp(serde_json::to_value(p).expect("profile"));
     };
     for rt in Runtime::ALL {

@@ -84,10 +84,23 @@ fn main() -> ExitCode {
     match with_env_flags(Cli::parse()).and_then(|cli| run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            say(&format!("heapcap-hook: {e:#}\n"));
+            say(&format!("heapcap-hook: {}\n", chain(&e)));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause left out whose text the message already has (many of
+/// our errors carry their source's text and the source too: `{e:#}` said it two or three times).
+fn chain(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message = format!("{message}: {cause}");
+        }
+    }
+    message
 }
 
 /// Write `message` where the user sees it: our stderr, or, when the runtime sent that to
@@ -119,6 +132,15 @@ fn tell_runtime(message: &str) -> bool {
             Err(_) => Path::new(&format!("/proc/{parent}/cwd")).join(log),
         };
         if append(&path, &text) {
+            return true;
+        }
+    }
+    // The runtime's (or podman's) own stderr: a copy of its open file, which works whatever owns
+    // it (a rootless podman's stderr may be a pipe or a journal socket of another uid, which
+    // cannot be opened again through /proc); else opened again through /proc.
+    let copied = heapcap_linux::pidfd::Pidfd::open(parent).and_then(|p| p.get_fd(2));
+    if let Ok(fd) = copied {
+        if std::fs::File::from(fd).write_all(message.as_bytes()).is_ok() {
             return true;
         }
     }
@@ -191,7 +213,8 @@ fn prestart(cli: &Cli) -> Result<()> {
     // A heapcapd that accepts but never reads must not hang the container's start.
     sock.set_write_timeout(Some(Duration::from_secs(5))).context("cannot set a timeout on heapcapd's socket")?;
     // sysinfo too where the container's programs are to see their quota as their machine's memory.
-    let program = Program::heap_notify_with(Extra::of(&wanted)).context("cannot build heapcap's seccomp filter")?;
+    let program = Program::heap_notify_with(wanted.counting, Extra::of(&wanted))
+        .context("cannot build heapcap's seccomp filter")?;
     let injected = install_listener(pid, &program)
         .with_context(|| format!("container {id}: cannot install heapcap's filter into its init (pid {pid})"))?;
 
@@ -269,6 +292,15 @@ mod tests {
     /// A command line as `/proc/<pid>/cmdline` has it.
     fn args(s: &str) -> Vec<u8> {
         s.split(' ').flat_map(|a| a.bytes().chain([0])).collect()
+    }
+
+    #[test]
+    fn a_cause_is_said_once() {
+        let bad = "heapcap.io/limit: 'abc' is not a size";
+        let e = anyhow::Error::msg(bad.to_string()).context(format!("bad setting: {bad}"));
+        assert_eq!(chain(&e), format!("bad setting: {bad}"));
+        let e = anyhow::Error::msg("no socket there").context("heapcapd is not reachable");
+        assert_eq!(chain(&e), "heapcapd is not reachable: no socket there");
     }
 
     #[test]

@@ -97,7 +97,7 @@ mod imp {
 mod imp {
     use std::fs::File;
     use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::fd::{OwnedFd, RawFd};
     use std::os::unix::fs::FileExt;
     use std::time::Instant;
 
@@ -280,14 +280,7 @@ mod imp {
     }
 
     fn pidfd_getfd(pidfd: &Pidfd, fd: RawFd) -> io::Result<OwnedFd> {
-        use std::os::fd::AsFd;
-        // SAFETY: pidfd_getfd takes a pidfd, a target fd number and flags 0 and returns a new fd.
-        let rc = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_fd().as_raw_fd(), fd, 0) };
-        if rc < 0 {
-            return Err(crate::last_error());
-        }
-        // SAFETY: the kernel just installed this fd in our table; nothing else owns it.
-        Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+        pidfd.get_fd(fd)
     }
 
     pub fn install_listener(pid: u32, program: &Program) -> Result<Injected, InjectError> {

@@ -1,6 +1,7 @@
 //! heapcap's Linux layer: thin safe wrappers over the kernel objects heapcap uses.
 //!
 //! - [`filter`]: the heap-notify seccomp program (built with libseccomp) and loading it.
+//! - [`mmshare`]: `kcmp(KCMP_VM)` (who shares an address space) and SysV segment sizes.
 //! - [`journal`]: shared memory where the supervisor notes each call it is deciding, for its successor.
 //! - [`inject`]: installing the filter into another process with ptrace (x86_64), for OCI hooks.
 //! - [`notify`]: the seccomp listener fd: receive, answer, check a notification is still valid.
@@ -23,6 +24,7 @@ pub mod fdpass;
 pub mod filter;
 pub mod inject;
 pub mod journal;
+pub mod mmshare;
 pub mod notify;
 pub mod peercred;
 pub mod pidfd;

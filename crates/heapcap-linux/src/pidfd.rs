@@ -54,6 +54,19 @@ impl Pidfd {
         rc > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0
     }
 
+    /// A copy of the process's open file `fd` (`pidfd_getfd(2)`: the same open file, not a new
+    /// open of it, so it works for pipes and sockets whatever their owner). Needs ptrace access to
+    /// the process (EPERM without).
+    pub fn get_fd(&self, fd: RawFd) -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_getfd takes a pidfd, a target fd number and flags 0 and returns a new fd.
+        let rc = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), fd, 0) };
+        if rc < 0 {
+            return Err(crate::last_error());
+        }
+        // SAFETY: the kernel just installed this fd in our table; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+    }
+
     /// Send a signal.
     pub fn signal(&self, sig: i32) -> io::Result<()> {
         // SAFETY: as above, with a real signal number; a null siginfo is allowed.

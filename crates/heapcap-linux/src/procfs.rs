@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use heapcap_policy::ledger::{CallKey, Snapshot, ThreadState};
 use heapcap_policy::maps::{Maps, MapsError};
+use heapcap_policy::mounts::disk_devices;
 
 use crate::procmap;
 
@@ -87,6 +88,7 @@ pub struct OpenedCommand {
 /// Files opened for one process, to be read after the notification check.
 #[derive(Debug)]
 pub struct Opened {
+    pid: u32,
     maps: (PathBuf, File),
     stat: (PathBuf, File),
 }
@@ -122,7 +124,7 @@ impl ProcFs {
 
     /// Open what an exact snapshot of `pid` needs.
     pub fn open_snapshot(&self, pid: u32) -> Result<Opened, ProcError> {
-        Ok(Opened { maps: self.open(pid, "maps")?, stat: self.open(pid, "stat")? })
+        Ok(Opened { pid, maps: self.open(pid, "maps")?, stat: self.open(pid, "stat")? })
     }
 
     /// Read and parse a snapshot opened with [`ProcFs::open_snapshot`]: the counted heap and the
@@ -147,7 +149,8 @@ impl ProcFs {
         if self.maps == MapsReader::Auto && procmap::supported() {
             match procmap::walk(&maps, range, Some(start_brk)) {
                 Ok(vmas) => {
-                    return Ok(Snapshot { maps: Maps::from_vmas(vmas), start_brk: Some(start_brk), upper: None })
+                    let maps = self.classified(opened.pid, Maps::from_vmas(vmas));
+                    return Ok(Snapshot { maps, start_brk: Some(start_brk), upper: None });
                 }
                 Err(procmap::WalkError::Io(source)) => return Err(ProcError::Io { path, source }),
                 Err(procmap::WalkError::Unsupported) => {} // the text, from the same fd
@@ -155,8 +158,21 @@ impl ProcFs {
         }
         buf.clear();
         maps.read_to_string(buf).map_err(io_err(&path))?;
-        let maps = Maps::parse(buf)?;
+        let maps = self.classified(opened.pid, Maps::parse(buf)?);
         Ok(Snapshot { maps, start_brk: Some(start_brk), upper: None })
+    }
+
+    /// `maps` with its shared file mappings told apart: on a disk-backed mount or not, from the
+    /// process's `mountinfo` (read only when there is such a mapping). A device's file system
+    /// is the same in every mount namespace, and a mapped file keeps its superblock (and so its
+    /// device number) alive, so `mountinfo` read after the mappings cannot mislabel one; if it
+    /// cannot be read, every shared file mapping counts (the safe side).
+    pub fn classified(&self, pid: u32, mut maps: Maps) -> Maps {
+        if maps.has_shared_files() {
+            let disks = self.read(pid, "mountinfo").map(|(_, text)| disk_devices(&text)).unwrap_or_default();
+            maps.classify(|dev| disks.binary_search(&dev).is_ok());
+        }
+        maps
     }
 
     /// Open and read a snapshot at once (for a process whose identity is otherwise checked).
@@ -215,6 +231,7 @@ impl ProcFs {
     /// kernel has no such query: read the text of a freshly opened file instead).
     pub fn walk_at(
         &self,
+        pid: u32,
         maps: &(PathBuf, File),
         range: Option<(u64, u64)>,
         start_brk: Option<u64>,
@@ -223,7 +240,7 @@ impl ProcFs {
             return None;
         }
         match procmap::walk(&maps.1, range, start_brk) {
-            Ok(vmas) => Some(Ok(Maps::from_vmas(vmas))),
+            Ok(vmas) => Some(Ok(self.classified(pid, Maps::from_vmas(vmas)))),
             Err(procmap::WalkError::Io(source)) => Some(Err(ProcError::Io { path: maps.0.clone(), source })),
             Err(procmap::WalkError::Unsupported) => None,
         }
@@ -311,6 +328,36 @@ impl ProcFs {
             out.extend(text.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
         }
         out
+    }
+
+    /// Open `/proc/<pid>/ns/ipc`, the caller's IPC namespace (for SysV segment sizes).
+    pub fn open_ipc_ns(&self, pid: u32) -> Result<File, ProcError> {
+        self.open(pid, "ns/ipc").map(|(_, f)| f)
+    }
+
+    /// `Threads:` and `TracerPid:` from an opened `status`.
+    pub fn read_threads_tracer(&self, opened: (PathBuf, File)) -> Result<(u32, u32), ProcError> {
+        let (path, mut f) = opened;
+        let mut s = String::new();
+        f.read_to_string(&mut s).map_err(io_err(&path))?;
+        let field = |name: &str| s.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok());
+        match (field("Threads:"), field("TracerPid:")) {
+            (Some(threads), Some(tracer)) => Ok((threads, tracer)),
+            _ => Err(ProcError::Format { path, text: s }),
+        }
+    }
+
+    /// A process other than `tid`'s own that shares its address space, if any: every process
+    /// this `/proc` lists is asked with `kcmp(KCMP_VM)` (one cheap call each; one that cannot be
+    /// asked, another user's without the rights, cannot share it either). For the rare calls
+    /// whose arguments sit in memory, where another writer must be ruled out.
+    pub fn vm_sharer(&self, tid: u32) -> Option<u32> {
+        let own = self.read(tid, "status").ok().and_then(|(_, s)| parse_status_tgid(&s));
+        let dir = std::fs::read_dir(&self.root).ok()?;
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| Some(*pid) != own && *pid != tid)
+            .find(|pid| crate::mmshare::same_vm(tid, *pid).unwrap_or(false))
     }
 
     /// Open `/proc/<pid>/mem`, to read a caller's memory after the notification check.

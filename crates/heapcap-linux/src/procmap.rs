@@ -83,6 +83,11 @@ fn to_vma(q: &ProcmapQuery, name: &[u8]) -> Vma {
         writable: q.vma_flags & VMA_WRITABLE != 0,
         anon_private: anonymous && q.vma_flags & VMA_SHARED == 0,
         is_heap: name == b"[heap]",
+        shared: q.vma_flags & VMA_SHARED != 0,
+        is_stack: name == b"[stack]",
+        dev: heapcap_policy::maps::dev(q.dev_major, q.dev_minor),
+        inode: q.inode,
+        on_disk: false,
     }
 }
 

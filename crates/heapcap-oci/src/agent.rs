@@ -72,6 +72,8 @@ pub struct AgentMessage {
     /// A Kubernetes pod's sandbox (pause) container ([`kubernetes::is_sandbox`]): its settings are
     /// the pod's, meant for the pod's containers, and are not its own.
     pub sandbox: bool,
+    /// The container's bundle (`state.bundle`), where its `config.json` is.
+    pub bundle: std::path::PathBuf,
 }
 
 /// Why a message cannot be taken. Each says what the sender got wrong.
@@ -142,7 +144,8 @@ pub fn parse(data: &[u8], fds_received: usize) -> Result<AgentMessage, AgentErro
     let pairs = || annotations.into_iter().flatten().map(|(k, v)| (k.as_str(), v.as_str()));
     let settings = settings::resolve(pairs(), state.metadata().as_deref());
     let (pod, sandbox) = (kubernetes::pod(pairs()), kubernetes::is_sandbox(pairs()));
-    Ok(AgentMessage { id, pid, seccomp_fd, settings, pod, sandbox })
+    let bundle = container.bundle().clone();
+    Ok(AgentMessage { id, pid, seccomp_fd, settings, pod, sandbox, bundle })
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use heapcap_policy::rules::Extra;
 
 use crate::merge::{check_no_listener, merge_entries, Action, Entry, MergeError};
+use heapcap_policy::ledger::Counting;
 
 /// A containers/common seccomp profile. Fields heapcap does not look at are kept as they are.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,15 +140,31 @@ impl ContainersProfile {
     /// Merge heapcap's notify rules, as [`crate::merge_into`] does for an OCI profile, and make the
     /// runtime send the listener to `listener_path`. On error the profile is unchanged.
     pub fn merge(&mut self, listener_path: &Path, metadata: Option<&str>) -> Result<(), MergeError> {
-        self.merge_with(listener_path, metadata, Extra::default())
+        self.merge_for(Counting::Heap, listener_path, metadata)
     }
 
-    /// [`ContainersProfile::merge`], sending the `extra` calls too (where the profile lets them run).
-    pub fn merge_with(&mut self, listener_path: &Path, metadata: Option<&str>, extra: Extra) -> Result<(), MergeError> {
+    /// [`ContainersProfile::merge`] with the rules of `counting`.
+    pub fn merge_for(
+        &mut self,
+        counting: Counting,
+        listener_path: &Path,
+        metadata: Option<&str>,
+    ) -> Result<(), MergeError> {
+        self.merge_with(counting, listener_path, metadata, Extra::default())
+    }
+
+    /// [`ContainersProfile::merge_for`], sending the `extra` calls too (where the profile lets them run).
+    pub fn merge_with(
+        &mut self,
+        counting: Counting,
+        listener_path: &Path,
+        metadata: Option<&str>,
+        extra: Extra,
+    ) -> Result<(), MergeError> {
         let default = Action::new(self.default_action, self.default_errno_ret);
         check_no_listener(self.listener_path.as_deref(), self.listener_metadata.as_deref())?;
         let mut entries = self.syscalls.clone().unwrap_or_default();
-        merge_entries(&mut entries, default, extra)?;
+        merge_entries(&mut entries, default, counting, extra)?;
         self.syscalls = Some(entries);
         self.listener_path = Some(listener_path.to_path_buf());
         self.listener_metadata = metadata.map(str::to_string);
@@ -223,6 +240,40 @@ mod tests {
             "syscalls": [{"name": "mmap", "action": "SCMP_ACT_ALLOW", "args": null, "minKernel": "5.0"}]});
         let p: ContainersProfile = serde_json::from_value(odd.clone()).unwrap();
         assert_eq!(serde_json::to_value(p).unwrap(), odd);
+    }
+
+    #[test]
+    fn merged_podman_default_with_the_strict_rules_decides_like_the_original_except_for_memory() {
+        let before = podman_default();
+        let mut after = podman_default();
+        after.merge_for(Counting::Strict, Path::new(SOCK), None).expect("podman's default profile merges");
+        let memory =
+            ["brk", "mmap", "mmap2", "mprotect", "pkey_mprotect", "mremap", "execve", "execveat", "shmat", "ipc"];
+        let samples = [[0; 6], [0, 4096, 3, 0x22, u64::MAX, 0], [0, 4096, 0, 0x22, 3, 0], [16, 0, 9, 0, 0, 0]];
+        for caps in [PODMAN_CAPS, ALL_CAPS] {
+            let (b, a) = (to_oci(&before, "amd64", caps), to_oci(&after, "amd64", caps));
+            let names: Vec<String> = b.syscalls().iter().flatten().flat_map(|s| s.names().clone()).collect();
+            for name in names.iter().filter(|n| !memory.contains(&n.as_str())) {
+                for args in samples {
+                    for width in [Width::W64, Width::W32] {
+                        assert_eq!(decide(&a, name, args, width), decide(&b, name, args, width), "{name} {args:x?}");
+                    }
+                }
+            }
+            let notify = Outcome::Decided(Action::new(LinuxSeccompAction::ScmpActNotify, None));
+            let allow = Outcome::Decided(Action::new(LinuxSeccompAction::ScmpActAllow, None));
+            assert_eq!(decide(&a, "mmap", [0, 4096, 3, 0x02, 3, 0], Width::W64), notify, "private file mapping");
+            assert_eq!(decide(&a, "mmap", [0, 4096, 3, 0x01, 3, 0], Width::W64), notify, "shared mapping");
+            assert_eq!(decide(&a, "mmap", [0, 4096, 1, 0x01, 3, 0], Width::W64), allow, "read-only");
+            assert_eq!(decide(&a, "mmap", [0, 4096, 0, 0x22, u64::MAX, 0], Width::W64), allow, "PROT_NONE");
+            assert_eq!(decide(&a, "shmat", [7, 0, 0, 0, 0, 0], Width::W64), notify);
+            assert_eq!(
+                decide(&a, "shmat", [7, 0, 0o10000, 0, 0, 0], Width::W64),
+                decide(&b, "shmat", [7, 0, 0o10000, 0, 0, 0], Width::W64),
+                "SHM_RDONLY keeps podman's own action"
+            );
+            assert_eq!(decide(&a, "mmap", [0; 6], Width::W32), notify, "i386 old mmap");
+        }
     }
 
     #[test]

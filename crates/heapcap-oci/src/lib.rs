@@ -33,6 +33,9 @@ mod testdata;
 
 pub use containers::ContainersProfile;
 pub use heapcap_policy::rules::Extra;
-pub use merge::{merge_into, merge_into_with, MergeError};
-pub use seccomp::{heapcap_profile, heapcap_profile_with, notify_syscalls, notify_syscalls_with};
+pub use merge::{merge_into, merge_into_for, merge_into_with, MergeError};
+pub use seccomp::{
+    heapcap_profile, heapcap_profile_for, heapcap_profile_with, notify_syscalls, notify_syscalls_for,
+    notify_syscalls_with, sends_strict_rules,
+};
 pub use spec::{apply_json, Defaults, Outcome, SpecError};

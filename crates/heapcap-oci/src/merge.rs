@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSyscall};
 
+use heapcap_policy::ledger::Counting;
 use heapcap_policy::rules::Extra;
 
 use crate::seccomp::{group, plan_with};
@@ -196,7 +197,12 @@ fn runs_today<'a, E: Entry>(
 }
 
 /// Merge heapcap's rules into `entries` of a profile whose default action is `default`.
-pub(crate) fn merge_entries<E: Entry>(entries: &mut Vec<E>, default: Action, extra: Extra) -> Result<(), MergeError> {
+pub(crate) fn merge_entries<E: Entry>(
+    entries: &mut Vec<E>,
+    default: Action,
+    counting: Counting,
+    extra: Extra,
+) -> Result<(), MergeError> {
     if default.kind == LinuxSeccompAction::ScmpActNotify {
         return Err(MergeError::NotifyDefault);
     }
@@ -211,7 +217,7 @@ pub(crate) fn merge_entries<E: Entry>(entries: &mut Vec<E>, default: Action, ext
     let original = entries.clone();
     let mut buckets: Vec<Bucket<E>> = Vec::new();
     let mut taken: Vec<(&'static str, String)> = Vec::new();
-    for plan in plan_with(extra) {
+    for plan in plan_with(counting, extra) {
         let runs = runs_today(plan.name, &original, default)?;
         for Runs { scope, entry: template, action } in runs {
             taken.push((plan.name, scope.clone()));
@@ -304,11 +310,22 @@ pub(crate) fn check_no_listener(path: Option<&Path>, metadata: Option<&str>) -> 
 /// The merged profile denies what `profile` denied, and allows what it allowed except that the
 /// calls heapcap's rules select go to the agent. On error `profile` is unchanged.
 pub fn merge_into(profile: &mut LinuxSeccomp, listener_path: &Path, metadata: Option<&str>) -> Result<(), MergeError> {
-    merge_into_with(profile, listener_path, metadata, Extra::default())
+    merge_into_for(Counting::Heap, profile, listener_path, metadata)
 }
 
-/// [`merge_into`], sending the `extra` calls too (where the profile lets them run at all).
+/// [`merge_into`] with the rules of `counting`.
+pub fn merge_into_for(
+    counting: Counting,
+    profile: &mut LinuxSeccomp,
+    listener_path: &Path,
+    metadata: Option<&str>,
+) -> Result<(), MergeError> {
+    merge_into_with(counting, profile, listener_path, metadata, Extra::default())
+}
+
+/// [`merge_into_for`], sending the `extra` calls too (where the profile lets them run at all).
 pub fn merge_into_with(
+    counting: Counting,
     profile: &mut LinuxSeccomp,
     listener_path: &Path,
     metadata: Option<&str>,
@@ -317,7 +334,7 @@ pub fn merge_into_with(
     let default = Action::new(profile.default_action(), profile.default_errno_ret());
     check_no_listener(profile.listener_path().as_deref(), profile.listener_metadata().as_deref())?;
     let mut entries = profile.syscalls().clone().unwrap_or_default();
-    merge_entries(&mut entries, default, extra)?;
+    merge_entries(&mut entries, default, counting, extra)?;
     profile.set_syscalls(Some(entries));
     profile.set_listener_path(Some(PathBuf::from(listener_path)));
     profile.set_listener_metadata(metadata.map(str::to_string));

@@ -35,6 +35,7 @@
 
 use std::path::Path;
 
+use heapcap_policy::ledger::Counting;
 use heapcap_policy::rules::{self, ArgTest, Extra};
 use oci_spec::runtime::{
     Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompArgBuilder, LinuxSeccompOperator, LinuxSyscall,
@@ -108,12 +109,19 @@ fn syscall_names(native: &[rules::NotifyRule], compat: &[rules::NotifyRule]) -> 
 
 /// Every call heapcap notifies, with the notify and keep conditions that hold on all ABIs.
 pub fn plan() -> Vec<SyscallPlan> {
-    plan_with(Extra::default())
+    plan_for(Counting::Heap)
 }
 
-/// [`plan`], with the `extra` calls too.
-pub fn plan_with(extra: Extra) -> Vec<SyscallPlan> {
-    let (native_rules, compat_rules) = (extra.with(rules::NATIVE), extra.with(rules::COMPAT));
+/// [`plan`] for `counting`: strict mode's rules ([`rules::STRICT_NATIVE`]) also notify every
+/// writable `mmap`/`mmap2` and `shmat`, and i386's `ipc(SHMAT)`.
+pub fn plan_for(counting: Counting) -> Vec<SyscallPlan> {
+    plan_with(counting, Extra::default())
+}
+
+/// [`plan_for`], with the `extra` calls too.
+pub fn plan_with(counting: Counting, extra: Extra) -> Vec<SyscallPlan> {
+    let (native, compat) = rules::for_counting(counting);
+    let (native_rules, compat_rules) = (extra.with(native), extra.with(compat));
     syscall_names(&native_rules, &compat_rules)
         .into_iter()
         .map(|name| {
@@ -172,13 +180,33 @@ pub(crate) fn group(
 /// heapcap's notify rules as OCI syscall entries with action `SCMP_ACT_NOTIFY`, for a profile
 /// whose `architectures` are any of x86_64, x86, x32, aarch64, arm.
 pub fn notify_syscalls() -> Vec<LinuxSyscall> {
-    notify_syscalls_with(Extra::default())
+    notify_syscalls_for(Counting::Heap)
 }
 
-/// [`notify_syscalls`], with the `extra` calls too.
-pub fn notify_syscalls_with(extra: Extra) -> Vec<LinuxSyscall> {
-    let alternatives = plan_with(extra).into_iter().flat_map(|p| p.notify.into_iter().map(move |args| (p.name, args)));
+/// [`notify_syscalls`] for `counting`.
+pub fn notify_syscalls_for(counting: Counting) -> Vec<LinuxSyscall> {
+    notify_syscalls_with(counting, Extra::default())
+}
+
+/// [`notify_syscalls_for`], with the `extra` calls too.
+pub fn notify_syscalls_with(counting: Counting, extra: Extra) -> Vec<LinuxSyscall> {
+    let alternatives =
+        plan_with(counting, extra).into_iter().flat_map(|p| p.notify.into_iter().map(move |args| (p.name, args)));
     group(alternatives, LinuxSeccompAction::ScmpActNotify)
+}
+
+/// Whether a `config.json` (as JSON) sends the strict rules' calls to its agent: `None` when its
+/// profile names no `listenerPath` (the filter came from elsewhere, e.g. the prestart hook, which
+/// injects the program its settings ask for); else whether a `SCMP_ACT_NOTIFY` entry names
+/// `shmat`, which only [`rules::STRICT_NATIVE`] notifies.
+pub fn sends_strict_rules(config: &serde_json::Value) -> Option<bool> {
+    let seccomp = config.get("linux")?.get("seccomp")?;
+    seccomp.get("listenerPath").and_then(|p| p.as_str()).filter(|p| !p.is_empty())?;
+    let entries = seccomp.get("syscalls").and_then(|s| s.as_array()).cloned().unwrap_or_default();
+    Some(entries.iter().any(|e| {
+        e.get("action").and_then(|a| a.as_str()) == Some("SCMP_ACT_NOTIFY")
+            && e.get("names").and_then(|n| n.as_array()).is_some_and(|n| n.iter().any(|x| x == "shmat"))
+    }))
 }
 
 /// A profile that allows every call and sends heap growth to the agent at `listener_path`
@@ -187,17 +215,27 @@ pub fn notify_syscalls_with(extra: Extra) -> Vec<LinuxSyscall> {
 /// It restricts nothing: combine it with no other profile, or use [`crate::merge_into`] to add
 /// heapcap to a profile that does.
 pub fn heapcap_profile(listener_path: &Path, metadata: Option<&str>) -> LinuxSeccomp {
-    heapcap_profile_with(listener_path, metadata, Extra::default())
+    heapcap_profile_for(Counting::Heap, listener_path, metadata)
 }
 
-/// [`heapcap_profile`], sending the `extra` calls too.
-pub fn heapcap_profile_with(listener_path: &Path, metadata: Option<&str>, extra: Extra) -> LinuxSeccomp {
+/// [`heapcap_profile`] with the rules of `counting`.
+pub fn heapcap_profile_for(counting: Counting, listener_path: &Path, metadata: Option<&str>) -> LinuxSeccomp {
+    heapcap_profile_with(counting, listener_path, metadata, Extra::default())
+}
+
+/// [`heapcap_profile_for`], sending the `extra` calls too.
+pub fn heapcap_profile_with(
+    counting: Counting,
+    listener_path: &Path,
+    metadata: Option<&str>,
+    extra: Extra,
+) -> LinuxSeccomp {
     let mut profile = LinuxSeccomp::default();
     profile.set_default_action(LinuxSeccompAction::ScmpActAllow);
     profile.set_architectures(Some(vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]));
     profile.set_listener_path(Some(listener_path.to_path_buf()));
     profile.set_listener_metadata(metadata.map(str::to_string));
-    profile.set_syscalls(Some(notify_syscalls_with(extra)));
+    profile.set_syscalls(Some(notify_syscalls_with(counting, extra)));
     profile
 }
 
@@ -207,6 +245,19 @@ mod tests {
 
     fn args_of(entry: &LinuxSyscall) -> Vec<(usize, LinuxSeccompOperator, u64, Option<u64>)> {
         entry.args().iter().flatten().map(|a| (a.index(), a.op(), a.value(), a.value_two())).collect()
+    }
+
+    #[test]
+    fn tells_a_profile_with_the_strict_rules() {
+        let config = |p: LinuxSeccomp| serde_json::json!({"linux": {"seccomp": serde_json::to_value(p).unwrap()}});
+        let sock = Path::new("/run/heapcap/heapcapd.sock");
+        assert_eq!(sends_strict_rules(&config(heapcap_profile_for(Counting::Strict, sock, None))), Some(true));
+        assert_eq!(sends_strict_rules(&config(heapcap_profile(sock, None))), Some(false));
+        assert_eq!(
+            sends_strict_rules(&serde_json::json!({"linux": {}})),
+            None,
+            "no listenerPath: not from config.json"
+        );
     }
 
     #[test]
@@ -279,11 +330,11 @@ mod tests {
     fn sysinfo_is_sent_only_when_asked_for() {
         let sends = |entries: &[LinuxSyscall]| entries.iter().any(|e| e.names().iter().any(|n| n == "sysinfo"));
         assert!(!sends(&notify_syscalls()));
-        let with = notify_syscalls_with(Extra { machine: true });
+        let with = notify_syscalls_with(Counting::Heap, Extra { machine: true });
         assert!(sends(&with));
         let sysinfo = with.iter().find(|e| e.names().iter().any(|n| n == "sysinfo")).unwrap();
         assert_eq!(sysinfo.args(), &None, "every sysinfo call, on every ABI");
-        let plan = plan_with(Extra { machine: true });
+        let plan = plan_with(Counting::Heap, Extra { machine: true });
         assert!(plan.iter().any(|p| p.name == "sysinfo" && p.keep.is_empty()));
     }
 

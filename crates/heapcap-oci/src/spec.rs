@@ -5,18 +5,20 @@
 //! 1. [`Defaults::settings`]: defaults for every container (e.g. a default limit for an engine
 //!    that cannot pass annotations);
 //! 2. with [`Defaults::env_fallback`], the container's own environment (`process.env`):
-//!    `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE`, `HEAPCAP_MACHINE_MEMORY` (Docker cannot set OCI annotations,
-//!    but `docker run -e HEAPCAP_LIMIT=64Mi` reaches `config.json`);
+//!    `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE`, `HEAPCAP_STRICT`,
+//!    `HEAPCAP_MACHINE_MEMORY` (Docker cannot set OCI annotations, but `docker run -e
+//!    HEAPCAP_LIMIT=64Mi` reaches `config.json`);
 //! 3. its `heapcap.io/*` annotations.
 //!
 //! Every value is validated first; a bad one is an error naming where it came from and what to
 //! write, never a container that runs silently unlimited. Then `linux.seccomp` gets heapcap's
-//! notify rules ([`merge_into`](crate::merge_into) an existing profile, which never widens it,
-//! or [`heapcap_profile`](crate::heapcap_profile) when there is none; `sysinfo` too where the
-//! container's programs are to see their quota as their machine's memory,
-//! [`Settings::quota_as_machine`]), `listenerPath`, and the settings as `listenerMetadata`
-//! (`key=value` pairs), so heapcapd has them also when they did not come from
-//! annotations. A container that asks for nothing is not touched: [`Outcome::Unchanged`]; nor is a
+//! notify rules ([`merge_into_with`] an existing profile, which never
+//! widens it, or [`heapcap_profile_with`] when there is none; the
+//! strict rules when the settings ask for strict mode, and `sysinfo` where the container's
+//! programs are to see their quota as their machine's memory, [`Settings::quota_as_machine`]),
+//! `listenerPath`, and the settings as `listenerMetadata` (`key=value` pairs), so heapcapd has
+//! them also when they did not come from annotations. A container that asks for nothing is not
+//! touched: [`Outcome::Unchanged`]; nor is a
 //! Kubernetes pod's sandbox ([`kubernetes::is_sandbox`]), whatever its annotations say: containerd
 //! copies the pod's `heapcap.io/*` annotations to it, and they are meant for the pod's containers
 //! (a bad one fails the container that gets it, never the pod's sandbox).
@@ -29,17 +31,18 @@ use std::path::PathBuf;
 
 use heapcap_env::paths::AGENT_SOCKET;
 use heapcap_policy::rules::Extra;
-use heapcap_policy::settings::{self, Settings, SettingsError, LIMIT, MACHINE_MEMORY, MODE, TOTAL_LIMIT};
+use heapcap_policy::settings::{self, Settings, SettingsError, LIMIT, MACHINE_MEMORY, MODE, STRICT, TOTAL_LIMIT};
 use oci_spec::runtime::{Linux, LinuxSeccomp, Spec};
 use serde_json::Value;
 
 use crate::{heapcap_profile_with, kubernetes, merge_into_with, MergeError};
 
 /// The environment variables read with [`Defaults::env_fallback`], and the setting each gives.
-pub const ENV_VARS: [(&str, &str); 4] = [
+pub const ENV_VARS: [(&str, &str); 5] = [
     ("HEAPCAP_LIMIT", LIMIT),
     ("HEAPCAP_TOTAL_LIMIT", TOTAL_LIMIT),
     ("HEAPCAP_MODE", MODE),
+    ("HEAPCAP_STRICT", STRICT),
     ("HEAPCAP_MACHINE_MEMORY", MACHINE_MEMORY),
 ];
 
@@ -50,8 +53,8 @@ pub struct Defaults {
     pub listener_path: PathBuf,
     /// `heapcap.io/*` key and value for every container, overridden by its env and annotations.
     pub settings: Vec<(String, String)>,
-    /// Read `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE` and `HEAPCAP_MACHINE_MEMORY`
-    /// from `process.env`.
+    /// Read `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE`, `HEAPCAP_STRICT` and
+    /// `HEAPCAP_MACHINE_MEMORY` from `process.env`.
     pub env_fallback: bool,
 }
 
@@ -226,10 +229,10 @@ fn decide(
             return Ok((Outcome::Unchanged, None))
         }
         Some(mut p) => {
-            merge_into_with(&mut p, &defaults.listener_path, Some(&metadata), Extra::of(&settings))?;
+            merge_into_with(settings.counting, &mut p, &defaults.listener_path, Some(&metadata), Extra::of(&settings))?;
             p
         }
-        None => heapcap_profile_with(&defaults.listener_path, Some(&metadata), Extra::of(&settings)),
+        None => heapcap_profile_with(settings.counting, &defaults.listener_path, Some(&metadata), Extra::of(&settings)),
     };
     Ok((Outcome::Changed { settings, metadata }, Some(profile)))
 }
@@ -237,7 +240,7 @@ fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use heapcap_policy::ledger::Mode;
+    use heapcap_policy::ledger::{Counting, Mode};
     use oci_spec::runtime::LinuxSeccompAction;
     use serde_json::json;
     use std::path::Path;
@@ -344,7 +347,12 @@ mod tests {
         let machine = Extra { machine: true };
         assert_eq!(
             seccomp,
-            heapcap_profile_with(Path::new("/run/x/agent.sock"), Some("heapcap.io/limit=64Mi"), machine)
+            heapcap_profile_with(
+                Counting::Heap,
+                Path::new("/run/x/agent.sock"),
+                Some("heapcap.io/limit=64Mi"),
+                machine
+            )
         );
         // Only linux.seccomp changed.
         let mut without = spec.clone();
@@ -362,7 +370,8 @@ mod tests {
         let merged: LinuxSeccomp = serde_json::from_value(spec["linux"]["seccomp"].clone()).unwrap();
         let mut expected = original.clone();
         let metadata = Some("heapcap.io/limit=256Mi heapcap.io/mode=audit");
-        merge_into_with(&mut expected, Path::new("/run/x/agent.sock"), metadata, Extra::default()).unwrap();
+        merge_into_with(Counting::Heap, &mut expected, Path::new("/run/x/agent.sock"), metadata, Extra::default())
+            .unwrap();
         assert_eq!(merged, expected);
         assert_eq!(merged.default_action(), original.default_action());
         assert!(merged.syscalls().iter().flatten().any(|s| s.action() == LinuxSeccompAction::ScmpActNotify));
@@ -519,5 +528,44 @@ mod tests {
         assert!(matches!(apply(&mut bare, &d).unwrap(), Outcome::Changed { .. }));
         let linux = serde_json::to_value(bare.linux()).unwrap();
         assert_eq!(linux.as_object().unwrap().keys().collect::<Vec<_>>(), ["seccomp"], "nothing but seccomp added");
+    }
+
+    #[test]
+    fn strict_gets_the_strict_rules_from_an_annotation_or_the_environment() {
+        let names = |v: &Value| -> Vec<String> {
+            let entries = v["linux"]["seccomp"]["syscalls"].as_array().cloned().unwrap_or_default();
+            entries
+                .iter()
+                .flat_map(|e| e["names"].as_array().cloned().unwrap_or_default())
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect()
+        };
+        let mut config = runc_spec();
+        config["annotations"] = json!({"heapcap.io/limit": "64Mi", "heapcap.io/strict": "true"});
+        let outcome = apply_json(&mut config, &Defaults::default()).unwrap();
+        let Outcome::Changed { settings, .. } = outcome else { panic!("changed") };
+        assert_eq!(settings.counting, heapcap_policy::ledger::Counting::Strict);
+        assert!(names(&config).contains(&"shmat".to_string()), "{:?}", names(&config));
+        assert_eq!(config["linux"]["seccomp"]["listenerMetadata"], "heapcap.io/limit=64Mi heapcap.io/strict=true");
+
+        let mut config = runc_spec();
+        config["process"]["env"] = json!(["HEAPCAP_LIMIT=64Mi", "HEAPCAP_STRICT=1"]);
+        let defaults = Defaults { env_fallback: true, ..Defaults::default() };
+        let Outcome::Changed { settings, .. } = apply_json(&mut config, &defaults).unwrap() else { panic!("changed") };
+        assert_eq!(settings.counting, heapcap_policy::ledger::Counting::Strict);
+        assert!(names(&config).contains(&"shmat".to_string()));
+
+        let mut config = runc_spec();
+        config["annotations"] = json!({"heapcap.io/limit": "64Mi"});
+        apply_json(&mut config, &Defaults::default()).unwrap();
+        assert!(!names(&config).contains(&"shmat".to_string()), "the heap rules by default");
+
+        let mut config = runc_spec();
+        config["annotations"] = json!({"heapcap.io/strict": "sometimes"});
+        let e = apply_json(&mut config, &Defaults::default()).unwrap_err();
+        assert!(
+            e.to_string().contains("heapcap.io/strict: 'sometimes' is not a yes or a no: write true or false"),
+            "{e}"
+        );
     }
 }

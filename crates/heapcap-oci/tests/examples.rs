@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use heapcap_oci::{notify_syscalls_with, ContainersProfile};
+use heapcap_policy::ledger::Counting;
 use heapcap_policy::rules::Extra;
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, Spec};
 
@@ -72,7 +73,7 @@ fn runc_config_runs_the_test_program_under_heapcap() {
     let seccomp = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
     assert_eq!(seccomp.default_action(), LinuxSeccompAction::ScmpActAllow);
     assert_eq!(seccomp.listener_path().as_deref(), Some(Path::new("/run/heapcap/heapcapd.sock")));
-    assert_eq!(seccomp.syscalls().as_ref(), Some(&notify_syscalls_with(Extra { machine: true })));
+    assert_eq!(seccomp.syscalls().as_ref(), Some(&notify_syscalls_with(Counting::Heap, Extra { machine: true })));
     assert_eq!(notifying(seccomp), HEAP_CALLS);
 }
 

@@ -1,11 +1,24 @@
 //! `/proc/<pid>/maps`, parsed: the kernel's own view of what a process has mapped.
 //!
-//! A line is `start-end perms offset dev inode [path]`. A mapping counts as heap when it is
-//! private, writable and anonymous (no file behind it: no path, `[heap]`, or `[anon:name]`).
-//! The main thread's `[stack]` does not count; nor do `[vvar]`, `[vdso]` and other named specials.
+//! A line is `start-end perms offset dev inode [path]`. What counts depends on the
+//! [`Counting`]:
+//! - [`Counting::Heap`] (the default): private, writable and anonymous mappings (no file behind
+//!   it: no path, `[heap]`, or `[anon:name]`). The main thread's `[stack]` does not count; nor do
+//!   `[vvar]`, `[vdso]` and other named specials.
+//! - [`Counting::Strict`]: every writable private mapping but the main thread's `[stack]`
+//!   (anonymous, file-backed, `/dev/zero`: what the kernel's `RLIMIT_DATA` counts, its
+//!   `is_data_mapping`), plus every writable *shared* mapping of memory that only RAM and swap
+//!   back: memfd, SysV shm, `MAP_SHARED` anonymous memory (all on the kernel's internal shmem
+//!   mount, which no process's `mountinfo` shows), and files on tmpfs, ramfs, hugetlbfs,
+//!   devtmpfs or overlayfs (whose upper layer may be tmpfs). A shared mapping is left out only when its device
+//!   is a mount of another kind in the process's `mountinfo` ([`Maps::classify`]): one the kernel
+//!   writes back to a disk. The kind is the kernel's own view of the mapping (device and inode),
+//!   never what a call said it would map.
+
+pub use crate::ledger::Counting;
 
 /// One mapping, reduced to what the accounting needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Vma {
     pub start: u64,
     pub end: u64,
@@ -13,12 +26,46 @@ pub struct Vma {
     /// Private and anonymous (whatever its permissions).
     pub anon_private: bool,
     pub is_heap: bool,
+    /// Shared (`s` in maps): writes reach the object behind it, not a private copy.
+    pub shared: bool,
+    /// The main thread's `[stack]` (never counted: `RLIMIT_STACK` covers it).
+    pub is_stack: bool,
+    /// The device of the file behind it ([`dev`] encoding); 0 for anonymous memory.
+    pub dev: u64,
+    /// The inode of the file behind it; 0 for anonymous memory.
+    pub inode: u64,
+    /// A shared mapping of a file on a disk-backed mount (set by [`Maps::classify`]).
+    pub on_disk: bool,
+}
+
+/// A device number as one value: `major << 32 | minor`.
+pub fn dev(major: u32, minor: u32) -> u64 {
+    u64::from(major) << 32 | u64::from(minor)
 }
 
 impl Vma {
-    /// Counted as heap.
+    /// Counted as heap ([`Counting::Heap`]).
     pub fn counted(&self) -> bool {
-        self.anon_private && self.writable
+        self.counts(Counting::Heap)
+    }
+
+    /// Counted under `counting` (if writable).
+    pub fn counts(&self, counting: Counting) -> bool {
+        self.writable && self.countable(counting)
+    }
+
+    /// Would count under `counting` once writable.
+    pub fn countable(&self, counting: Counting) -> bool {
+        match counting {
+            Counting::Heap => self.anon_private,
+            Counting::Strict if self.shared => !self.on_disk,
+            Counting::Strict => !self.is_stack,
+        }
+    }
+
+    /// A shared mapping of a file whose mount decides whether it counts in strict mode.
+    pub fn shared_file(&self) -> bool {
+        self.shared && self.inode != 0
     }
 
     pub fn len(&self) -> u64 {
@@ -48,7 +95,7 @@ pub fn parse_line(line: &str) -> Option<Vma> {
     let range = fields.next()?;
     let perms = fields.next()?.as_bytes();
     let _offset = fields.next()?;
-    let _dev = fields.next()?;
+    let device = fields.next()?;
     let inode = fields.next()?;
     let path = fields.next().map(str::trim_start).unwrap_or("");
     let (start, end) = range.split_once('-')?;
@@ -57,7 +104,14 @@ pub fn parse_line(line: &str) -> Option<Vma> {
     if perms.len() != 4 || end < start {
         return None;
     }
-    let anonymous = inode == "0"
+    // A device or inode that does not read as one (never from the kernel) is an unknown file:
+    // counted wherever a file of an unknown kind is.
+    let dev = device
+        .split_once(':')
+        .and_then(|(ma, mi)| Some(dev(u32::from_str_radix(ma, 16).ok()?, u32::from_str_radix(mi, 16).ok()?)))
+        .unwrap_or(u64::MAX);
+    let inode: u64 = inode.parse().unwrap_or(u64::MAX);
+    let anonymous = inode == 0
         && (path.is_empty() || path == "[heap]" || path.starts_with("[anon:") || path.starts_with("[stack:"));
     Some(Vma {
         start,
@@ -65,6 +119,11 @@ pub fn parse_line(line: &str) -> Option<Vma> {
         writable: perms[1] == b'w',
         anon_private: anonymous && perms[3] == b'p',
         is_heap: path == "[heap]",
+        shared: perms[3] == b's',
+        is_stack: path == "[stack]",
+        dev,
+        inode,
+        on_disk: false,
     })
 }
 
@@ -99,7 +158,26 @@ impl Maps {
 
     /// Counted heap bytes.
     pub fn counted(&self) -> u64 {
-        saturating_sum(self.vmas.iter().filter(|v| v.counted()).map(Vma::len))
+        self.counted_as(Counting::Heap)
+    }
+
+    /// Counted bytes under `counting`.
+    pub fn counted_as(&self, counting: Counting) -> u64 {
+        saturating_sum(self.vmas.iter().filter(|v| v.counts(counting)).map(Vma::len))
+    }
+
+    /// Whether any shared file mapping needs its mount's kind ([`Maps::classify`]).
+    pub fn has_shared_files(&self) -> bool {
+        self.vmas.iter().any(Vma::shared_file)
+    }
+
+    /// Mark the shared file mappings whose device `on_disk` says is a disk-backed mount. A
+    /// device it does not know (the kernel's internal shmem mount of memfd, SysV shm and shared
+    /// anonymous memory; a mount since unmounted) stays counted.
+    pub fn classify(&mut self, on_disk: impl Fn(u64) -> bool) {
+        for v in self.vmas.iter_mut().filter(|v| v.shared_file()) {
+            v.on_disk = on_disk(v.dev);
+        }
     }
 
     /// End of the `[heap]` mapping: the page-aligned program break, if the heap was ever grown.
@@ -114,15 +192,40 @@ impl Maps {
 
     /// Counted bytes inside `[start, end)`.
     pub fn counted_in(&self, start: u64, end: u64) -> u64 {
-        saturating_sum(self.overlapping(start, end).filter(|v| v.counted()).map(|v| v.overlap(start, end)))
+        self.counted_in_as(Counting::Heap, start, end)
+    }
+
+    /// Counted bytes inside `[start, end)` under `counting`.
+    pub fn counted_in_as(&self, counting: Counting, start: u64, end: u64) -> u64 {
+        saturating_sum(self.overlapping(start, end).filter(|v| v.counts(counting)).map(|v| v.overlap(start, end)))
     }
 
     /// Bytes inside `[start, end)` that are anonymous private but not writable: what an
     /// `mprotect(PROT_WRITE)` of that range would add to the heap.
     pub fn protect_growth(&self, start: u64, end: u64) -> u64 {
+        self.protect_growth_as(Counting::Heap, start, end)
+    }
+
+    /// Bytes inside `[start, end)` that are not writable and would count once writable under
+    /// `counting`.
+    pub fn protect_growth_as(&self, counting: Counting, start: u64, end: u64) -> u64 {
         saturating_sum(
-            self.overlapping(start, end).filter(|v| v.anon_private && !v.writable).map(|v| v.overlap(start, end)),
+            self.overlapping(start, end)
+                .filter(|v| !v.writable && v.countable(counting))
+                .map(|v| v.overlap(start, end)),
         )
+    }
+
+    /// Whether `[start, end)` lies wholly in private anonymous memory.
+    pub fn private_anonymous(&self, start: u64, end: u64) -> bool {
+        let mut at = start;
+        for v in self.overlapping(start, end) {
+            if v.start > at || !(v.anon_private || (v.is_stack && !v.shared)) {
+                return false;
+            }
+            at = v.end;
+        }
+        at >= end
     }
 
     /// The mapping that contains `addr`.
@@ -206,7 +309,7 @@ mod tests {
             for (gap, pages, w, anon) in starts {
                 let start = at + gap;
                 let end = start + pages;
-                vmas.push(Vma { start, end, writable: w, anon_private: anon, is_heap: false });
+                vmas.push(Vma { start, end, writable: w, anon_private: anon, ..Vma::default() });
                 at = end;
             }
             let m = Maps::from_vmas(vmas.clone());

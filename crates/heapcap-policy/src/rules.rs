@@ -4,7 +4,8 @@
 //! `mprotect` to read-only, `munmap` and `brk(0)` stay on the fast path. The Linux layer turns
 //! these rules into BPF with libseccomp; the OCI spec writer turns them into `linux.seccomp`.
 
-use crate::syscall::{MAP_ANONYMOUS, MAP_DROPPABLE, MAP_PRIVATE, MAP_TYPE, PROT_WRITE};
+use crate::ledger::Counting;
+use crate::syscall::{IPC_SHMAT, MAP_ANONYMOUS, MAP_DROPPABLE, MAP_PRIVATE, MAP_TYPE, PROT_WRITE, SHM_RDONLY};
 
 /// One argument test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,10 @@ const ANON_PRIVATE_ARG3: ArgTest =
     ArgTest::MaskedEqual { index: 3, mask: MAP_TYPE | MAP_ANONYMOUS, value: MAP_PRIVATE | MAP_ANONYMOUS };
 const ANON_DROPPABLE_ARG3: ArgTest =
     ArgTest::MaskedEqual { index: 3, mask: MAP_TYPE | MAP_ANONYMOUS, value: MAP_DROPPABLE | MAP_ANONYMOUS };
+
+const SHM_WRITABLE_ARG2: ArgTest = ArgTest::MaskedEqual { index: 2, mask: SHM_RDONLY, value: 0 };
+/// i386 `ipc(2)` with `call` SHMAT, version 0 (the version sits in the upper 16 bits).
+const IPC_SHMAT_ARG0: ArgTest = ArgTest::MaskedEqual { index: 0, mask: 0xffff_ffff, value: IPC_SHMAT };
 
 /// Rules for ABIs whose `mmap` takes its arguments in registers (x86_64, x32, aarch64).
 pub const NATIVE: &[NotifyRule] = &[
@@ -76,5 +81,41 @@ impl Extra {
     pub fn with(self, base: &[NotifyRule]) -> Vec<NotifyRule> {
         let machine = if self.machine { MACHINE } else { &[] };
         base.iter().chain(machine).copied().collect()
+    }
+}
+
+/// Strict mode's rules for the native ABIs: every writable `mmap` (a file or shared mapping may
+/// count, and which kind it is shows only once it is mapped), and every writable `shmat`.
+pub const STRICT_NATIVE: &[NotifyRule] = &[
+    NotifyRule { syscall: "brk", tests: &[ArgTest::NotEqual { index: 0, value: 0 }] },
+    NotifyRule { syscall: "mmap", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "mremap", tests: &[] },
+    NotifyRule { syscall: "mprotect", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "pkey_mprotect", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "shmat", tests: &[SHM_WRITABLE_ARG2] },
+    NotifyRule { syscall: "execve", tests: &[] },
+    NotifyRule { syscall: "execveat", tests: &[] },
+];
+
+/// Strict mode's rules for the 32-bit compat ABIs: as [`COMPAT`], with every writable `mmap2`,
+/// `shmat`, and i386's `ipc(SHMAT)` (whose flags are in registers too).
+pub const STRICT_COMPAT: &[NotifyRule] = &[
+    NotifyRule { syscall: "brk", tests: &[ArgTest::NotEqual { index: 0, value: 0 }] },
+    NotifyRule { syscall: "mmap2", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "mmap", tests: &[] },
+    NotifyRule { syscall: "mremap", tests: &[] },
+    NotifyRule { syscall: "mprotect", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "pkey_mprotect", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "shmat", tests: &[SHM_WRITABLE_ARG2] },
+    NotifyRule { syscall: "ipc", tests: &[IPC_SHMAT_ARG0, SHM_WRITABLE_ARG2] },
+    NotifyRule { syscall: "execve", tests: &[] },
+    NotifyRule { syscall: "execveat", tests: &[] },
+];
+
+/// The native and compat rules for `counting`.
+pub fn for_counting(counting: Counting) -> (&'static [NotifyRule], &'static [NotifyRule]) {
+    match counting {
+        Counting::Heap => (NATIVE, COMPAT),
+        Counting::Strict => (STRICT_NATIVE, STRICT_COMPAT),
     }
 }

@@ -2,13 +2,15 @@
 //!
 //! Keys: `heapcap.io/limit` (quota for each process), `heapcap.io/total-limit` (for all the
 //! container's processes together), `heapcap.io/mode` (`enforce`, the default, or `audit`),
+//! `heapcap.io/strict` (`true`: count what no program can step around, see [`Counting`]; `false`,
+//! the default; also `1`/`0`, `yes`/`no`, `on`/`off`),
 //! `heapcap.io/machine-memory` (`quota`, the default: where a quota is enforced, programs see it as
 //! their machine's memory; or `host`, see [`crate::machine`]).
 //! `listenerMetadata` carries the same keys for setups that cannot set annotations, as
 //! `key=value` pairs separated by spaces, commas or semicolons, or as a JSON-like object
 //! `{"heapcap.io/limit": "64Mi"}`; where both give a key, the annotation wins.
 
-use crate::ledger::{Limits, Mode};
+use crate::ledger::{Counting, Limits, Mode};
 use crate::machine::MachineMemory;
 use crate::size::{Size, SizeError};
 
@@ -16,6 +18,7 @@ pub const LIMIT: &str = "heapcap.io/limit";
 pub const TOTAL_LIMIT: &str = "heapcap.io/total-limit";
 pub const MODE: &str = "heapcap.io/mode";
 pub const MACHINE_MEMORY: &str = "heapcap.io/machine-memory";
+pub const STRICT: &str = "heapcap.io/strict";
 const PREFIX: &str = "heapcap.io/";
 
 /// What a container asked for.
@@ -23,6 +26,7 @@ const PREFIX: &str = "heapcap.io/";
 pub struct Settings {
     pub limits: Limits,
     pub mode: Mode,
+    pub counting: Counting,
     pub machine: MachineMemory,
 }
 
@@ -43,9 +47,11 @@ pub enum SettingsError {
     Size { key: &'static str, source: SizeError },
     #[error("{MODE}: '{0}' is not a mode: write enforce or audit")]
     Mode(String),
+    #[error("{STRICT}: '{0}' is not a yes or a no: write true or false")]
+    Strict(String),
     #[error("{MACHINE_MEMORY}: {0}")]
     MachineMemory(#[from] crate::machine::MachineMemoryError),
-    #[error("unknown setting '{0}': heapcap knows {LIMIT}, {TOTAL_LIMIT}, {MODE} and {MACHINE_MEMORY}")]
+    #[error("unknown setting '{0}': heapcap knows {LIMIT}, {TOTAL_LIMIT}, {MODE}, {STRICT} and {MACHINE_MEMORY}")]
     UnknownKey(String),
     #[error("listenerMetadata: cannot read '{0}': write key=value pairs such as {LIMIT}=64Mi")]
     Metadata(String),
@@ -66,9 +72,23 @@ fn apply(settings: &mut Settings, key: &str, value: &str) -> Result<(), Settings
             settings.mode = value.parse::<Mode>().map_err(|_| SettingsError::Mode(value.to_string()))?;
         }
         MACHINE_MEMORY => settings.machine = value.parse()?,
+        STRICT => {
+            settings.counting =
+                Counting::from_strict(parse_yes_no(value).ok_or_else(|| SettingsError::Strict(value.to_string()))?);
+        }
         other => return Err(SettingsError::UnknownKey(other.to_string())),
     }
     Ok(())
+}
+
+/// `true`/`false` and the yes and no words the environment flags take (`1`, `yes`, `on`; `0`,
+/// `no`, `off`), in any case.
+fn parse_yes_no(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
 }
 
 /// Split `listenerMetadata` into key/value pairs (only `heapcap.io/` keys are kept).
@@ -135,7 +155,8 @@ mod tests {
             Some(Settings {
                 limits: Limits { process: Some(64 * MIB), total: Some(1024 * MIB) },
                 mode: Mode::Enforce,
-                machine: MachineMemory::Quota
+                counting: Counting::Heap,
+                machine: MachineMemory::Quota,
             })
         );
         let s = s.unwrap();
@@ -190,6 +211,18 @@ mod tests {
         let e = resolve([("heapcap.io/limits", "64Mi")], None).unwrap_err();
         assert!(e.to_string().contains("heapcap.io/limit,"), "{e}");
         assert!(matches!(resolve([], Some("heapcap.io/limit")), Err(SettingsError::Metadata(_))));
+        let e = resolve([(STRICT, "maybe")], None).unwrap_err();
+        assert_eq!(e.to_string(), "heapcap.io/strict: 'maybe' is not a yes or a no: write true or false");
+    }
+
+    #[test]
+    fn strict_from_annotations_and_metadata() {
+        let s = resolve([(STRICT, "true"), (LIMIT, "64Mi")], None).unwrap().unwrap();
+        assert_eq!(s.counting, Counting::Strict);
+        let s = resolve([(STRICT, "false")], Some("heapcap.io/strict=1")).unwrap().unwrap();
+        assert_eq!(s.counting, Counting::Heap, "annotations win");
+        let s = resolve([], Some("heapcap.io/strict=yes heapcap.io/limit=1Mi")).unwrap().unwrap();
+        assert_eq!(s.counting, Counting::Strict);
     }
 
     proptest! {

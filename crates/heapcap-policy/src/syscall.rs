@@ -23,6 +23,13 @@ pub const MAP_ANONYMOUS: u64 = 0x20;
 pub const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
 pub const MREMAP_MAYMOVE: u64 = 1;
 pub const MREMAP_DONTUNMAP: u64 = 4;
+pub const PROT_READ: u64 = 0x1;
+/// `shmat`'s read-only flag.
+pub const SHM_RDONLY: u64 = 0o10000;
+/// i386's `ipc(2)` multiplexer: the `call` of `shmat`.
+pub const IPC_SHMAT: u64 = 21;
+
+use crate::ledger::Counting;
 
 /// The system-call conventions heapcap knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,6 +67,7 @@ impl Abi {
                 (10, Mprotect),
                 (12, Brk),
                 (25, Mremap),
+                (30, Shmat),
                 (59, Exec),
                 (322, Exec),
                 (329, Mprotect),
@@ -70,6 +78,7 @@ impl Abi {
                 (10, Mprotect),
                 (12, Brk),
                 (25, Mremap),
+                (30, Shmat),
                 (520, Exec),
                 (545, Exec),
                 (329, Mprotect),
@@ -85,8 +94,11 @@ impl Abi {
                 (358, Exec),
                 (380, Mprotect),
                 (116, Sysinfo),
+                (397, Shmat),
+                (117, Ipc),
             ],
             Abi::Aarch64 => &[
+                (196, Shmat),
                 (214, Brk),
                 (216, Mremap),
                 (221, Exec),
@@ -102,6 +114,7 @@ impl Abi {
                 (163, Mremap),
                 (192, Mmap),
                 (11, Exec),
+                (305, Shmat),
                 (387, Exec),
                 (394, Mprotect),
                 (116, Sysinfo),
@@ -117,6 +130,9 @@ enum Kind {
     OldMmap,
     Mremap,
     Mprotect,
+    Shmat,
+    /// i386's `ipc(2)`: only its `shmat` call is looked at.
+    Ipc,
     Exec,
     Sysinfo,
 }
@@ -134,6 +150,9 @@ pub enum MemCall {
     Mremap { old_addr: u64, old_len: u64, new_len: u64, flags: u64 },
     /// `mprotect`/`pkey_mprotect`.
     Mprotect { addr: u64, len: u64, prot: u64 },
+    /// `shmat(shmid, addr, flags)` (and i386's `ipc(SHMAT, ...)`): the size is the segment's,
+    /// known only from the segment ([`MemCall::from_shmat`]).
+    Shmat { shmid: u64, addr: u64, flags: u64 },
     /// `execve`/`execveat`: the process is about to get a new address space.
     Exec,
     /// `sysinfo(struct sysinfo *)`: notified only where the process is to see its quota as its
@@ -150,6 +169,7 @@ impl MemCall {
             MemCall::OldMmap { .. } => "old_mmap",
             MemCall::Mremap { .. } => "mremap",
             MemCall::Mprotect { .. } => "mprotect",
+            MemCall::Shmat { .. } => "shmat",
             MemCall::Exec => "execve",
             MemCall::Sysinfo { .. } => "sysinfo",
         }
@@ -166,9 +186,22 @@ impl MemCall {
             Kind::OldMmap => MemCall::OldMmap { args_ptr: a[0] },
             Kind::Mremap => MemCall::Mremap { old_addr: a[0], old_len: a[1], new_len: a[2], flags: a[3] },
             Kind::Mprotect => MemCall::Mprotect { addr: a[0], len: a[1], prot: a[2] },
+            Kind::Shmat => MemCall::Shmat { shmid: a[0], addr: a[1], flags: a[2] },
+            // ipc(call, first = shmid, second = shmflg, third = &raddr, ptr = shmaddr); the
+            // version in the top half of `call` must be 0 (1 is refused by the kernel).
+            Kind::Ipc if a[0] == IPC_SHMAT => MemCall::Shmat { shmid: a[1], addr: a[4], flags: a[2] },
+            Kind::Ipc => return None,
             Kind::Exec => MemCall::Exec,
             Kind::Sysinfo => MemCall::Sysinfo { buf: a[0] },
         })
+    }
+
+    /// A `shmat` of a segment of `size` bytes, as the mapping it makes: shared, writable unless
+    /// `SHM_RDONLY`, at `addr` if given.
+    pub fn from_shmat(addr: u64, flags: u64, size: u64) -> MemCall {
+        let prot = if flags & SHM_RDONLY != 0 { PROT_READ } else { PROT_READ | PROT_WRITE };
+        let fixed = if addr != 0 { MAP_FIXED } else { 0 };
+        MemCall::Mmap { addr, len: size, prot, flags: MAP_SHARED | fixed }
     }
 
     /// Decode the six 32-bit words of i386's `struct mmap_arg_struct`
@@ -179,10 +212,18 @@ impl MemCall {
 
     /// What this call can add to the counted heap, before looking at the process.
     pub fn request(&self, page: u64) -> Option<Request> {
+        self.request_as(page, Counting::Heap)
+    }
+
+    /// What this call can add to what `counting` counts, before looking at the process. In
+    /// strict mode a writable `mmap` of a file or of shared memory asks for its whole length:
+    /// whether it counts is known only once it is mapped (its device), so the worst case is held
+    /// against the quota, and the next exact figure gives back what does not count.
+    pub fn request_as(&self, page: u64, counting: Counting) -> Option<Request> {
         let up = |x: u64| page_up(x, page);
         match *self {
             MemCall::Brk { addr } if addr != 0 => Some(Request::Brk { addr }),
-            MemCall::Mmap { addr, len, prot, flags } if counts_mmap(prot, flags) && len > 0 => {
+            MemCall::Mmap { addr, len, prot, flags } if counts_mmap_as(prot, flags, counting) && len > 0 => {
                 let fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0;
                 Some(Request::Map { addr: addr & !(page - 1), len: up(len)?, fixed })
             }
@@ -205,8 +246,17 @@ impl MemCall {
 
 /// Anonymous, private (or droppable), writable: the `mmap`s that count.
 pub fn counts_mmap(prot: u64, flags: u64) -> bool {
+    counts_mmap_as(prot, flags, Counting::Heap)
+}
+
+/// The `mmap`s that may add to what `counting` counts: in strict mode every writable one.
+pub fn counts_mmap_as(prot: u64, flags: u64, counting: Counting) -> bool {
     let kind = flags & MAP_TYPE;
-    prot & PROT_WRITE != 0 && flags & MAP_ANONYMOUS != 0 && (kind == MAP_PRIVATE || kind == MAP_DROPPABLE)
+    prot & PROT_WRITE != 0
+        && match counting {
+            Counting::Heap => flags & MAP_ANONYMOUS != 0 && (kind == MAP_PRIVATE || kind == MAP_DROPPABLE),
+            Counting::Strict => true,
+        }
 }
 
 /// Round up to a page; `None` on overflow (the kernel refuses such a call anyway).
@@ -270,6 +320,11 @@ mod tests {
         assert_eq!(MemCall::decode(AUDIT_ARCH_AARCH64, 179, [0x1000, 0, 0, 0, 0, 0]), info);
         assert_eq!(MemCall::Sysinfo { buf: 0 }.request(4096), None, "never grows the heap");
         assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 0, args), None, "read is not a memory call");
+        let shmat = Some(MemCall::Shmat { shmid: 7, addr: 0, flags: SHM_RDONLY });
+        assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 30, [7, 0, SHM_RDONLY, 0, 0, 0]), shmat);
+        assert_eq!(MemCall::decode(AUDIT_ARCH_I386, 397, [7, 0, SHM_RDONLY, 0, 0, 0]), shmat);
+        assert_eq!(MemCall::decode(AUDIT_ARCH_I386, 117, [IPC_SHMAT, 7, SHM_RDONLY, 0x100, 0, 0]), shmat);
+        assert_eq!(MemCall::decode(AUDIT_ARCH_I386, 117, [2, 7, 0, 0, 0, 0]), None, "semget");
         assert_eq!(MemCall::decode(0x1234, 9, args), None, "unknown arch passes");
     }
 
@@ -282,6 +337,22 @@ mod tests {
         assert!(!counts_mmap(1, ANON_PRIV), "read-only");
         assert!(!counts_mmap(RW, MAP_PRIVATE), "private file mapping");
         assert!(!counts_mmap(RW, MAP_ANONYMOUS | MAP_SHARED), "shared memory");
+    }
+
+    #[test]
+    fn strict_asks_for_every_writable_mapping() {
+        let page = 4096;
+        let shared = MemCall::Mmap { addr: 0, len: 5000, prot: RW, flags: MAP_SHARED };
+        assert_eq!(shared.request(page), None);
+        assert_eq!(shared.request_as(page, Counting::Strict), Some(Request::Map { addr: 0, len: 8192, fixed: false }));
+        let file = MemCall::Mmap { addr: 0, len: 4096, prot: 1, flags: MAP_PRIVATE };
+        assert_eq!(file.request_as(page, Counting::Strict), None, "read-only never counts");
+        let seg = MemCall::from_shmat(0x10000, 0, 4096);
+        assert_eq!(
+            seg.request_as(page, Counting::Strict),
+            Some(Request::Map { addr: 0x10000, len: 4096, fixed: true })
+        );
+        assert_eq!(MemCall::from_shmat(0, SHM_RDONLY, 4096).request_as(page, Counting::Strict), None);
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The decision engine: notification -> decision -> answer, in one place.
 //!
 //! For each notification of one listener:
-//! 1. decode the call (and, for i386's old `mmap`, read its arguments from the caller);
-//! 2. learn the caller's process (remembered per thread, with a thread pidfd);
+//! 1. decode the call (and, for i386's old `mmap`, read its arguments from the caller, only
+//!    when nothing but the caller can change them; for `shmat` in strict mode, the segment's
+//!    size);
+//! 2. learn the caller's account (remembered per thread, with a thread pidfd): its process's,
+//!    or that of a process whose address space it shares (`kcmp(KCMP_VM)`);
 //! 3. open an account for a process seen for the first time (its mappings, or `statm` when they
 //!    are not readable);
 //! 4. note what the call tells about the process's threads (an exec settling, growth landed);
@@ -19,7 +22,9 @@ use std::time::SystemTime;
 
 use heapcap_linux::notify::Notification;
 use heapcap_linux::procfs::ProcError;
-use heapcap_policy::ledger::{CallKey, Deny, Figure, Mode, Need, Scope, Snapshot, Step, ThreadState, Verdict};
+use heapcap_policy::ledger::{
+    CallKey, Counting, Deny, Figure, Mode, Need, Scope, Snapshot, Step, ThreadState, Verdict,
+};
 use heapcap_policy::syscall::{MemCall, Request};
 
 use crate::notifier::Notifier;
@@ -99,6 +104,8 @@ fn pick<T>(reading: Reading<T>, want: Want) -> Result<Reading<T>, Miss> {
             | (Reading::Upper(_), Want::Upper)
             | (Reading::Memory(_), Want::Memory { .. })
             | (Reading::Command(_), Want::Command)
+            | (Reading::Alone(_), Want::Alone { .. })
+            | (Reading::Segment(_), Want::Segment { .. })
     );
     if fits {
         Ok(reading)
@@ -132,29 +139,28 @@ impl<'s, P: ProcView> Engine<'s, P> {
         let Some(call) = MemCall::decode(n.arch, n.nr, n.args) else { return Answer::Allow };
         let key = CallKey { nr: i64::from(n.nr), args: n.args };
         let call = match call {
-            MemCall::OldMmap { args_ptr } => match self.read(l, n, n.pid, Want::Memory { addr: args_ptr, len: 24 }) {
-                Ok(Reading::Memory(raw)) => {
-                    let mut words = [0u32; 6];
-                    for (w, c) in words.iter_mut().zip(raw.chunks_exact(4)) {
-                        *w = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
-                    }
-                    MemCall::from_old_mmap_args(words)
-                }
-                Ok(_) | Err(Miss::Dead) => return Answer::Drop,
-                Err(Miss::Failed(e)) => {
-                    return self.unreadable(l, n, None, call, format!("the arguments of old_mmap: {}", chain(&e)))
-                }
+            MemCall::OldMmap { args_ptr } => match self.old_mmap_args(l, n, args_ptr, call) {
+                Ok(call) => call,
+                Err(answer) => return answer,
+            },
+            MemCall::Shmat { shmid, addr, flags } => match self.shmat(l, n, shmid, addr, flags, call) {
+                Ok(call) => call,
+                Err(answer) => return answer,
             },
             c => c,
         };
-        let pid = match self.process_of(l, n, call) {
-            Ok(pid) => pid,
+        let (pid, shared) = match self.process_of(l, n, call) {
+            Ok(found) => found,
             Err(answer) => return answer,
         };
-        let req = call.request(self.sup.page);
+        if shared && call == MemCall::Exec {
+            // It leaves the address space it shared: its next call is learnt afresh.
+            self.threads.forget(n.pid);
+            return Answer::Allow;
+        }
         // Note what this call tells (the thread's earlier calls are done, an exec may have
         // settled) and, on the common path, decide it: one short hold of the lock.
-        let (mut settled, exec_thread, step) = {
+        let (mut settled, exec_thread, step, req) = {
             let mut g = self.sup.accounts.lock();
             if !g.ledger.contains(pid) && call == MemCall::Exec {
                 // A process's first call is its exec (a fork, a vfork or posix_spawn child): its
@@ -171,13 +177,14 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 }
                 g = self.sup.accounts.lock();
             }
+            let req = call.request_as(self.sup.page, g.ledger.counting());
             let settled = g.ledger.thread_seen(pid, n.pid);
             let exec_thread = g.ledger.exec_thread(pid).filter(|t| *t != n.pid);
             let step = match req {
                 Some(req) if !settled && exec_thread.is_none() => Some(g.ledger.fast(pid, n.pid, &req, key)),
                 _ => None,
             };
-            (settled, exec_thread, step)
+            (settled, exec_thread, step, req)
         };
         if step == Some(Step::Allow) {
             self.sup.stats.fast.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -190,6 +197,8 @@ impl<'s, P: ProcView> Engine<'s, P> {
             }
         }
         if settled {
+            // Processes that shared the old address space keep it: learnt again, on their own.
+            self.threads.forget_sharers(pid);
             // A new image: the maps kept are the old one's, and its name is new (read now where
             // it is kept after the process ends, else when first needed).
             let task = self.sup.accounts.lock().task(pid);
@@ -221,7 +230,9 @@ impl<'s, P: ProcView> Engine<'s, P> {
         let Some(req) = req else { return Answer::Allow };
         let step = match step {
             Some(step) => step,
-            None if settled => Step::Measure { need: Need::Image, refresh_others: false },
+            None if settled => {
+                Step::Measure { need: self.sup.accounts.lock().ledger.need(Need::Image), refresh_others: false }
+            }
             None => self.sup.accounts.lock().ledger.fast(pid, n.pid, &req, key),
         };
         let need = match step {
@@ -241,18 +252,84 @@ impl<'s, P: ProcView> Engine<'s, P> {
         self.measure_and_decide(l, n, pid, &req, key, need)
     }
 
-    /// The caller's process, learnt once per thread. Learnt afresh, an account left under its pid
-    /// by an earlier process is replaced.
-    fn process_of<N: Notifier>(&mut self, l: &N, n: &Notification, call: MemCall) -> Result<u32, Answer> {
-        if let Some(pid) = self.threads.lookup(n.pid) {
-            // A remembered thread is alive, so its process is the one accounted (if any).
-            return Ok(pid);
-        }
-        let pid = match self.read(l, n, n.pid, Want::Thread) {
-            Ok(Reading::Thread { tgid, handle }) => {
-                self.threads.insert(n.pid, tgid, handle);
-                tgid
+    /// i386 `old_mmap`'s arguments, read from the caller's memory, when nothing but the caller
+    /// can change them before the kernel reads them again: else the call is refused where a
+    /// quota applies (a second thread could rewrite them between the two reads).
+    fn old_mmap_args<N: Notifier>(
+        &self,
+        l: &N,
+        n: &Notification,
+        args_ptr: u64,
+        call: MemCall,
+    ) -> Result<MemCall, Answer> {
+        match self.read(l, n, n.pid, Want::Alone { addr: args_ptr, len: 24 }) {
+            Ok(Reading::Alone(None)) => {}
+            Ok(Reading::Alone(Some(why))) => {
+                let reason = format!("the arguments of old_mmap can change after heapcap reads them: {why}");
+                return Err(self.refuse(l, n, None, call, reason));
             }
+            Ok(_) | Err(Miss::Dead) => return Err(Answer::Drop),
+            Err(Miss::Failed(e)) => {
+                let what = format!("whether the arguments of old_mmap can change: {}", chain(&e));
+                return Err(self.unreadable(l, n, None, call, what));
+            }
+        }
+        match self.read(l, n, n.pid, Want::Memory { addr: args_ptr, len: 24 }) {
+            Ok(Reading::Memory(raw)) => {
+                let mut words = [0u32; 6];
+                for (w, c) in words.iter_mut().zip(raw.chunks_exact(4)) {
+                    *w = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                Ok(MemCall::from_old_mmap_args(words))
+            }
+            Ok(_) | Err(Miss::Dead) => Err(Answer::Drop),
+            Err(Miss::Failed(e)) => {
+                Err(self.unreadable(l, n, None, call, format!("the arguments of old_mmap: {}", chain(&e))))
+            }
+        }
+    }
+
+    /// A `shmat` as the mapping it makes. Only strict mode counts it, and then by the size of
+    /// the segment (which never changes); a segment that does not exist fails in the kernel.
+    fn shmat<N: Notifier>(
+        &self,
+        l: &N,
+        n: &Notification,
+        shmid: u64,
+        addr: u64,
+        flags: u64,
+        call: MemCall,
+    ) -> Result<MemCall, Answer> {
+        if self.sup.accounts.lock().ledger.counting() != Counting::Strict {
+            return Err(Answer::Allow);
+        }
+        match self.read(l, n, n.pid, Want::Segment { shmid }) {
+            Ok(Reading::Segment(Some(size))) => Ok(MemCall::from_shmat(addr, flags, size)),
+            Ok(Reading::Segment(None)) => Err(Answer::Allow),
+            Ok(_) | Err(Miss::Dead) => Err(Answer::Drop),
+            Err(Miss::Failed(e)) => {
+                Err(self.unreadable(l, n, None, call, format!("the size of SysV segment {shmid}: {}", chain(&e))))
+            }
+        }
+    }
+
+    /// The caller's account, learnt once per thread: its process's, or (`true`) the account of
+    /// another process whose address space it shares. Learnt afresh, an account left under its
+    /// pid by an earlier process is replaced.
+    fn process_of<N: Notifier>(&mut self, l: &N, n: &Notification, call: MemCall) -> Result<(u32, bool), Answer> {
+        if let Some((pid, shared)) = self.threads.lookup(n.pid) {
+            // A remembered thread is alive, so its process is the one accounted (if any).
+            if !shared {
+                return Ok((pid, false));
+            }
+            // Sharing another process's account: while that process lives.
+            if self.sup.accounts.lock().task(pid).is_some_and(|t| !t.exited()) {
+                return Ok((pid, true));
+            }
+            self.threads.forget(n.pid);
+        }
+        let (pid, handle) = match self.read(l, n, n.pid, Want::Thread) {
+            Ok(Reading::Thread { tgid, handle }) => (tgid, handle),
             Ok(_) | Err(Miss::Dead) => return Err(Answer::Drop),
             Err(Miss::Failed(e)) => {
                 return Err(self.unreadable(
@@ -266,12 +343,41 @@ impl<'s, P: ProcView> Engine<'s, P> {
         };
         // First seen from this thread: the account under that pid may be an earlier process's.
         let task = self.sup.accounts.lock().task(pid);
-        match task {
-            Some(task) if !task.exited() => Ok(pid),
-            // Nothing to measure before an exec: the account opens at the new image's growth.
-            None if call == MemCall::Exec => Ok(pid),
-            _ => self.admit(l, n, pid, call).map(|()| pid),
+        if task.as_ref().is_some_and(|t| !t.exited()) {
+            self.threads.insert(n.pid, pid, false, handle);
+            return Ok((pid, false));
         }
+        if call == MemCall::Exec && task.is_none() {
+            // Nothing to measure before an exec: the account opens at the new image's growth.
+            self.threads.insert(n.pid, pid, false, handle);
+            return Ok((pid, false));
+        }
+        // A first call that is an execve leaves whatever address space it shared: no need to ask
+        // (fork or vfork, then exec, the commonest start of a process, pays nothing for this).
+        if call != MemCall::Exec {
+            if let Some(owner) = self.sharing(l, n, pid) {
+                self.threads.insert(n.pid, owner, true, handle);
+                return Ok((owner, true));
+            }
+        }
+        self.threads.insert(n.pid, pid, false, handle);
+        self.admit(l, n, pid, call).map(|()| (pid, false))
+    }
+
+    /// A live account whose process shares the address space of `pid` (which has none): two
+    /// processes in one address space are one account, in every mode. Asked with
+    /// `kcmp(KCMP_VM)` of each account (a process is seen for the first time only once), then
+    /// checked: the caller's call still pending (so `pid` is still its process) and the
+    /// account's process not exited (so its pid was not reused).
+    fn sharing<N: Notifier>(&self, l: &N, n: &Notification, pid: u32) -> Option<u32> {
+        let candidates: Vec<(u32, std::sync::Arc<dyn crate::procview::Task>)> = {
+            let g = self.sup.accounts.lock();
+            g.ledger.pids().filter(|p| *p != pid).filter_map(|p| Some((p, g.task(p)?))).collect()
+        };
+        candidates.into_iter().find_map(|(other, task)| {
+            let same = !task.exited() && self.sup.proc.same_vm(pid, other).unwrap_or(false);
+            (same && l.id_valid(n.id) && !task.exited()).then_some(other)
+        })
     }
 
     /// Open an account for `pid`, measured now (`statm`, or its mappings where the view reads
@@ -281,11 +387,22 @@ impl<'s, P: ProcView> Engine<'s, P> {
         let command = self.sup.accounts.wants_commands();
         match self.read(l, n, pid, Want::Admission { command }) {
             Ok(Reading::Admission { task, command, figure }) => {
-                let task: std::sync::Arc<dyn crate::procview::Task> = std::sync::Arc::new(task);
+                let strict = self.sup.accounts.lock().ledger.counting() == Counting::Strict;
                 let read = match figure {
                     Baseline::Exact(snap) => Read::Exact(snap),
+                    // statm is no upper figure of shared memory: strict starts from the mappings
+                    // (a process that cannot be read is held like a blind one).
+                    Baseline::Upper(upper) | Baseline::Image { upper, .. } if strict => {
+                        match self.admission_maps(l, n, pid, &task) {
+                            Ok(Some(snap)) => Read::Exact(snap),
+                            Ok(None) => Read::Upper(upper),
+                            Err(()) => return Err(Answer::Drop),
+                        }
+                    }
                     Baseline::Upper(upper) => Read::Upper(upper),
+                    Baseline::Image { upper, start_brk } => Read::Image { upper, start_brk: Some(start_brk) },
                 };
+                let task: std::sync::Arc<dyn crate::procview::Task> = std::sync::Arc::new(task);
                 tracing::debug!(pid, command = %command, runtime = self.runtime, "new process");
                 let opened = self.sup.accounts.lock().open(pid, task.clone(), command, read.figure(), self.runtime);
                 if let Some(generation) = opened {
@@ -298,6 +415,26 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 let what = format!("/proc/{pid}, to open its account: {}", chain(&e));
                 Err(self.unreadable(l, n, Some(pid), call, what))
             }
+        }
+    }
+
+    /// The mappings of a process being admitted (through the files its handle keeps, else
+    /// opened afresh); `None` when they cannot be read, `Err` when its call is gone.
+    fn admission_maps<N: Notifier>(
+        &self,
+        l: &N,
+        n: &Notification,
+        pid: u32,
+        task: &P::Task,
+    ) -> Result<Option<Snapshot>, ()> {
+        use crate::procview::Task as _;
+        if let Some(read) = task.kept().and_then(|k| k.maps(None)) {
+            return Ok(read.ok());
+        }
+        match self.read(l, n, pid, Want::Maps { range: None }) {
+            Ok(Reading::Maps(snap)) => Ok(Some(snap)),
+            Ok(_) | Err(Miss::Dead) => Err(()),
+            Err(Miss::Failed(_)) => Ok(None),
         }
     }
 
@@ -517,6 +654,12 @@ impl<'s, P: ProcView> Engine<'s, P> {
             self.sup.warn(n.pid, pid, &format!("{reason}: the kernel answers sysinfo"));
             return Answer::Allow;
         }
+        self.refuse(l, n, pid, call, reason)
+    }
+
+    /// A call that cannot be decided safely, for `reason`: refused where a quota is enforced;
+    /// let through, with a warning, in audit mode and where no quota applies.
+    fn refuse<N: Notifier>(&self, l: &N, n: &Notification, pid: Option<u32>, call: MemCall, reason: String) -> Answer {
         let (mode, limits, own, usage) = {
             let g = self.sup.accounts.lock();
             let acct = pid.and_then(|p| g.ledger.account(p));

@@ -66,6 +66,11 @@ pub enum Want {
     Memory { addr: u64, len: usize },
     /// The command line, for reports.
     Command,
+    /// Whether `len` bytes at `addr` of the caller's memory can change between heapcap's read
+    /// and the kernel's (arguments passed by pointer): [`Reading::Alone`].
+    Alone { addr: u64, len: usize },
+    /// The size of SysV segment `shmid` in the caller's IPC namespace.
+    Segment { shmid: u64 },
 }
 
 /// What was read.
@@ -85,14 +90,25 @@ pub enum Reading<T> {
     Upper(u64),
     Memory(Vec<u8>),
     Command(String),
+    /// `None`: nothing but the caller itself can write the bytes asked about (it is its
+    /// process's only thread, no other process shares its address space, it is not traced, and
+    /// the bytes are in private anonymous memory). `Some`: why not.
+    Alone(Option<String>),
+    /// `None`: no such segment.
+    Segment(Option<u64>),
 }
 
 /// A process's figure at admission.
 #[derive(Debug)]
 pub enum Baseline {
     Exact(Snapshot),
-    /// From `statm` (the mappings are not readable).
+    /// From `statm` (the mappings are not read).
     Upper(u64),
+    /// From `statm`, with where the break starts (`stat`).
+    Image {
+        upper: u64,
+        start_brk: u64,
+    },
 }
 
 /// The `/proc` view the engine reads through.
@@ -108,6 +124,9 @@ pub trait ProcView: Send + Sync + 'static {
     fn tasks(&self, pid: u32) -> Vec<u32>;
     /// The children of a process (restart recovery).
     fn children(&self, pid: u32) -> Vec<u32>;
+    /// Whether tasks `a` and `b` use one address space (`kcmp(KCMP_VM)`). Asked by pid: check
+    /// afterwards that both are still the tasks meant.
+    fn same_vm(&self, a: u32, b: u32) -> Result<bool, ProcError>;
 }
 
 /// How a checked read went.
@@ -238,7 +257,7 @@ impl Kept for LinuxTask {
                     Err(e) => return Some(Err(e)),
                 }
             }
-            let walked = files.proc.walk_at(maps.as_ref().expect("opened above"), range, start_brk)?;
+            let walked = files.proc.walk_at(files.pid, maps.as_ref().expect("opened above"), range, start_brk)?;
             if walked.as_ref().is_err_and(ProcError::is_gone) {
                 *maps = None; // an address space left behind by an exec not yet settled
             }
@@ -287,6 +306,9 @@ pub enum LinuxOpened {
         task: Pidfd,
         pid: u32,
         statm: (PathBuf, File),
+        /// For the start of the break (a process's brk is tracked from it, and once it stops
+        /// being dumpable nothing else tells it).
+        stat: Option<(PathBuf, File)>,
         command: Option<OpenedCommand>,
     },
     Maps {
@@ -300,6 +322,17 @@ pub enum LinuxOpened {
         len: usize,
     },
     Command(OpenedCommand),
+    Alone {
+        tid: u32,
+        status: (PathBuf, File),
+        maps: Opened,
+        addr: u64,
+        len: usize,
+    },
+    Segment {
+        ns: File,
+        shmid: u64,
+    },
 }
 
 fn pidfd_error(pid: u32, source: io::Error) -> ProcError {
@@ -331,12 +364,22 @@ impl ProcView for LinuxProc {
             Want::Admission { command } => {
                 let statm = self.proc.open_statm(pid)?;
                 let task = Pidfd::open(pid).map_err(|e| pidfd_error(pid, e))?;
-                LinuxOpened::Admission { task, pid, statm, command: command.then(|| self.proc.open_command(pid)) }
+                let stat = self.proc.open_stat(pid).ok();
+                let command = command.then(|| self.proc.open_command(pid));
+                LinuxOpened::Admission { task, pid, statm, stat, command }
             }
             Want::Maps { range } => LinuxOpened::Maps { files: self.proc.open_snapshot(pid)?, range },
             Want::Upper => LinuxOpened::Upper(self.proc.open_statm(pid)?),
             Want::Memory { addr, len } => LinuxOpened::Memory { mem: self.proc.open_mem(pid)?, addr, len },
             Want::Command => LinuxOpened::Command(self.proc.open_command(pid)),
+            Want::Alone { addr, len } => LinuxOpened::Alone {
+                tid: pid,
+                status: self.proc.open_status(pid)?,
+                maps: self.proc.open_snapshot(pid)?,
+                addr,
+                len,
+            },
+            Want::Segment { shmid } => LinuxOpened::Segment { ns: self.proc.open_ipc_ns(pid)?, shmid },
         })
     }
 
@@ -350,24 +393,25 @@ impl ProcView for LinuxProc {
             LinuxOpened::Leader { pid, handle } => {
                 Reading::Thread { tgid: pid, handle: Some(LinuxTask { pidfd: handle, files: None }) }
             }
-            LinuxOpened::Admission { task, pid, statm, command } => {
-                // statm: one short line whatever the number of mappings; the mappings are read
-                // when a decision needs them.
+            LinuxOpened::Admission { task, pid, statm, stat, command } => {
+                // statm and stat: one short line each whatever the number of mappings; the
+                // mappings are read when a decision needs them.
                 let upper = self.proc.read_upper_at(&statm, page)?;
+                let start_brk = stat.as_ref().and_then(|s| self.proc.read_start_brk_at(s).ok().flatten());
+                let figure = match start_brk {
+                    Some(start_brk) => Baseline::Image { upper, start_brk },
+                    None => Baseline::Upper(upper),
+                };
                 let files = KeptFiles {
                     proc: self.proc.clone(),
                     pid,
                     page,
                     statm,
-                    stat: Mutex::new(None),
+                    stat: Mutex::new(stat),
                     maps: Mutex::new(None),
                 };
                 let command = command.map(|c| self.proc.read_command(c)).unwrap_or_default();
-                Reading::Admission {
-                    task: LinuxTask { pidfd: task, files: Some(files) },
-                    command,
-                    figure: Baseline::Upper(upper),
-                }
+                Reading::Admission { task: LinuxTask { pidfd: task, files: Some(files) }, command, figure }
             }
             LinuxOpened::Maps { files, range } => {
                 Reading::Maps(self.proc.read_snapshot_for(files, &mut String::new(), range)?)
@@ -379,6 +423,24 @@ impl ProcView for LinuxProc {
                 Reading::Memory(buf)
             }
             LinuxOpened::Command(command) => Reading::Command(self.proc.read_command(command)),
+            LinuxOpened::Alone { tid, status, maps, addr, len } => {
+                let (threads, tracer) = self.proc.read_threads_tracer(status)?;
+                let range = Some((addr, addr.saturating_add(len as u64)));
+                let snap = self.proc.read_snapshot_for(maps, &mut String::new(), range)?;
+                Reading::Alone(if threads != 1 {
+                    Some(format!("it has {threads} threads"))
+                } else if tracer != 0 {
+                    Some(format!("it is traced by {tracer}"))
+                } else if !snap.maps.private_anonymous(addr, addr.saturating_add(len as u64)) {
+                    Some("they are not in private anonymous memory".into())
+                } else {
+                    self.proc.vm_sharer(tid).map(|other| format!("process {other} shares its address space"))
+                })
+            }
+            LinuxOpened::Segment { ns, shmid } => Reading::Segment(
+                heapcap_linux::mmshare::segment_size(&ns, shmid)
+                    .map_err(|source| ProcError::Io { path: format!("SysV segment {shmid}").into(), source })?,
+            ),
         })
     }
 
@@ -392,5 +454,10 @@ impl ProcView for LinuxProc {
 
     fn children(&self, pid: u32) -> Vec<u32> {
         self.proc.children(pid)
+    }
+
+    fn same_vm(&self, a: u32, b: u32) -> Result<bool, ProcError> {
+        heapcap_linux::mmshare::same_vm(a, b)
+            .map_err(|source| ProcError::Io { path: format!("kcmp({a}, {b}, KCMP_VM)").into(), source })
     }
 }

@@ -97,12 +97,21 @@ impl<P: ProcView> Supervisor<P> {
                 }
                 _ => None,
             };
-            let Some((task, command, figure)) = read else { continue };
+            let Some((task, command, mut figure)) = read else { continue };
+            if self.accounts.lock().ledger.counting() == heapcap_policy::ledger::Counting::Strict {
+                // statm is no upper figure of shared memory: strict starts from the mappings.
+                if let (Baseline::Upper(_), Some(Ok(snap))) = (&figure, task.kept().and_then(|k| k.maps(None))) {
+                    figure = Baseline::Exact(snap);
+                }
+            }
             let opened = {
                 let mut g = self.accounts.lock();
                 let figure = match &figure {
                     Baseline::Exact(snap) => Figure::Exact(snap),
                     Baseline::Upper(u) => Figure::Upper(*u),
+                    Baseline::Image { upper, start_brk } => {
+                        Figure::Image { upper: *upper, start_brk: Some(*start_brk) }
+                    }
                 };
                 g.open(pid, task.clone(), command, figure, false)
             };

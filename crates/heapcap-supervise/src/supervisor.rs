@@ -160,11 +160,18 @@ impl<P: ProcView> Supervisor<P> {
     pub fn measure(&self) {
         let pids: Vec<u32> = self.accounts.lock().ledger.pids().collect();
         self.refresh(&pids);
+        self.name_processes();
+    }
+
+    /// Read the command lines not read yet (commands are read when first needed: for `ps`, the
+    /// metrics, a denial), with no lock held.
+    pub fn name_processes(&self) {
         let unnamed: Vec<(u32, Arc<dyn Task>)> = {
             let g = self.accounts.lock();
-            pids.iter()
-                .filter(|p| g.ledger.account(**p).is_some_and(|a| a.command.is_empty()))
-                .filter_map(|p| g.task(*p).map(|t| (*p, t)))
+            let pids: Vec<u32> = g.ledger.pids().collect();
+            pids.into_iter()
+                .filter(|p| g.ledger.account(*p).is_some_and(|a| a.command.is_empty()))
+                .filter_map(|p| g.task(p).map(|t| (p, t)))
                 .collect()
         };
         for (pid, task) in unnamed {

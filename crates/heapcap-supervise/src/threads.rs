@@ -24,7 +24,11 @@ use crate::procview::Task;
 
 #[derive(Debug)]
 struct Entry<T> {
+    /// The process whose account the thread's calls go to.
     pid: u32,
+    /// The thread is in another process that shares `pid`'s address space (`clone(CLONE_VM)`
+    /// without `CLONE_THREAD`, a vfork child before its exec).
+    shared: bool,
     handle: T,
 }
 
@@ -86,16 +90,28 @@ impl<T: Task> Threads<T> {
         }
     }
 
-    /// The process of a thread we know and that is still the same thread.
-    pub(crate) fn lookup(&mut self, tid: u32) -> Option<u32> {
+    /// The account of a thread we know and that is still the same thread, and whether the
+    /// thread is another process's sharing that account's address space.
+    pub(crate) fn lookup(&mut self, tid: u32) -> Option<(u32, bool)> {
         self.forget_exited();
-        self.entries.get(&tid).map(|e| e.pid)
+        self.entries.get(&tid).map(|e| (e.pid, e.shared))
+    }
+
+    /// Forget a thread (it execs away from the address space it shared).
+    pub(crate) fn forget(&mut self, tid: u32) {
+        self.entries.remove(&tid);
+    }
+
+    /// Forget every thread of other processes that shared `pid`'s address space: `pid` has a
+    /// new one (an exec), so they are learnt again.
+    pub(crate) fn forget_sharers(&mut self, pid: u32) {
+        self.entries.retain(|_, e| !(e.shared && e.pid == pid));
     }
 
     /// Remember a thread (only after the notification check proved `handle` is the caller).
     /// Kernels without thread pidfds (before 6.9), and handles that cannot be watched, get no
     /// entry: the caller resolves each time.
-    pub(crate) fn insert(&mut self, tid: u32, pid: u32, handle: Option<T>) {
+    pub(crate) fn insert(&mut self, tid: u32, pid: u32, shared: bool, handle: Option<T>) {
         let (Some(handle), Some(ep)) = (handle, &self.exited) else { return };
         let (Some(data), Some(fd)) = (tag(tid, &handle), handle.fd()) else { return };
         // Registered before it is remembered; a thread that has already exited is reported by
@@ -106,7 +122,7 @@ impl<T: Task> Threads<T> {
             return;
         }
         // A replaced entry's pidfd is closed here, which also unregisters it.
-        self.entries.insert(tid, Entry { pid, handle });
+        self.entries.insert(tid, Entry { pid, shared, handle });
     }
 
     /// The thread is known and has not exited (rare: an exec in flight).
@@ -148,10 +164,10 @@ mod tests {
         Pidfd::open_thread(gettid()).expect("thread pidfds (Linux 6.9+)");
         let mut threads = Threads::<LinuxTask>::default();
         let (tid, end, h) = spawn_thread();
-        threads.insert(tid, 4242, Some(Pidfd::open_thread(tid).unwrap().into()));
+        threads.insert(tid, 4242, false, Some(Pidfd::open_thread(tid).unwrap().into()));
         let me = gettid();
-        threads.insert(me, 4243, Some(Pidfd::open_thread(me).unwrap().into()));
-        assert_eq!(threads.lookup(tid), Some(4242));
+        threads.insert(me, 4243, false, Some(Pidfd::open_thread(me).unwrap().into()));
+        assert_eq!(threads.lookup(tid), Some((4242, false)));
         assert!(threads.alive(tid));
         end.send(()).unwrap();
         h.join().unwrap();
@@ -163,7 +179,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert!(!threads.alive(tid));
-        assert_eq!(threads.lookup(me), Some(4243), "live threads are kept");
+        assert_eq!(threads.lookup(me), Some((4243, false)), "live threads are kept");
         assert_eq!(threads.len(), 1);
     }
 
@@ -173,7 +189,7 @@ mod tests {
         let mut threads = Threads::<LinuxTask>::default();
         let spawned: Vec<_> = (0..100).map(|_| spawn_thread()).collect();
         for (tid, _, _) in &spawned {
-            threads.insert(*tid, 1, Some(Pidfd::open_thread(*tid).unwrap().into()));
+            threads.insert(*tid, 1, false, Some(Pidfd::open_thread(*tid).unwrap().into()));
         }
         let tids: Vec<u32> = spawned.iter().map(|s| s.0).collect();
         for (_, end, h) in spawned {
@@ -197,7 +213,7 @@ mod tests {
         end.send(()).unwrap();
         h.join().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        threads.insert(tid, 7, Some(handle.into()));
+        threads.insert(tid, 7, false, Some(handle.into()));
         assert_eq!(threads.lookup(tid), None);
     }
 }

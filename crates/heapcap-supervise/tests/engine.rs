@@ -535,9 +535,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn never_over_quota_and_never_unanswered(ops in proptest::collection::vec(op(), 1..150), quota_mib in 4u64..64) {
+    fn never_over_quota_and_never_unanswered(ops in proptest::collection::vec(op(), 1..150), quota_mib in 4u64..64, strict in any::<bool>()) {
         let limit = quota_mib * MIB;
         let r = rig(quota(limit), Mode::Enforce);
+        if strict {
+            r.sup.accounts().with_ledger(|l| l.set_counting(heapcap_policy::ledger::Counting::Strict));
+        }
         let pids = [700u32, 800];
         let tids = [700u32, 701, 800, 801];
         for pid in pids {
@@ -597,5 +600,174 @@ proptest! {
                 prop_assert!(held + in_flight <= limit, "process {pid}: {held} held + {in_flight} in flight > {limit}");
             }
         }
+    }
+}
+
+// ------------------------------------------------------------------ strict mode, shared accounts
+
+const SHMAT: i32 = 30;
+const MAP_SHARED: u64 = 0x01;
+
+fn strict_rig(limit: u64) -> Rig {
+    let r = rig(quota(limit), Mode::Enforce);
+    r.sup.accounts().with_ledger(|l| l.set_counting(heapcap_policy::ledger::Counting::Strict));
+    r
+}
+
+fn file_vma(start: u64, len: u64, shared: bool, dev: u64, inode: u64) -> heapcap_policy::maps::Vma {
+    heapcap_policy::maps::Vma { start, end: start + len, writable: true, shared, dev, inode, ..Default::default() }
+}
+
+#[test]
+fn strict_counts_shared_memory_and_private_file_copies_but_not_disk_page_cache() {
+    use heapcap_policy::maps::dev;
+    let disk = dev(254, 0);
+    let shmem = dev(0, 1); // the kernel's internal mount: in no mountinfo
+    let vmas = vec![
+        anon(1 << 20, MIB),
+        file_vma(1 << 30, 30 * MIB, true, shmem, 7),  // a memfd
+        file_vma(2 << 30, 20 * MIB, false, disk, 9),  // a private file mapping, written
+        file_vma(3 << 30, 100 * MIB, true, disk, 11), // a shared disk file: page cache
+    ];
+    for strict in [false, true] {
+        let r = if strict { strict_rig(64 * MIB) } else { rig(quota(64 * MIB), Mode::Enforce) };
+        r.world.lock().disks = vec![disk];
+        r.world.spawn(100, "db", vmas.clone());
+        let mut e = r.engine(false);
+        let shared = |len: u64| [0, len, RW, MAP_SHARED, 3, 0];
+        let n = r.world.call(100, MMAP, shared(8 * MIB));
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+        if !strict {
+            assert_eq!(r.bound(100), MIB + (512 << 10), "heap: statm at admission, shared memory not counted");
+            continue;
+        }
+        assert_eq!(r.bound(100), 59 * MIB, "the mappings at admission (1 + 30 + 20 MiB), plus the 8 MiB asked");
+        r.world.lock().procs.get_mut(&100).unwrap().vmas.push(file_vma(4 << 30, 8 * MIB, true, shmem, 12));
+        let n = r.world.call(100, MMAP, shared(8 * MIB));
+        let a = e.decide(&r.world, &n);
+        let d = denial(&a);
+        assert_eq!((d.syscall, d.request, d.usage, d.limit), ("mmap", Some(8 * MIB), Some(59 * MIB), 64 * MIB));
+        // A shared mapping of a disk file is asked for in full (its kind shows only once mapped),
+        // then given back by the next exact figure: 4 MiB fits, and the figure stays 59 MiB.
+        let n = r.world.call(100, MMAP, shared(4 * MIB));
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+        r.world.lock().procs.get_mut(&100).unwrap().vmas.push(file_vma(5 << 30, 4 * MIB, true, disk, 13));
+        let n = r.world.call(100, MMAP, shared(4 * MIB));
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow, "63 + 4 MiB on the bound, but exactly 59 + 4");
+        assert_eq!(r.bound(100), 63 * MIB, "the disk file's 4 MiB is not counted, the new 4 MiB is");
+    }
+}
+
+#[test]
+fn strict_charges_shmat_the_size_of_its_segment() {
+    for strict in [false, true] {
+        let r = if strict { strict_rig(64 * MIB) } else { rig(quota(64 * MIB), Mode::Enforce) };
+        r.world.spawn(100, "pg", vec![anon(1 << 20, 40 * MIB)]);
+        r.world.lock().segments.insert(7, 32 * MIB);
+        let mut e = r.engine(false);
+        let n = r.world.call(100, SHMAT, [7, 0, 0, 0, 0, 0]);
+        let a = e.decide(&r.world, &n);
+        if strict {
+            assert_eq!(denial(&a).request, Some(32 * MIB), "40 + 32 MiB > 64 MiB");
+        } else {
+            assert_eq!(a, Answer::Allow, "SysV memory is not heap");
+        }
+        let n = r.world.call(100, SHMAT, [8, 0, 0, 0, 0, 0]);
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow, "no such segment: the kernel refuses it");
+        let n = r.world.call(100, SHMAT, [7, 0, 0o10000, 0, 0, 0]);
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow, "SHM_RDONLY never counts");
+    }
+}
+
+#[test]
+fn processes_that_share_an_address_space_share_one_account_until_one_execs() {
+    for strict in [false, true] {
+        let r = if strict { strict_rig(64 * MIB) } else { rig(quota(64 * MIB), Mode::Enforce) };
+        r.world.spawn(100, "parent", vec![anon(1 << 20, MIB)]);
+        // clone(CLONE_VM) without CLONE_THREAD: another process, the same mappings.
+        r.world.spawn(200, "clone", Vec::new());
+        r.world.lock().vm_of.insert(200, 100);
+        let mut e = r.engine(false);
+        let mut at = 1 << 32;
+        assert_eq!(r.alloc(&mut e, 100, 40 * MIB, &mut at), Answer::Allow);
+        let n = r.world.call(200, MMAP, mmap(16 * MIB));
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+        r.world.map(100, at, 16 * MIB); // it lands in the one address space
+        at += 32 * MIB;
+        let n = r.world.call(200, MMAP, mmap(16 * MIB));
+        let a = e.decide(&r.world, &n);
+        let d = denial(&a);
+        assert_eq!((d.pid, d.tid, d.usage), (Some(100), 200, Some(57 * MIB)), "charged to the one account");
+        assert!(matches!(r.alloc(&mut e, 100, 16 * MIB, &mut at), Answer::Deny(_)));
+        assert_eq!(r.sup.accounts().len(), 1, "one account for one address space");
+        // The clone execs: a new address space of its own, accounted apart from then on.
+        let n = r.world.call(200, EXECVE, [0; 6]);
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+        r.world.lock().vm_of.remove(&200);
+        r.world.lock().procs.get_mut(&200).unwrap().vmas = vec![anon(1 << 20, MIB)];
+        let n = r.world.call(200, MMAP, mmap(16 * MIB));
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+        assert_eq!(r.sup.accounts().len(), 2);
+        assert!(r.bound(100) >= 57 * MIB, "the parent keeps its own figure");
+        // A vfork child whose first call is its execve leaves the address space it shares: it is
+        // accounted as itself, never charged to the parent.
+        r.world.spawn(300, "vforked", Vec::new());
+        r.world.lock().vm_of.insert(300, 100);
+        let before = r.bound(100);
+        let n = r.world.call(300, EXECVE, [0; 6]);
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+        assert_eq!((r.sup.accounts().len(), r.bound(100)), (2, before), "nothing to account before its image grows");
+        r.world.lock().vm_of.remove(&300);
+        r.world.lock().procs.get_mut(&300).unwrap().vmas = vec![anon(1 << 20, MIB)];
+        let n = r.world.call(300, MMAP, mmap(16 * MIB));
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+        assert_eq!((r.sup.accounts().len(), r.bound(100)), (3, before), "its own account, on its own image");
+    }
+}
+
+#[test]
+fn the_account_of_a_shared_address_space_outlives_the_process_it_was_opened_for() {
+    let r = rig(quota(64 * MIB), Mode::Enforce);
+    r.world.spawn(100, "parent", vec![anon(1 << 20, 40 * MIB)]);
+    r.world.spawn(200, "clone", Vec::new());
+    r.world.lock().vm_of.insert(200, 100);
+    let mut e = r.engine(false);
+    let n = r.world.call(200, MMAP, mmap(MIB));
+    assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+    assert_eq!(r.sup.accounts().len(), 1);
+    // The parent exits; its address space lives on in the clone, which is accounted with it.
+    let vmas = r.world.lock().procs[&100].vmas.clone();
+    r.world.lock().kill(100);
+    r.world.lock().vm_of.remove(&200);
+    r.world.lock().procs.get_mut(&200).unwrap().vmas = vmas;
+    r.sup.accounts().with_ledger(|l| l.exit(100));
+    let n = r.world.call(200, MMAP, mmap(30 * MIB));
+    let a = e.decide(&r.world, &n);
+    assert!(matches!(a, Answer::Deny(_)), "40 MiB held + 30 MiB: {a:?}");
+}
+
+#[test]
+fn old_mmap_is_decided_only_when_nothing_else_can_rewrite_its_arguments() {
+    use heapcap_policy::syscall::AUDIT_ARCH_I386;
+    const OLD_MMAP: i32 = 90;
+    for mode in [Mode::Enforce, Mode::Audit] {
+        let r = rig(quota(64 * MIB), mode);
+        r.world.spawn(100, "ancient", vec![anon(1 << 20, MIB)]);
+        let mut e = r.engine(false);
+        // Alone: decided on the block it read (zeroes here: a zero-length call, no growth).
+        let n = r.world.call_as(100, AUDIT_ARCH_I386, OLD_MMAP, [0x1000, 0, 0, 0, 0, 0]);
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow);
+        // A second thread could rewrite the block between heapcap's read and the kernel's.
+        r.world.lock().not_alone.insert(100, "it has 2 threads".into());
+        let n = r.world.call_as(100, AUDIT_ARCH_I386, OLD_MMAP, [0x1000, 0, 0, 0, 0, 0]);
+        let a = e.decide(&r.world, &n);
+        if mode == Mode::Audit {
+            assert_eq!(a, Answer::Allow, "audit mode never denies");
+            continue;
+        }
+        let d = denial(&a);
+        let reason = d.reason.as_deref().unwrap_or_default();
+        assert_eq!(d.syscall, "old_mmap");
+        assert!(reason.contains("can change after heapcap reads them: it has 2 threads"), "{reason}");
     }
 }

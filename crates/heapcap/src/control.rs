@@ -82,8 +82,9 @@ fn print_ps(out: &mut impl Write, containers: &[ContainerView]) -> std::io::Resu
             pod_cell(&pod_column(c)),
             "-",
             format!(
-                "({}, total limit {}{})",
+                "({}{}, total limit {}{})",
                 c.mode,
+                if c.strict { " strict" } else { "" },
                 quota(c.total_limit),
                 if c.host_memory { ", host memory" } else { "" }
             ),
@@ -180,6 +181,7 @@ mod tests {
             id: id.into(),
             pod,
             mode: Mode::Enforce,
+            strict: false,
             limit: Some(64 << 20),
             total_limit: None,
             host_memory: false,

@@ -37,6 +37,9 @@ pub struct Brief {
     pub limit: Option<u64>,
     pub total_limit: Option<u64>,
     pub audit: bool,
+    /// Strict counting (`--strict`).
+    #[serde(default)]
+    pub strict: bool,
     pub quiet: bool,
     pub report: bool,
     /// The command's pid: its descendants are adopted on a take-over.
@@ -235,7 +238,11 @@ fn take_over(brief: &Brief, listener: &Listener, journal: Arc<Journal>) -> anyho
             sink_log.log(d);
         }
     });
-    let supervisor = Supervisor::new(Ledger::new(limits, mode, heapcap_linux::page_size()), exits, sink);
+    let mut ledger = Ledger::new(limits, mode, heapcap_linux::page_size());
+    if brief.strict {
+        ledger.set_counting(heapcap_policy::ledger::Counting::Strict);
+    }
+    let supervisor = Supervisor::new(ledger, exits, sink);
     let supervisor = match brief.machine {
         true => supervisor.with_emulator(Box::new(LinuxEmulator)),
         false => supervisor,

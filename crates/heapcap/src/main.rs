@@ -135,6 +135,11 @@ struct RunArgs {
     /// Observe only: never deny; report each process's peak heap at exit.
     #[arg(long)]
     audit: bool,
+    /// Count what no program can step around: every writable private mapping (as RLIMIT_DATA)
+    /// and every writable shared mapping of memory (memfd, SysV shm, tmpfs, MAP_SHARED
+    /// anonymous), charged to each process that maps it.
+    #[arg(long)]
+    strict: bool,
     /// What the command is told its machine's memory is: `quota` (the default: under --limit or
     /// --total-limit, sysinfo(2), and so sysconf(_SC_PHYS_PAGES), the JVM's default heap and
     /// `free`, report the quota as the machine's memory) or `host` (the host's figures).
@@ -217,7 +222,7 @@ fn main() -> ExitCode {
             Some(option) => {
                 eprintln!(
                     "heapcap: unknown option '{option}' for run: its options are --limit, --total-limit, --audit, \
-                     --machine-memory, --report, --quiet (see heapcap run --help); a command goes after --"
+                     --strict, --machine-memory, --report, --quiet (see heapcap run --help); a command goes after --"
                 );
                 ExitCode::from(USAGE)
             }

@@ -11,6 +11,7 @@ use heapcap_linux::filter::{Extra, LoadFlags, Program};
 use heapcap_linux::journal::{Journal, Slot};
 use heapcap_linux::notify::Listener;
 use heapcap_linux::spawn::under_filter;
+use heapcap_policy::ledger::Counting;
 use heapcap_policy::settings::Settings;
 use heapcap_supervise::{ExitWatcher, Ledger, Limits, LinuxEmulator, Mode, Serve, Supervisor};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -53,10 +54,11 @@ pub fn main(args: RunArgs) -> ExitCode {
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let limits = Limits { process: args.limit.map(|s| s.bytes()), total: args.total_limit.map(|s| s.bytes()) };
     let mode = if args.audit { Mode::Audit } else { Mode::Enforce };
-    let settings = Settings { limits, mode, machine: args.machine_memory };
+    let counting = Counting::from_strict(args.strict);
+    let settings = Settings { limits, mode, counting, machine: args.machine_memory };
     // Where the command is to see its quota as its machine's memory, its filter sends sysinfo too.
     let extra = Extra::of(&settings);
-    let program = Program::heap_notify_with(extra).context("cannot build the seccomp filter")?;
+    let program = Program::heap_notify_with(counting, extra).context("cannot build the seccomp filter")?;
 
     // Block the signals we handle before any thread starts, so they all inherit the mask and
     // the signals reach the signalfd. The command gets an empty mask back before exec.
@@ -78,7 +80,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             sink_log.log(d);
         }
     });
-    let supervisor = Supervisor::new(Ledger::new(limits, mode, heapcap_linux::page_size()), exits, sink);
+    let mut ledger = Ledger::new(limits, mode, heapcap_linux::page_size());
+    ledger.set_counting(counting);
+    let supervisor = Supervisor::new(ledger, exits, sink);
     let supervisor = Arc::new(match extra.machine {
         true => supervisor.with_emulator(Box::new(LinuxEmulator)),
         false => supervisor,
@@ -94,6 +98,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         limit: limits.process,
         total_limit: limits.total,
         audit: args.audit,
+        strict: counting == Counting::Strict,
         quiet: args.quiet,
         report: args.report,
         command: 0,

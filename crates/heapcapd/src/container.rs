@@ -81,8 +81,8 @@ impl Container {
     /// The container's figures, measured exactly now.
     pub fn view(&self) -> ContainerView {
         self.supervisor.measure();
-        let (limits, mode, summaries) =
-            self.supervisor.accounts().with_ledger(|l| (l.limits(), l.mode(), l.summaries()));
+        let (limits, mode, counting, summaries) =
+            self.supervisor.accounts().with_ledger(|l| (l.limits(), l.mode(), l.counting(), l.summaries()));
         let processes: Vec<ProcessView> = summaries
             .into_iter()
             .map(|p| ProcessView {
@@ -100,6 +100,7 @@ impl Container {
             id: self.id.clone(),
             pod: self.pod.clone(),
             mode,
+            strict: counting == heapcap_policy::ledger::Counting::Strict,
             limit: limits.process,
             total_limit: limits.total,
             host_memory: self.machine == MachineMemory::Host,

@@ -29,8 +29,12 @@ const MAX_CONNECTIONS: usize = 128;
 
 /// Accept connections until the runtime stops.
 pub async fn run(listener: UnixListener, registry: Arc<Registry>, events: Arc<Events>) {
-    serve_connections(listener, "control", MAX_CONNECTIONS, move |stream| {
-        serve(stream, registry.clone(), events.clone())
+    serve_connections(listener, "control", MAX_CONNECTIONS, move |stream, slot| {
+        let served = serve(stream, registry.clone(), events.clone());
+        async move {
+            served.await;
+            drop(slot);
+        }
     })
     .await
 }

@@ -5,31 +5,50 @@
 //! Connections are read on the control plane's runtime (an idle or trickling peer holds no
 //! thread); a complete message is taken on its blocking pool (handing the listener to the
 //! holder and starting its serving thread).
+//!
+//! When the message comes depends on the runtime: runc connects and sends at once, during
+//! `runc create`; crun connects during `crun create` (before it forks the container's init) but
+//! the init sends the listener only when it installs its filter, just before it runs the user's
+//! program, that is at `crun start`, however long after. A connection with nothing to read yet
+//! is therefore waited for as long as its peer keeps it open (the init holds it until it sends,
+//! and it closes when the container is deleted unstarted); past [`FIRST_BYTES`] it gives up its
+//! place among the [`MAX_CONNECTIONS`] and waits among the [`MAX_PARKED`] instead, so that idle
+//! connections never keep others out. Once bytes come, the rest must follow within
+//! [`READ_DEADLINE`].
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use heapcap_linux::fdpass::recv_fds;
+use heapcap_linux::fdpass::{recv_fds, Received};
 use heapcap_linux::notify::Listener;
 use heapcap_linux::peercred::{check_peer, peer_cred, PeerError};
 use heapcap_linux::pidfd::Pidfd;
 use heapcap_oci::agent::{self, AgentError, AgentMessage, MAX_MESSAGE};
-use heapcap_policy::ledger::{Limits, Mode};
+use heapcap_policy::ledger::{Counting, Limits, Mode};
 use heapcap_policy::settings::{Settings, SettingsError};
 use oci_spec::runtime::SECCOMP_FD_NAME;
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 
 use crate::registry::Registry;
-use crate::sockets::serve_connections;
+use crate::sockets::{serve_connections, Slot};
 
-/// How long a peer has to send its whole message (runc and crun send it at once and close).
+/// How long a peer has to send the rest of its message once its first bytes came (runc and crun
+/// send it in one `sendmsg` and close).
 const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a connection waits for its first bytes in one of the [`MAX_CONNECTIONS`] places
+/// before it is parked (see the module's documentation: crun sends at `crun start`).
+const FIRST_BYTES: Duration = Duration::from_secs(5);
 /// Agent connections served at once. Far above what a burst of container starts needs (each
 /// message takes milliseconds); past it, connections wait in the backlog, never refused, and
-/// idle ones free their slot within [`READ_DEADLINE`].
+/// idle ones free their place within [`FIRST_BYTES`].
 const MAX_CONNECTIONS: usize = 256;
+/// Connections parked, waiting for their first bytes with no deadline: containers crun created
+/// and has not started yet (one fd each). Past it, a connection idle for [`FIRST_BYTES`] is
+/// closed (and a crun container behind it fails to start, saying it could not send its listener).
+const MAX_PARKED: usize = 1024;
 
 /// What to do with a container whose heapcap settings are bad.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,8 +66,10 @@ pub enum IntakeError {
     Peer(#[from] PeerError),
     #[error("cannot read the message: {0}")]
     Read(#[source] std::io::Error),
-    #[error("no complete message within {}s ({got} bytes received): a runtime sends its state and closes the connection", READ_DEADLINE.as_secs())]
+    #[error("no complete message within {}s of its first bytes ({got} bytes received): a runtime sends its state and closes the connection", READ_DEADLINE.as_secs())]
     Timeout { got: usize },
+    #[error("nothing received within {}s, and {MAX_PARKED} other connections already wait for their message: closed", FIRST_BYTES.as_secs())]
+    TooManyIdle,
     #[error("message larger than {MAX_MESSAGE} bytes")]
     TooLarge,
     #[error("more fds came with the message than the {0} taken: it was refused and they were closed")]
@@ -59,6 +80,8 @@ pub enum IntakeError {
     NotAListener,
     #[error("container {id}: {source}; it was refused (start heapcapd with --bad-settings audit to run such containers unquota'd)")]
     Refused { id: String, source: SettingsError },
+    #[error("container {id}: {}; it was refused", StrictRules)]
+    StrictWithoutRules { id: String },
     #[error("cannot start serving: {0}")]
     Serve(#[source] std::io::Error),
     #[error("taking the message failed: {0}")]
@@ -67,10 +90,11 @@ pub enum IntakeError {
 
 /// Accept connections until the runtime stops.
 pub async fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadSettings) {
-    serve_connections(listener, "agent", MAX_CONNECTIONS, move |mut stream| {
-        let registry = registry.clone();
+    let parked = Arc::new(Semaphore::new(MAX_PARKED));
+    serve_connections(listener, "agent", MAX_CONNECTIONS, move |mut stream, slot| {
+        let (registry, parked) = (registry.clone(), parked.clone());
         async move {
-            if let Err(e) = handle(&mut stream, registry, on_bad).await {
+            if let Err(e) = handle(&mut stream, slot, &parked, registry, on_bad).await {
                 let peer = peer_cred(stream.as_fd()).map(|c| c.pid).unwrap_or(0);
                 tracing::warn!(peer, error = %e, "agent message not taken");
             }
@@ -79,26 +103,47 @@ pub async fn run(listener: UnixListener, registry: Arc<Registry>, on_bad: OnBadS
     .await
 }
 
-/// Read one message, until the peer closes (runc and crun close after sending) or the JSON ends,
-/// within [`READ_DEADLINE`] all told (a peer trickling bytes is cut off then).
-async fn read_message(stream: &mut UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), IntakeError> {
-    let (mut data, mut fds) = (Vec::new(), Vec::new());
-    match tokio::time::timeout(READ_DEADLINE, read_into(stream, &mut data, &mut fds)).await {
-        Ok(read) => read.map(|()| (data, fds)),
+/// Read one message: its first bytes (with the fds) whenever they come while the peer keeps the
+/// connection open, parked after [`FIRST_BYTES`] (`slot` given up for a place in `parked`); then the
+/// rest, until the peer closes (runc and crun close after sending) or the JSON ends, within
+/// [`READ_DEADLINE`] (a peer trickling bytes is cut off then).
+async fn read_message(
+    stream: &mut UnixStream,
+    slot: &mut Option<Slot>,
+    parked: &Semaphore,
+) -> Result<(Vec<u8>, Vec<OwnedFd>), IntakeError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let first = match tokio::time::timeout(FIRST_BYTES, recv_first(stream, &mut buf)).await {
+        Ok(first) => first?,
+        Err(_) => {
+            let Ok(_parked) = parked.try_acquire() else {
+                return Err(IntakeError::TooManyIdle);
+            };
+            drop(slot.take());
+            tracing::debug!("agent connection parked until its peer sends (crun sends at `crun start`)");
+            recv_first(stream, &mut buf).await?
+        }
+    };
+    if first.truncated {
+        return Err(IntakeError::TooManyFds(first.fds.len()));
+    }
+    let mut data = buf[..first.len].to_vec();
+    if data.is_empty() {
+        // The peer closed (or sent fds alone): nothing more to wait for.
+        return Ok((data, first.fds));
+    }
+    match tokio::time::timeout(READ_DEADLINE, read_rest(stream, &mut data)).await {
+        Ok(read) => read.map(|()| (data, first.fds)),
         Err(_) => Err(IntakeError::Timeout { got: data.len() }),
     }
 }
 
-async fn read_into(stream: &mut UnixStream, data: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> Result<(), IntakeError> {
-    let mut buf = vec![0u8; 64 * 1024];
-    // The fds come with the first bytes (runc, crun and the hook send them in one sendmsg).
-    let first = stream.async_io(Interest::READABLE, || recv_fds(stream.as_fd(), &mut buf)).await;
-    let first = first.map_err(IntakeError::Read)?;
-    if first.truncated {
-        return Err(IntakeError::TooManyFds(first.fds.len()));
-    }
-    data.extend_from_slice(&buf[..first.len]);
-    *fds = first.fds;
+/// The first bytes and the fds (runc, crun and the hook send them in one `sendmsg`).
+async fn recv_first(stream: &UnixStream, buf: &mut [u8]) -> Result<Received, IntakeError> {
+    stream.async_io(Interest::READABLE, || recv_fds(stream.as_fd(), buf)).await.map_err(IntakeError::Read)
+}
+
+async fn read_rest(stream: &mut UnixStream, data: &mut Vec<u8>) -> Result<(), IntakeError> {
     let mut chunk = [0u8; 16 * 1024];
     while serde_json::from_slice::<serde_json::Value>(data).is_err() {
         let n = stream.read(&mut chunk).await.map_err(IntakeError::Read)?;
@@ -115,13 +160,17 @@ async fn read_into(stream: &mut UnixStream, data: &mut Vec<u8>, fds: &mut Vec<Ow
 
 /// Read the message of one connection and take it (on the blocking pool: it talks to the holder
 /// and starts a thread). The connection stays open until it is taken.
-pub async fn handle(
+async fn handle(
     stream: &mut UnixStream,
+    slot: Slot,
+    parked: &Semaphore,
     registry: Arc<Registry>,
     on_bad: OnBadSettings,
 ) -> Result<(), IntakeError> {
     let runtime = check_peer(stream.as_fd())?.pid;
-    let (data, fds) = read_message(stream).await?;
+    // Held until the message is taken, unless given up while the connection idles.
+    let mut slot = Some(slot);
+    let (data, fds) = read_message(stream, &mut slot, parked).await?;
     if data.is_empty() && fds.is_empty() {
         tracing::debug!("agent connection closed without a message");
         return Ok(());
@@ -150,7 +199,7 @@ fn take(
     };
     let listener = Listener::verify(fds.swap_remove(message.seccomp_fd)).map_err(|_| IntakeError::NotAListener)?;
     drop(fds);
-    let AgentMessage { id, pid, settings, pod, sandbox, .. } = message;
+    let AgentMessage { id, pid, settings, pod, sandbox, bundle, .. } = message;
     let settings = match settings {
         // The last line: the runtime shim and the hooks never send a pod's sandbox (pause)
         // container, but a hand-written listenerPath may. Its calls must still be answered (a closed
@@ -176,7 +225,42 @@ fn take(
             }
         },
     };
+    if settings.counting == Counting::Strict && !strict_rules_sent(&bundle, &id) {
+        refuse(runtime, pid, &id, &StrictRules);
+        return Err(IntakeError::StrictWithoutRules { id });
+    }
     registry.attach_process(&id, pod, settings, listener, pid).map_err(IntakeError::Serve)
+}
+
+/// Why a strict container whose profile sends the default rules is refused.
+struct StrictRules;
+
+impl std::fmt::Display for StrictRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "heapcap.io/strict: its seccomp profile sends heapcapd only the default rules (no file or shared mmap, \
+             no shmat), so strict mode could be stepped around: give it the strict rules (heapcap-runtime and the \
+             precreate hook write them; heapcap_oci::heapcap_profile_for with Counting::Strict), or drop \
+             heapcap.io/strict",
+        )
+    }
+}
+
+/// Whether the container's `config.json` (in `bundle`) sends the strict rules' calls, or its
+/// filter came from elsewhere (no `listenerPath`: the prestart hook injects the strict program).
+/// A `config.json` that cannot be read is given the benefit of the doubt, with a warning.
+fn strict_rules_sent(bundle: &std::path::Path, id: &str) -> bool {
+    let path = bundle.join("config.json");
+    let config = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|data| serde_json::from_slice::<serde_json::Value>(&data).map_err(|e| e.to_string()));
+    match config {
+        Ok(config) => heapcap_oci::sends_strict_rules(&config) != Some(false),
+        Err(e) => {
+            tracing::warn!(container = id, path = %path.display(), error = %e, "cannot check that a strict container's profile has the strict rules");
+            true
+        }
+    }
 }
 
 /// Stop a container whose settings (or id) are bad before it runs the user's program, and say

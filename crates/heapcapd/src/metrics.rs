@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use heapcap_supervise::{Observer, Outcome};
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
@@ -89,11 +89,11 @@ impl Metrics {
         let denials = Counter::default();
         // 1 µs .. ~1 s.
         let latency = Histogram::new(exponential_buckets(1e-6, 2.0, 21));
-        registry.register("notifications", "Notifications answered, by syscall and decision", notifications.clone());
-        registry.register("denials", "Growths refused with ENOMEM", denials.clone());
+        registry.register("notifications", "Notifications answered, by syscall and decision.", notifications.clone());
+        registry.register("denials", "Growths refused with ENOMEM.", denials.clone());
         registry.register(
             "decision_latency_seconds",
-            "From receiving a notification to handing the kernel its answer",
+            "From receiving a notification to handing the kernel its answer.",
             latency.clone(),
         );
         Arc::new(Metrics { registry: Mutex::new(registry), notifications, denials, latency })
@@ -160,6 +160,7 @@ struct Row {
     heap: u64,
     limit: Option<u64>,
     total: Option<u64>,
+    strict: bool,
     /// (pid, command, peak) of each process.
     peaks: Vec<(u32, String, u64)>,
 }
@@ -189,9 +190,13 @@ fn bytes(b: u64) -> i64 {
 
 impl Collector for Figures {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let rows: Vec<Row> = self
-            .0
-            .containers()
+        let containers = self.0.containers();
+        for c in &containers {
+            // Commands are read when first needed: the process label wants them (a /proc read per
+            // process not yet named, once; rendering runs on the blocking pool).
+            c.supervisor.name_processes();
+        }
+        let rows: Vec<Row> = containers
             .iter()
             .map(|c| {
                 c.supervisor.accounts().with_ledger(|l| {
@@ -202,6 +207,7 @@ impl Collector for Figures {
                         heap: summaries.iter().map(|p| p.heap).sum(),
                         limit: l.limits().process,
                         total: l.limits().total,
+                        strict: l.counting() == heapcap_policy::ledger::Counting::Strict,
                         peaks: summaries.into_iter().map(|p| (p.pid, p.command, p.peak)).collect(),
                     }
                 })
@@ -229,6 +235,13 @@ impl Collector for Figures {
             "container_total_limit_bytes",
             "Quota of all a container's processes together (absent: none).",
             total,
+        )?;
+        let strict = rows.iter().map(|r| (by_container(r), i64::from(r.strict)));
+        gauges(
+            e,
+            "container_strict",
+            "1 for a container in strict mode (heapcap.io/strict: every writable private mapping and shared memory counted), else 0.",
+            strict,
         )?;
         let peaks = rows.iter().flat_map(|r| {
             r.peaks.iter().map(|(pid, command, peak)| {
@@ -267,8 +280,19 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         };
         let metrics = metrics.clone();
         let service = hyper::service::service_fn(move |request| {
-            let response = answer(&metrics, &request);
-            async move { Ok::<_, Infallible>(response) }
+            let metrics = metrics.clone();
+            let refused = refusal(request.uri().path(), request.method());
+            async move {
+                if let Some(response) = refused {
+                    return Ok::<_, Infallible>(response);
+                }
+                // A scrape may read command lines from /proc: off the runtime's worker.
+                let rendered = tokio::task::spawn_blocking(move || scrape(&metrics)).await;
+                Ok(rendered.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "rendering the metrics failed");
+                    text(StatusCode::INTERNAL_SERVER_ERROR, "heapcapd failed to render the metrics\n")
+                }))
+            }
         });
         let connection = http.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
@@ -282,22 +306,30 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
-/// The answer to one request: the metrics for `GET`/`HEAD` of `/metrics` (or `/`), else 404/405.
-fn answer(metrics: &Metrics, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: &'static str| {
-        let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-        *response.status_mut() = status;
-        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        response
-    };
-    if !matches!(request.uri().path(), "/metrics" | "/") {
-        return text(StatusCode::NOT_FOUND, "not found: heapcapd serves GET /metrics\n");
+/// A plain-text answer.
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// The answer to a request that is not a scrape: 404 for another path than `/metrics` (or `/`),
+/// 405 for another method than `GET`/`HEAD`; `None` for a scrape.
+fn refusal(path: &str, method: &Method) -> Option<Response<Full<Bytes>>> {
+    if !matches!(path, "/metrics" | "/") {
+        return Some(text(StatusCode::NOT_FOUND, "not found: heapcapd serves GET /metrics\n"));
     }
-    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+    if !matches!(*method, Method::GET | Method::HEAD) {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: GET /metrics\n");
         response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return response;
+        return Some(response);
     }
+    None
+}
+
+/// The metrics, read now.
+fn scrape(metrics: &Metrics) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT));
     response

@@ -3,7 +3,7 @@
 //! versions (an upgrade hands the listeners over), so its fields stay as they are.
 
 use heapcap_control::Pod;
-use heapcap_policy::ledger::{Ledger, Limits, Mode};
+use heapcap_policy::ledger::{Counting, Ledger, Limits, Mode};
 use heapcap_policy::machine::MachineMemory;
 use heapcap_policy::settings::Settings;
 
@@ -13,6 +13,9 @@ pub struct Record {
     limit: Option<u64>,
     total_limit: Option<u64>,
     audit: bool,
+    /// Strict counting (absent from earlier heapcapds' records: false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    strict: bool,
     /// Quotas set for single processes (`heapcap set-limit --pid`).
     #[serde(default)]
     pub process_limits: Vec<(u32, Option<u64>)>,
@@ -31,6 +34,7 @@ impl Record {
             limit: settings.limits.process,
             total_limit: settings.limits.total,
             audit: settings.mode == Mode::Audit,
+            strict: settings.counting == Counting::Strict,
             process_limits: Vec::new(),
             pod,
             host_memory: settings.machine == MachineMemory::Host,
@@ -40,7 +44,8 @@ impl Record {
     /// What the ledger holds now, for the container named `pod` whose programs see `machine`.
     pub fn of(ledger: &Ledger, pod: Option<Pod>, machine: MachineMemory) -> Record {
         let limits = ledger.limits();
-        let mut record = Record::new(&Settings { limits, mode: ledger.mode(), machine }, pod);
+        let settings = Settings { limits, mode: ledger.mode(), counting: ledger.counting(), machine };
+        let mut record = Record::new(&settings, pod);
         record.process_limits =
             ledger.summaries().into_iter().filter(|p| p.limit != limits.process).map(|p| (p.pid, p.limit)).collect();
         record
@@ -53,6 +58,7 @@ impl Record {
             limit: None,
             total_limit: None,
             audit: true,
+            strict: false,
             process_limits: Vec::new(),
             pod: None,
             host_memory: false,
@@ -63,6 +69,7 @@ impl Record {
         Settings {
             limits: Limits { process: self.limit, total: self.total_limit },
             mode: if self.audit { Mode::Audit } else { Mode::Enforce },
+            counting: Counting::from_strict(self.strict),
             machine: if self.host_memory { MachineMemory::Host } else { MachineMemory::Quota },
         }
     }
@@ -82,6 +89,7 @@ mod tests {
             serde_json::from_value(serde_json::json!({"limit": 67108864, "total_limit": null, "audit": false}))
                 .expect("a record without process limits");
         assert_eq!(old.settings().limits.process, Some(64 << 20));
+        assert_eq!(old.settings().counting, Counting::Heap, "earlier records are never strict");
         let mut ledger = Ledger::new(old.settings().limits, Mode::Audit, 4096);
         ledger.set_limits(Limits { process: None, total: Some(1 << 30) });
         let now = Record::of(&ledger, None, MachineMemory::Quota);
@@ -112,5 +120,17 @@ mod tests {
         assert_eq!(json["pod"], serde_json::json!({"namespace": "default", "name": "web", "container": "app"}));
         let back: Record = serde_json::from_value(json).unwrap();
         assert_eq!(back.pod, Some(pod));
+    }
+
+    #[test]
+    fn strict_travels_to_the_next_heapcapd() {
+        let settings = Settings { counting: Counting::Strict, ..Settings::default() };
+        let json = Record::new(&settings, None).to_json();
+        assert_eq!(json["strict"], true);
+        let back: Record = serde_json::from_value(json).unwrap();
+        assert_eq!(back.settings().counting, Counting::Strict);
+        let mut ledger = Ledger::new(Limits::default(), Mode::Enforce, 4096);
+        ledger.set_counting(Counting::Strict);
+        assert_eq!(Record::of(&ledger, None, MachineMemory::Quota).settings().counting, Counting::Strict);
     }
 }

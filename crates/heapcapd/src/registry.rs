@@ -185,7 +185,8 @@ impl Registry {
             let events = self.events.clone();
             let (cid, event_pod) = (id.to_string(), pod.clone());
             let sink = Box::new(move |d: &Denial| events.push(Event { pod: event_pod.clone(), ..Event::new(&cid, d) }));
-            let ledger = Ledger::new(settings.limits, settings.mode, heapcap_linux::page_size());
+            let mut ledger = Ledger::new(settings.limits, settings.mode, heapcap_linux::page_size());
+            ledger.set_counting(settings.counting);
             let mut supervisor = Supervisor::new(ledger, self.exits.clone(), sink);
             // `sysinfo` reaches heapcapd only where the container's profile sends it (heapcap-runtime
             // and the hooks add it unless the settings say host): answered with the quota unless
@@ -198,7 +199,7 @@ impl Registry {
             }
             supervisor.accounts().keep_finished(false);
             let shown = pod.as_ref().map(Pod::to_string);
-            tracing::info!(container = id, pod = shown, limit = ?settings.limits.process, total = ?settings.limits.total, mode = ?settings.mode, "supervising");
+            tracing::info!(container = id, pod = shown, limit = ?settings.limits.process, total = ?settings.limits.total, mode = ?settings.mode, counting = %settings.counting, "supervising");
             let container =
                 Container { id: id.to_string(), pod, machine: settings.machine, supervisor, holder: self.holder.clone() };
             Entry { container: Arc::new(container), served: HashMap::new() }

@@ -43,28 +43,30 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Accept connections on `listener` until the runtime stops, each served by a task of its own
-/// running `serve`, at most `max` at once ([`Limit`]). `socket` names the socket in what is
-/// logged.
+/// running `serve`, at most `max` at once ([`Limit`]): `serve` gets the connection's [`Slot`],
+/// held until it is dropped (at the end of the connection, or earlier for a connection parked
+/// elsewhere). `socket` names the socket in what is logged.
 pub async fn serve_connections<F, Fut>(listener: tokio::net::UnixListener, socket: &'static str, max: usize, serve: F)
 where
-    F: Fn(tokio::net::UnixStream) -> Fut,
+    F: Fn(tokio::net::UnixStream, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut limit = Limit::new(socket, max);
     loop {
-        let permit = limit.wait().await;
+        let slot = Slot(limit.wait().await);
         match listener.accept().await {
             Ok((stream, _)) => {
-                let served = serve(stream);
-                tokio::spawn(async move {
-                    served.await;
-                    drop(permit);
-                });
+                tokio::spawn(serve(stream, slot));
             }
             Err(e) => accept_failed(socket, e).await,
         }
     }
 }
+
+/// One of the places of a [`Limit`], taken by a connection being served; dropping it lets the
+/// next connection in.
+#[derive(Debug)]
+pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// An accept that failed: logged, and when it is for want of fds (EMFILE, ENFILE), a pause, so
 /// that the loop does not spin while connections wait.
@@ -78,7 +80,8 @@ pub async fn accept_failed(socket: &'static str, e: io::Error) {
 
 /// A bound on the connections a socket serves at once, so that a flood of connections, idle or
 /// not, cannot use up heapcapd's fds. A connection over the bound is not refused: it is not
-/// accepted until one ends (idle ones end at their deadline), and waits in the listen backlog.
+/// accepted until one ends or gives its [`Slot`] up (an idle agent connection does, at its
+/// deadline), and waits in the listen backlog.
 #[derive(Debug)]
 pub struct Limit {
     socket: &'static str,
@@ -106,7 +109,7 @@ impl Limit {
             tracing::warn!(
                 socket = self.socket,
                 max = self.max,
-                "every connection slot is taken: new connections wait until one ends (idle ones end after their timeout)"
+                "every connection slot is taken: new connections wait until one ends (or, idle, gives its slot up)"
             );
         }
         self.permits.clone().acquire_owned().await.expect("the semaphore is never closed")
@@ -133,11 +136,12 @@ mod tests {
             // Each connection is answered "served" once the test lets it go.
             let (go, gate) = tokio::sync::mpsc::unbounded_channel::<()>();
             let gate = Arc::new(tokio::sync::Mutex::new(gate));
-            tokio::spawn(serve_connections(listener, "test", 1, move |mut s| {
+            tokio::spawn(serve_connections(listener, "test", 1, move |mut s, slot| {
                 let gate = gate.clone();
                 async move {
                     gate.lock().await.recv().await.unwrap();
                     s.write_all(b"served").await.unwrap();
+                    drop(slot);
                 }
             }));
             let mut first = tokio::net::UnixStream::connect(&path).await.unwrap();

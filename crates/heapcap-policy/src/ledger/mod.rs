@@ -41,8 +41,8 @@ use crate::syscall::{page_up, Request};
 pub use account::Account;
 use account::Pending;
 pub use terms::{
-    CallKey, Deny, Figure, Limits, Mode, NameError, Need, Pid, Scope, Snapshot, Step, Summary, ThreadState, Tid, Token,
-    Verdict,
+    CallKey, Counting, Deny, Figure, Limits, Mode, NameError, Need, Pid, Scope, Snapshot, Step, Summary, ThreadState,
+    Tid, Token, Verdict,
 };
 
 /// Every process under one set of quotas (a `heapcap run` tree, or one container).
@@ -50,6 +50,7 @@ pub use terms::{
 pub struct Ledger {
     limits: Limits,
     mode: Mode,
+    counting: Counting,
     page: u64,
     accounts: HashMap<Pid, Account>,
     /// Upper bound of all non-runtime accounts' counted heap together.
@@ -63,7 +64,16 @@ pub struct Ledger {
 impl Ledger {
     pub fn new(limits: Limits, mode: Mode, page: u64) -> Ledger {
         assert!(page.is_power_of_two(), "page size must be a power of two");
-        Ledger { limits, mode, page, accounts: HashMap::new(), total_bound: 0, seq: 0, images: 0 }
+        Ledger {
+            limits,
+            mode,
+            counting: Counting::Heap,
+            page,
+            accounts: HashMap::new(),
+            total_bound: 0,
+            seq: 0,
+            images: 0,
+        }
     }
 
     pub fn limits(&self) -> Limits {
@@ -80,6 +90,33 @@ impl Ledger {
 
     pub fn set_mode(&mut self, mode: Mode) {
         self.mode = mode;
+    }
+
+    pub fn counting(&self) -> Counting {
+        self.counting
+    }
+
+    /// What is counted from now on. Strict figures come from the mappings alone: `statm` is no
+    /// upper figure of shared memory, so every [`Need`] is [`Need::Exact`] and upper figures
+    /// handed back are taken as [`Figure::Unread`].
+    pub fn set_counting(&mut self, counting: Counting) {
+        self.counting = counting;
+    }
+
+    /// The figure to read for `need` under this ledger's counting.
+    pub fn need(&self, need: Need) -> Need {
+        match self.counting {
+            Counting::Heap => need,
+            Counting::Strict => Need::Exact,
+        }
+    }
+
+    /// A figure as this ledger's counting can use it.
+    fn usable<'f>(&self, figure: Figure<'f>) -> Figure<'f> {
+        match (self.counting, figure) {
+            (Counting::Strict, Figure::Upper(_) | Figure::Image { .. } | Figure::UpperOnly(_)) => Figure::Unread,
+            (_, f) => f,
+        }
     }
 
     /// Upper bound of all (non-runtime) processes' counted heap together.
@@ -129,7 +166,7 @@ impl Ledger {
     pub fn admit(&mut self, pid: Pid, command: String, baseline: Figure<'_>, runtime: bool) -> bool {
         let (counted, brk, blind, offset) = match baseline {
             Figure::Exact(snap) => {
-                let counted = snap.maps.counted();
+                let counted = snap.maps.counted_as(self.counting);
                 (counted, snap.brk(self.page), false, snap.upper.map(|u| u.saturating_sub(counted)))
             }
             Figure::Upper(upper) => (upper, None, false, None),
@@ -246,14 +283,20 @@ impl Ledger {
     fn exact_growth(&self, req: &Request, snap: &Snapshot) -> Option<u64> {
         Some(match *req {
             Request::Brk { addr } => page_up(addr, self.page)?.saturating_sub(snap.brk(self.page)?),
-            Request::Map { addr, len, fixed: true } => len - snap.maps.counted_in(addr, addr.saturating_add(len)),
+            Request::Map { addr, len, fixed: true } => {
+                len - snap.maps.counted_in_as(self.counting, addr, addr.saturating_add(len))
+            }
             Request::Map { len, .. } => len,
-            Request::Remap { old_addr, .. } if !snap.maps.containing(old_addr).is_some_and(|v| v.counted()) => {
-                0 // a file or shared mapping: never heap
+            Request::Remap { old_addr, .. }
+                if !snap.maps.containing(old_addr).is_some_and(|v| v.counts(self.counting)) =>
+            {
+                0 // a mapping that does not count
             }
             Request::Remap { old_len, new_len, dontunmap, .. } if dontunmap || old_len == 0 => new_len,
             Request::Remap { old_len, new_len, .. } => new_len.saturating_sub(old_len),
-            Request::Protect { addr, len } => snap.maps.protect_growth(addr, addr.saturating_add(len)),
+            Request::Protect { addr, len } => {
+                snap.maps.protect_growth_as(self.counting, addr, addr.saturating_add(len))
+            }
         })
     }
 
@@ -326,19 +369,19 @@ impl Ledger {
         };
         let Some(growth) = self.upper_growth(acct, req) else {
             let need = if acct.new_image { Need::Image } else { Need::Exact };
-            return Step::Measure { need, refresh_others: false };
+            return Step::Measure { need: self.need(need), refresh_others: false };
         };
         if acct.new_image {
             // The first call of a new image: its statm and start_brk.
-            return Step::Measure { need: Need::Image, refresh_others: false };
+            return Step::Measure { need: self.need(Need::Image), refresh_others: false };
         }
         if let Err(deny) = self.check_account(acct, Some(growth)) {
             // A quota is in question: statm may show that the request fits even so.
-            return Step::Measure { need: Need::Upper, refresh_others: deny.scope == Scope::Total };
+            return Step::Measure { need: self.need(Need::Upper), refresh_others: deny.scope == Scope::Total };
         }
         if !acct.blind && acct.estimate.saturating_add(growth) > acct.peak_mark() {
             // Perhaps a new peak: statm tells (through its offset) whether the heap really grew.
-            return Step::Measure { need: Need::Upper, refresh_others: false };
+            return Step::Measure { need: self.need(Need::Upper), refresh_others: false };
         }
         self.track(pid, tid, req, key, growth);
         Step::Allow
@@ -352,7 +395,8 @@ impl Ledger {
     /// it before the figure was read. Read after, a growth landing between the two reads would
     /// be in neither.
     pub fn refresh(&mut self, pid: Pid, figure: Figure<'_>, states: &[(Tid, ThreadState)], token: Token) -> bool {
-        let page = self.page;
+        let (page, counting) = (self.page, self.counting);
+        let figure = self.usable(figure);
         let Some(acct) = self.accounts.get_mut(&pid).filter(|a| a.image == token.image) else { return false };
         acct.retire(states, token);
         let in_flight = acct.in_flight();
@@ -369,7 +413,7 @@ impl Ledger {
         }
         let (bound, estimate) = match figure {
             Figure::Exact(snap) => {
-                let counted = snap.maps.counted();
+                let counted = snap.maps.counted_as(counting);
                 acct.last_exact = counted;
                 acct.measured = if fresh { counted } else { acct.measured.max(counted) };
                 if let Some(upper) = snap.upper {
@@ -435,6 +479,7 @@ impl Ledger {
         if !self.refresh(pid, figure, states, token) {
             return Verdict::Stale;
         }
+        let figure = self.usable(figure);
         let acct = &self.accounts[&pid];
         // Upper figures settle what fits even so; the rest needs the mappings.
         let tentative = matches!(figure, Figure::Upper(_) | Figure::Image { .. }) && !acct.blind;

@@ -38,6 +38,44 @@ impl Mode {
     }
 }
 
+/// What a process is charged for. Written `heap` and `strict` (`heapcap ps`, the metrics).
+///
+/// - `Heap` (the default): private anonymous writable memory, the paper's heap.
+/// - `Strict`: what no program can step around: every writable private mapping (what
+///   `RLIMIT_DATA` counts) plus every writable shared mapping of memory that only RAM and swap
+///   back (memfd, SysV shm, tmpfs files, `MAP_SHARED` anonymous), charged to each process that
+///   maps it. See [`crate::maps`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Counting {
+    #[default]
+    Heap,
+    Strict,
+}
+
+impl Counting {
+    /// The name users read.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counting::Heap => "heap",
+            Counting::Strict => "strict",
+        }
+    }
+
+    pub fn from_strict(strict: bool) -> Counting {
+        if strict {
+            Counting::Strict
+        } else {
+            Counting::Heap
+        }
+    }
+}
+
+impl fmt::Display for Counting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A name that is none of a mode's or a scope's; the message says what to write.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("'{given}' is not a {what}: write {expected}")]

@@ -6,7 +6,7 @@ const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
 
 fn anon(start: u64, len: u64) -> Vma {
-    Vma { start, end: start + len, writable: true, anon_private: true, is_heap: false }
+    Vma { start, end: start + len, writable: true, anon_private: true, is_heap: false, ..Vma::default() }
 }
 
 fn snap(vmas: Vec<Vma>) -> Snapshot {
@@ -192,7 +192,8 @@ fn a_figure_read_across_an_exec_or_a_reused_pid_is_stale() {
 #[test]
 fn a_break_moved_after_the_token_is_not_overwritten_by_an_older_snapshot() {
     let mut l = enforcing(64 * MIB);
-    let heap = Vma { start: 0x100000, end: 0x200000, writable: true, anon_private: true, is_heap: true };
+    let heap =
+        Vma { start: 0x100000, end: 0x200000, writable: true, anon_private: true, is_heap: true, ..Vma::default() };
     admit(&mut l, 1, vec![heap]);
     let token = l.token(1).unwrap();
     // brk shrinks to 0x180000 while the maps (still up to 0x200000) are being read.
@@ -206,7 +207,8 @@ fn a_break_moved_after_the_token_is_not_overwritten_by_an_older_snapshot() {
 #[test]
 fn brk_is_charged_from_the_known_break_and_exec_resets_it() {
     let mut l = enforcing(64 * MIB);
-    let heap = Vma { start: 0x10000, end: 0x20000, writable: true, anon_private: true, is_heap: true };
+    let heap =
+        Vma { start: 0x10000, end: 0x20000, writable: true, anon_private: true, is_heap: true, ..Vma::default() };
     admit(&mut l, 1, vec![heap]);
     let brk = |a| Request::Brk { addr: a };
     assert_eq!(l.fast(1, 1, &brk(0x30000), key(1)), Step::Allow);
@@ -239,8 +241,14 @@ fn brk_is_charged_from_the_known_break_and_exec_resets_it() {
 #[test]
 fn protect_and_fixed_maps_count_only_what_becomes_heap() {
     let mut l = enforcing(MIB);
-    let reserve =
-        Vma { start: 1 << 30, end: (1 << 30) + (64 * MIB), writable: false, anon_private: true, is_heap: false };
+    let reserve = Vma {
+        start: 1 << 30,
+        end: (1 << 30) + (64 * MIB),
+        writable: false,
+        anon_private: true,
+        is_heap: false,
+        ..Vma::default()
+    };
     admit(&mut l, 1, vec![reserve, anon(0, 512 << 10)]);
     let protect = Request::Protect { addr: 1 << 30, len: 64 * MIB };
     assert!(matches!(l.fast(1, 1, &protect, key(1)), Step::Measure { .. }));

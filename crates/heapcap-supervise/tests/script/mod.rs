@@ -94,6 +94,22 @@ pub struct State {
     next_id: u64,
     pub answers: Vec<(u64, Reply)>,
     pub sync_wakeup: Vec<bool>,
+    /// Processes that use another's address space (`clone(CLONE_VM)`): pid -> the process whose
+    /// mappings they see.
+    pub vm_of: HashMap<u32, u32>,
+    /// Devices of disk-backed mounts (what `mountinfo` says).
+    pub disks: Vec<u64>,
+    /// SysV segments: id -> size.
+    pub segments: HashMap<u64, u64>,
+    /// Why a thread's memory arguments could change (`None`: they cannot).
+    pub not_alone: HashMap<u32, String>,
+}
+
+impl State {
+    /// The process whose address space `pid` uses.
+    pub fn mm(&self, pid: u32) -> u32 {
+        self.vm_of.get(&pid).copied().unwrap_or(pid)
+    }
 }
 
 impl State {
@@ -160,9 +176,14 @@ impl World {
 
     /// Thread `tid` makes a call: a pending notification.
     pub fn call(&self, tid: u32, nr: i32, args: [u64; 6]) -> Notification {
+        self.call_as(tid, AUDIT_ARCH_X86_64, nr, args)
+    }
+
+    /// [`World::call`] in the ABI `arch` (an `AUDIT_ARCH_*` value).
+    pub fn call_as(&self, tid: u32, arch: u32, nr: i32, args: [u64; 6]) -> Notification {
         let mut s = self.lock();
         s.next_id += 1;
-        let n = Notification { id: s.next_id, pid: tid, arch: AUDIT_ARCH_X86_64, nr, args };
+        let n = Notification { id: s.next_id, pid: tid, arch, nr, args };
         s.pending.insert(n.id, tid);
         n
     }
@@ -207,7 +228,7 @@ impl World {
 }
 
 pub fn anon(start: u64, len: u64) -> Vma {
-    Vma { start, end: start + len, writable: true, anon_private: true, is_heap: false }
+    Vma { start, end: start + len, writable: true, anon_private: true, is_heap: false, ..Vma::default() }
 }
 
 fn errno(e: i32, what: &str) -> ProcError {
@@ -308,9 +329,17 @@ impl View {
 fn maps_text(vmas: &[Vma]) -> String {
     vmas.iter()
         .map(|v| {
-            let perms = format!("r{}-{}", if v.writable { 'w' } else { '-' }, if v.anon_private { 'p' } else { 's' });
-            let name = if v.is_heap { "[heap]" } else { "" };
-            format!("{:x}-{:x} {perms} 00000000 00:00 0 {name}\n", v.start, v.end)
+            let shared = v.shared || (!v.anon_private && v.inode == 0);
+            let perms = format!("r{}-{}", if v.writable { 'w' } else { '-' }, if shared { 's' } else { 'p' });
+            let name = if v.is_heap {
+                "[heap]"
+            } else if v.inode != 0 {
+                "/file"
+            } else {
+                ""
+            };
+            let (major, minor) = (v.dev >> 32, v.dev & 0xffff_ffff);
+            format!("{:x}-{:x} {perms} 00000000 {major:x}:{minor:x} {} {name}\n", v.start, v.end, v.inode)
         })
         .collect()
 }
@@ -353,7 +382,14 @@ impl ProcView for View {
         }
         let pid_of =
             |s: &State| if matches!(o.want, Want::Thread) { s.threads.get(&o.pid).copied() } else { Some(o.pid) };
-        let Some(p) = pid_of(&s).and_then(|p| s.procs.get(&p)).cloned() else { return Err(errno(libc::ESRCH, "read")) };
+        let Some(mut p) = pid_of(&s).and_then(|p| s.procs.get(&p)).cloned() else {
+            return Err(errno(libc::ESRCH, "read"));
+        };
+        // One address space: the mappings (and statm) of the process whose it is.
+        if let Some(owner) = s.procs.get(&s.mm(o.pid)) {
+            p.vmas = owner.vmas.clone();
+        }
+        let disks = s.disks.clone();
         let snapshot = |vmas: &[Vma]| -> Result<Snapshot, ProcError> {
             let mut text = maps_text(vmas);
             match failure {
@@ -361,11 +397,9 @@ impl ProcView for View {
                 Some(Failure::Truncated) => text.truncate(text.len().saturating_sub(text.len() / 3)),
                 _ => {}
             }
-            Ok(Snapshot {
-                maps: Maps::parse(&text)?,
-                start_brk: Some(p.start_brk),
-                upper: Some(p.counted() + p.statm_extra),
-            })
+            let mut maps = Maps::parse(&text)?;
+            maps.classify(|d| disks.contains(&d));
+            Ok(Snapshot { maps, start_brk: Some(p.start_brk), upper: Some(p.counted() + p.statm_extra) })
         };
         Ok(match o.want {
             Want::Thread => Reading::Thread { tgid: pid_of(&s).unwrap(), handle: None },
@@ -379,6 +413,8 @@ impl ProcView for View {
             Want::Upper => Reading::Upper(p.counted() + p.statm_extra),
             Want::Memory { len, .. } => Reading::Memory(vec![0; len]),
             Want::Command => Reading::Command(p.command.clone()),
+            Want::Alone { .. } => Reading::Alone(s.not_alone.get(&o.pid).cloned()),
+            Want::Segment { shmid } => Reading::Segment(s.segments.get(&shmid).copied()),
         })
     }
 
@@ -396,6 +432,14 @@ impl ProcView for View {
 
     fn children(&self, _pid: u32) -> Vec<u32> {
         Vec::new()
+    }
+
+    fn same_vm(&self, a: u32, b: u32) -> Result<bool, ProcError> {
+        let s = self.0.lock();
+        if !s.procs.contains_key(&a) || !s.procs.contains_key(&b) {
+            return Err(errno(libc::ESRCH, "kcmp"));
+        }
+        Ok(s.mm(a) == s.mm(b))
     }
 }
 
