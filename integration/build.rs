@@ -66,9 +66,13 @@ fn main() {
         println!("cargo:rustc-env={var}={}", output.display());
     }
 
-    // The isolation and signal probes, static: the same binary runs on the host and in containers
-    // (HEAPCAP_ISOLATION_STATIC, HEAPCAP_SIGNALS_STATIC).
-    for (name, var) in [("isolation", "HEAPCAP_ISOLATION_STATIC"), ("signals", "HEAPCAP_SIGNALS_STATIC")] {
+    // The isolation, signal and sysinfo probes, static: the same binary runs on the host and in
+    // containers (HEAPCAP_ISOLATION_STATIC, HEAPCAP_SIGNALS_STATIC, HEAPCAP_SYSINFO_STATIC).
+    for (name, var) in [
+        ("isolation", "HEAPCAP_ISOLATION_STATIC"),
+        ("signals", "HEAPCAP_SIGNALS_STATIC"),
+        ("sysinfo", "HEAPCAP_SYSINFO_STATIC"),
+    ] {
         let source = manifest_dir.join(format!("fixtures/{name}.c"));
         println!("cargo:rerun-if-changed={}", source.display());
         let output = out_dir.join(format!("{name}-static"));

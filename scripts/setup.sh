@@ -10,6 +10,7 @@ packages=(
   python3          # python3 under a quota (/usr/bin/python3)
   protobuf-compiler # protoc: the k8s-cri crate of the CRI test (integration/tests/cri) builds the CRI API with it
   binutils         # strip and readelf for scripts/image.sh
+  openjdk-17-jdk-headless # integration/tests/machine.rs: the JVM sizes its heap from the quota (javac builds its Leak.java)
 )
 
 missing=()

@@ -109,6 +109,10 @@ pub struct ContainerView {
     pub strict: bool,
     pub limit: Option<u64>,
     pub total_limit: Option<u64>,
+    /// `heapcap.io/machine-memory: host`: its programs see the host's memory in `sysinfo(2)`, not
+    /// their quota (absent, as false, from earlier heapcapds).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_memory: bool,
     pub heap: u64,
     pub processes: Vec<ProcessView>,
 }
@@ -330,11 +334,13 @@ mod tests {
             strict: false,
             limit: None,
             total_limit: Some(1),
+            host_memory: true,
             heap: 0,
             processes: Vec::new(),
         };
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["mode"], "audit");
+        assert_eq!(json["host_memory"], true);
         assert_eq!(serde_json::from_value::<ContainerView>(json).unwrap(), view);
         let event = Event {
             time: "2025-01-01T00:00:00.000Z".into(),
@@ -368,6 +374,7 @@ mod tests {
             strict: true,
             limit: None,
             total_limit: None,
+            host_memory: false,
             heap: 0,
             processes: Vec::new(),
         };
@@ -379,6 +386,7 @@ mod tests {
         let read: ContainerView = serde_json::from_value(earlier).unwrap();
         assert_eq!(read.pod, None);
         assert!(serde_json::to_value(&read).unwrap().get("pod").is_none(), "no pod: no field");
+        assert!(serde_json::to_value(&read).unwrap().get("host_memory").is_none(), "the default: no field");
         assert_eq!(pod.to_string(), "default/web/app");
     }
 

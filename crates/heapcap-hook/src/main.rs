@@ -28,7 +28,7 @@ use heapcap_env::flag;
 use heapcap_env::paths::{how_to_start, Paths};
 use heapcap_linux::connect::{connect_within, Unreachable, CONNECT_TIMEOUT};
 use heapcap_linux::fdpass::send_fd;
-use heapcap_linux::filter::Program;
+use heapcap_linux::filter::{Extra, Program};
 use heapcap_linux::inject::install_listener;
 use heapcap_oci::{apply_json, cmdline, kubernetes, Defaults, Outcome};
 use heapcap_policy::settings;
@@ -212,7 +212,9 @@ fn prestart(cli: &Cli) -> Result<()> {
 
     // A heapcapd that accepts but never reads must not hang the container's start.
     sock.set_write_timeout(Some(Duration::from_secs(5))).context("cannot set a timeout on heapcapd's socket")?;
-    let program = Program::heap_notify_for(wanted.counting).context("cannot build heapcap's seccomp filter")?;
+    // sysinfo too where the container's programs are to see their quota as their machine's memory.
+    let program = Program::heap_notify_with(wanted.counting, Extra::of(&wanted))
+        .context("cannot build heapcap's seccomp filter")?;
     let injected = install_listener(pid, &program)
         .with_context(|| format!("container {id}: cannot install heapcap's filter into its init (pid {pid})"))?;
 

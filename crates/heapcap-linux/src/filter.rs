@@ -5,6 +5,7 @@ use std::io::{Read, Seek};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use heapcap_policy::ledger::Counting;
+pub use heapcap_policy::rules::Extra;
 use heapcap_policy::rules::{self, ArgTest, NotifyRule};
 use libseccomp::{ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
 
@@ -97,12 +98,17 @@ impl Program {
 
     /// The program for `counting`: strict mode also sends every writable `mmap` and `shmat`.
     pub fn heap_notify_for(counting: Counting) -> Result<Program, FilterError> {
+        Self::heap_notify_with(counting, Extra::default())
+    }
+
+    /// [`Program::heap_notify_for`], sending `extra` calls too.
+    pub fn heap_notify_with(counting: Counting, extra: Extra) -> Result<Program, FilterError> {
         let (native_rules, compat_rules) = rules::for_counting(counting);
         let native = ScmpArch::native();
-        let extra: &[ScmpArch] = if native == ScmpArch::X8664 { &[ScmpArch::X32] } else { &[] };
-        let mut ctx = context(native, native_rules, extra)?;
+        let arches: &[ScmpArch] = if native == ScmpArch::X8664 { &[ScmpArch::X32] } else { &[] };
+        let mut ctx = context(native, &extra.with(native_rules), arches)?;
         if let Some(compat) = compat_arch() {
-            ctx.merge(context(compat, compat_rules, &[])?).map_err(FilterError::Merge)?;
+            ctx.merge(context(compat, &extra.with(compat_rules), &[])?).map_err(FilterError::Merge)?;
         }
         Self::export(&ctx)
     }
@@ -214,5 +220,7 @@ mod tests {
         assert_eq!(p.to_bytes().len(), p.len() * 8);
         let strict = Program::heap_notify_for(Counting::Strict).expect("libseccomp builds the strict program");
         assert!(strict.len() > 10 && strict.len() < 400, "{} instructions", strict.len());
+        let more = Program::heap_notify_with(Counting::Heap, Extra { machine: true }).expect("with sysinfo");
+        assert!(more.len() > p.len(), "sysinfo adds its test");
     }
 }

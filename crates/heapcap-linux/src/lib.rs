@@ -7,6 +7,8 @@
 //! - [`notify`]: the seccomp listener fd: receive, answer, check a notification is still valid.
 //! - [`pidfd`]: process and thread handles that cannot be fooled by pid reuse.
 //! - [`procfs`]: `/proc/<pid>` readers (maps, stat, statm, status, syscall, mem).
+//! - [`processvm`]: writing a call's result into the caller's memory (`process_vm_writev`).
+//! - [`sysinfo`]: the kernel's `sysinfo(2)`, which heapcap answers for processes under a quota.
 //! - [`procmap`]: `PROCMAP_QUERY` (6.11+), the mappings without the text of `/proc/<pid>/maps`.
 //! - [`fdpass`]: passing fds over UNIX sockets (`SCM_RIGHTS`).
 //! - [`peercred`]: a UNIX socket peer's credentials, and the root-only sockets' check of them.
@@ -26,9 +28,11 @@ pub mod mmshare;
 pub mod notify;
 pub mod peercred;
 pub mod pidfd;
+pub mod processvm;
 pub mod procfs;
 pub mod procmap;
 pub mod spawn;
+pub mod sysinfo;
 pub mod userns;
 
 /// The system page size.

@@ -37,12 +37,15 @@ pub enum Answered {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Errno {
     NoMem,
+    /// A bad address, as the kernel answers a call whose buffer is not writable memory.
+    Fault,
 }
 
 impl Errno {
     fn raw(self) -> i32 {
         match self {
             Errno::NoMem => libc::ENOMEM,
+            Errno::Fault => libc::EFAULT,
         }
     }
 }

@@ -9,13 +9,17 @@
 //! writes), runs `/alloc mmap 4194304 0` without a terminal, sets the annotation
 //! `heapcap.io/limit: 64Mi` and puts heapcap's own profile into `linux.seccomp`. `podman PROFILE`
 //! merges heapcap into a podman/CRI-O/Docker seccomp profile. Both send the listener to
-//! `/run/heapcap/heapcapd.sock`. `tests/examples.rs` checks that the committed files are current.
+//! `/run/heapcap/heapcapd.sock`, and `sysinfo` too, so that programs under a quota see it as their
+//! machine's memory (heapcapd leaves it to the kernel for a container annotated
+//! `heapcap.io/machine-memory: host`). `tests/examples.rs` checks that the committed files are current.
 
 use std::error::Error;
 use std::path::Path;
 use std::process::ExitCode;
 
-use heapcap_oci::{heapcap_profile, ContainersProfile};
+use heapcap_oci::{heapcap_profile_with, ContainersProfile};
+use heapcap_policy::ledger::Counting;
+use heapcap_policy::rules::Extra;
 use oci_spec::runtime::Spec;
 use serde::Serialize;
 use serde_json::Value;
@@ -47,7 +51,7 @@ pub fn runc_config(base: &str) -> Result<String, Box<dyn Error>> {
     process.set_terminal(Some(false));
     spec.set_annotations(Some([("heapcap.io/limit".to_string(), LIMIT.to_string())].into()));
     let linux = spec.linux_mut().as_mut().ok_or("the base config has no linux section")?;
-    linux.set_seccomp(Some(heapcap_profile(Path::new(LISTENER), None)));
+    linux.set_seccomp(Some(heapcap_profile_with(Counting::Heap, Path::new(LISTENER), None, Extra { machine: true })));
     // oci-spec keeps capabilities in hash sets: sort them (and, through `Value`, every key) so
     // that the output is the same on every run.
     let mut value = serde_json::to_value(&spec)?;
@@ -63,7 +67,7 @@ pub fn runc_config(base: &str) -> Result<String, Box<dyn Error>> {
 pub fn podman_profile(original: &str) -> Result<String, Box<dyn Error>> {
     let mut profile: ContainersProfile =
         serde_json::from_str(original).map_err(|e| format!("not a containers seccomp profile: {e}"))?;
-    profile.merge(Path::new(LISTENER), None)?;
+    profile.merge_with(Counting::Heap, Path::new(LISTENER), None, Extra { machine: true })?;
     to_json(&profile)
 }
 

@@ -15,6 +15,8 @@ use oci_spec::runtime::{LinuxSeccompAction, LinuxSeccompArg, LinuxSyscall};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use heapcap_policy::rules::Extra;
+
 use crate::merge::{check_no_listener, merge_entries, Action, Entry, MergeError};
 use heapcap_policy::ledger::Counting;
 
@@ -148,10 +150,21 @@ impl ContainersProfile {
         listener_path: &Path,
         metadata: Option<&str>,
     ) -> Result<(), MergeError> {
+        self.merge_with(counting, listener_path, metadata, Extra::default())
+    }
+
+    /// [`ContainersProfile::merge_for`], sending the `extra` calls too (where the profile lets them run).
+    pub fn merge_with(
+        &mut self,
+        counting: Counting,
+        listener_path: &Path,
+        metadata: Option<&str>,
+        extra: Extra,
+    ) -> Result<(), MergeError> {
         let default = Action::new(self.default_action, self.default_errno_ret);
         check_no_listener(self.listener_path.as_deref(), self.listener_metadata.as_deref())?;
         let mut entries = self.syscalls.clone().unwrap_or_default();
-        merge_entries(&mut entries, default, counting)?;
+        merge_entries(&mut entries, default, counting, extra)?;
         self.syscalls = Some(entries);
         self.listener_path = Some(listener_path.to_path_buf());
         self.listener_metadata = metadata.map(str::to_string);

@@ -32,6 +32,10 @@ pub mod spec;
 mod testdata;
 
 pub use containers::ContainersProfile;
-pub use merge::{merge_into, merge_into_for, MergeError};
-pub use seccomp::{heapcap_profile, heapcap_profile_for, notify_syscalls, notify_syscalls_for, sends_strict_rules};
+pub use heapcap_policy::rules::Extra;
+pub use merge::{merge_into, merge_into_for, merge_into_with, MergeError};
+pub use seccomp::{
+    heapcap_profile, heapcap_profile_for, heapcap_profile_with, notify_syscalls, notify_syscalls_for,
+    notify_syscalls_with, sends_strict_rules,
+};
 pub use spec::{apply_json, Defaults, Outcome, SpecError};

@@ -30,8 +30,10 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSyscall};
 
-use crate::seccomp::{group, plan_for};
 use heapcap_policy::ledger::Counting;
+use heapcap_policy::rules::Extra;
+
+use crate::seccomp::{group, plan_with};
 
 /// Why heapcap's rules cannot be merged into a profile.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +201,7 @@ pub(crate) fn merge_entries<E: Entry>(
     entries: &mut Vec<E>,
     default: Action,
     counting: Counting,
+    extra: Extra,
 ) -> Result<(), MergeError> {
     if default.kind == LinuxSeccompAction::ScmpActNotify {
         return Err(MergeError::NotifyDefault);
@@ -214,7 +217,7 @@ pub(crate) fn merge_entries<E: Entry>(
     let original = entries.clone();
     let mut buckets: Vec<Bucket<E>> = Vec::new();
     let mut taken: Vec<(&'static str, String)> = Vec::new();
-    for plan in plan_for(counting) {
+    for plan in plan_with(counting, extra) {
         let runs = runs_today(plan.name, &original, default)?;
         for Runs { scope, entry: template, action } in runs {
             taken.push((plan.name, scope.clone()));
@@ -317,10 +320,21 @@ pub fn merge_into_for(
     listener_path: &Path,
     metadata: Option<&str>,
 ) -> Result<(), MergeError> {
+    merge_into_with(counting, profile, listener_path, metadata, Extra::default())
+}
+
+/// [`merge_into_for`], sending the `extra` calls too (where the profile lets them run at all).
+pub fn merge_into_with(
+    counting: Counting,
+    profile: &mut LinuxSeccomp,
+    listener_path: &Path,
+    metadata: Option<&str>,
+    extra: Extra,
+) -> Result<(), MergeError> {
     let default = Action::new(profile.default_action(), profile.default_errno_ret());
     check_no_listener(profile.listener_path().as_deref(), profile.listener_metadata().as_deref())?;
     let mut entries = profile.syscalls().clone().unwrap_or_default();
-    merge_entries(&mut entries, default, counting)?;
+    merge_entries(&mut entries, default, counting, extra)?;
     profile.set_syscalls(Some(entries));
     profile.set_listener_path(Some(PathBuf::from(listener_path)));
     profile.set_listener_metadata(metadata.map(str::to_string));

@@ -36,7 +36,7 @@
 use std::path::Path;
 
 use heapcap_policy::ledger::Counting;
-use heapcap_policy::rules::{self, ArgTest};
+use heapcap_policy::rules::{self, ArgTest, Extra};
 use oci_spec::runtime::{
     Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompArgBuilder, LinuxSeccompOperator, LinuxSyscall,
 };
@@ -97,8 +97,7 @@ fn render_cube(cube: &Cube) -> Vec<LinuxSeccompArg> {
 }
 
 /// The calls heapcap's rules name, in the order they first appear in NATIVE, then COMPAT.
-fn syscall_names(counting: Counting) -> Vec<&'static str> {
-    let (native, compat) = rules::for_counting(counting);
+fn syscall_names(native: &[rules::NotifyRule], compat: &[rules::NotifyRule]) -> Vec<&'static str> {
     let mut names: Vec<&'static str> = Vec::new();
     for rule in native.iter().chain(compat) {
         if !names.contains(&rule.syscall) {
@@ -116,16 +115,22 @@ pub fn plan() -> Vec<SyscallPlan> {
 /// [`plan`] for `counting`: strict mode's rules ([`rules::STRICT_NATIVE`]) also notify every
 /// writable `mmap`/`mmap2` and `shmat`, and i386's `ipc(SHMAT)`.
 pub fn plan_for(counting: Counting) -> Vec<SyscallPlan> {
-    let (native_rules, compat_rules) = rules::for_counting(counting);
-    syscall_names(counting)
+    plan_with(counting, Extra::default())
+}
+
+/// [`plan_for`], with the `extra` calls too.
+pub fn plan_with(counting: Counting, extra: Extra) -> Vec<SyscallPlan> {
+    let (native, compat) = rules::for_counting(counting);
+    let (native_rules, compat_rules) = (extra.with(native), extra.with(compat));
+    syscall_names(&native_rules, &compat_rules)
         .into_iter()
         .map(|name| {
-            let tests_of = |set: &'static [rules::NotifyRule]| -> Vec<&'static [ArgTest]> {
+            let tests_of = |set: &[rules::NotifyRule]| -> Vec<&'static [ArgTest]> {
                 set.iter().filter(|r| r.syscall == name).map(|r| r.tests).collect()
             };
-            let native = tests_of(native_rules);
+            let native = tests_of(&native_rules);
             // Rules the 32-bit ABIs need beyond the native ones.
-            let compat_only: Vec<_> = tests_of(compat_rules).into_iter().filter(|t| !native.contains(t)).collect();
+            let compat_only: Vec<_> = tests_of(&compat_rules).into_iter().filter(|t| !native.contains(t)).collect();
             let mut exact = native.clone();
             let mut guard = None;
             for tests in compat_only {
@@ -180,8 +185,13 @@ pub fn notify_syscalls() -> Vec<LinuxSyscall> {
 
 /// [`notify_syscalls`] for `counting`.
 pub fn notify_syscalls_for(counting: Counting) -> Vec<LinuxSyscall> {
+    notify_syscalls_with(counting, Extra::default())
+}
+
+/// [`notify_syscalls_for`], with the `extra` calls too.
+pub fn notify_syscalls_with(counting: Counting, extra: Extra) -> Vec<LinuxSyscall> {
     let alternatives =
-        plan_for(counting).into_iter().flat_map(|p| p.notify.into_iter().map(move |args| (p.name, args)));
+        plan_with(counting, extra).into_iter().flat_map(|p| p.notify.into_iter().map(move |args| (p.name, args)));
     group(alternatives, LinuxSeccompAction::ScmpActNotify)
 }
 
@@ -210,12 +220,22 @@ pub fn heapcap_profile(listener_path: &Path, metadata: Option<&str>) -> LinuxSec
 
 /// [`heapcap_profile`] with the rules of `counting`.
 pub fn heapcap_profile_for(counting: Counting, listener_path: &Path, metadata: Option<&str>) -> LinuxSeccomp {
+    heapcap_profile_with(counting, listener_path, metadata, Extra::default())
+}
+
+/// [`heapcap_profile_for`], sending the `extra` calls too.
+pub fn heapcap_profile_with(
+    counting: Counting,
+    listener_path: &Path,
+    metadata: Option<&str>,
+    extra: Extra,
+) -> LinuxSeccomp {
     let mut profile = LinuxSeccomp::default();
     profile.set_default_action(LinuxSeccompAction::ScmpActAllow);
     profile.set_architectures(Some(vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]));
     profile.set_listener_path(Some(listener_path.to_path_buf()));
     profile.set_listener_metadata(metadata.map(str::to_string));
-    profile.set_syscalls(Some(notify_syscalls_for(counting)));
+    profile.set_syscalls(Some(notify_syscalls_with(counting, extra)));
     profile
 }
 
@@ -304,6 +324,18 @@ mod tests {
             let always = plan.notify.iter().any(Vec::is_empty);
             assert_eq!(always, plan.keep.is_empty(), "{}", plan.name);
         }
+    }
+
+    #[test]
+    fn sysinfo_is_sent_only_when_asked_for() {
+        let sends = |entries: &[LinuxSyscall]| entries.iter().any(|e| e.names().iter().any(|n| n == "sysinfo"));
+        assert!(!sends(&notify_syscalls()));
+        let with = notify_syscalls_with(Counting::Heap, Extra { machine: true });
+        assert!(sends(&with));
+        let sysinfo = with.iter().find(|e| e.names().iter().any(|n| n == "sysinfo")).unwrap();
+        assert_eq!(sysinfo.args(), &None, "every sysinfo call, on every ABI");
+        let plan = plan_with(Counting::Heap, Extra { machine: true });
+        assert!(plan.iter().any(|p| p.name == "sysinfo" && p.keep.is_empty()));
     }
 
     #[test]

@@ -5,16 +5,20 @@
 //! 1. [`Defaults::settings`]: defaults for every container (e.g. a default limit for an engine
 //!    that cannot pass annotations);
 //! 2. with [`Defaults::env_fallback`], the container's own environment (`process.env`):
-//!    `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE`, `HEAPCAP_STRICT` (Docker cannot set
-//!    OCI annotations, but `docker run -e HEAPCAP_LIMIT=64Mi` reaches `config.json`);
+//!    `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE`, `HEAPCAP_STRICT`,
+//!    `HEAPCAP_MACHINE_MEMORY` (Docker cannot set OCI annotations, but `docker run -e
+//!    HEAPCAP_LIMIT=64Mi` reaches `config.json`);
 //! 3. its `heapcap.io/*` annotations.
 //!
 //! Every value is validated first; a bad one is an error naming where it came from and what to
 //! write, never a container that runs silently unlimited. Then `linux.seccomp` gets heapcap's
-//! notify rules ([`merge_into_for`] an existing profile, which never widens it, or
-//! [`heapcap_profile_for`] when there is none; the strict rules when the settings ask for strict
-//! mode), `listenerPath`, and the settings as `listenerMetadata` (`key=value` pairs), so heapcapd
-//! has them also when they did not come from annotations. A container that asks for nothing is not touched: [`Outcome::Unchanged`]; nor is a
+//! notify rules ([`merge_into_with`] an existing profile, which never
+//! widens it, or [`heapcap_profile_with`] when there is none; the
+//! strict rules when the settings ask for strict mode, and `sysinfo` where the container's
+//! programs are to see their quota as their machine's memory, [`Settings::quota_as_machine`]),
+//! `listenerPath`, and the settings as `listenerMetadata` (`key=value` pairs), so heapcapd has
+//! them also when they did not come from annotations. A container that asks for nothing is not
+//! touched: [`Outcome::Unchanged`]; nor is a
 //! Kubernetes pod's sandbox ([`kubernetes::is_sandbox`]), whatever its annotations say: containerd
 //! copies the pod's `heapcap.io/*` annotations to it, and they are meant for the pod's containers
 //! (a bad one fails the container that gets it, never the pod's sandbox).
@@ -26,18 +30,20 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use heapcap_env::paths::AGENT_SOCKET;
-use heapcap_policy::settings::{self, Settings, SettingsError, LIMIT, MODE, STRICT, TOTAL_LIMIT};
+use heapcap_policy::rules::Extra;
+use heapcap_policy::settings::{self, Settings, SettingsError, LIMIT, MACHINE_MEMORY, MODE, STRICT, TOTAL_LIMIT};
 use oci_spec::runtime::{Linux, LinuxSeccomp, Spec};
 use serde_json::Value;
 
-use crate::{heapcap_profile_for, kubernetes, merge_into_for, MergeError};
+use crate::{heapcap_profile_with, kubernetes, merge_into_with, MergeError};
 
 /// The environment variables read with [`Defaults::env_fallback`], and the setting each gives.
-pub const ENV_VARS: [(&str, &str); 4] = [
+pub const ENV_VARS: [(&str, &str); 5] = [
     ("HEAPCAP_LIMIT", LIMIT),
     ("HEAPCAP_TOTAL_LIMIT", TOTAL_LIMIT),
     ("HEAPCAP_MODE", MODE),
     ("HEAPCAP_STRICT", STRICT),
+    ("HEAPCAP_MACHINE_MEMORY", MACHINE_MEMORY),
 ];
 
 /// What the caller (the shim's config file, the hook's flags) decides for every container.
@@ -47,7 +53,8 @@ pub struct Defaults {
     pub listener_path: PathBuf,
     /// `heapcap.io/*` key and value for every container, overridden by its env and annotations.
     pub settings: Vec<(String, String)>,
-    /// Read `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE` and `HEAPCAP_STRICT` from `process.env`.
+    /// Read `HEAPCAP_LIMIT`, `HEAPCAP_TOTAL_LIMIT`, `HEAPCAP_MODE`, `HEAPCAP_STRICT` and
+    /// `HEAPCAP_MACHINE_MEMORY` from `process.env`.
     pub env_fallback: bool,
 }
 
@@ -222,10 +229,10 @@ fn decide(
             return Ok((Outcome::Unchanged, None))
         }
         Some(mut p) => {
-            merge_into_for(settings.counting, &mut p, &defaults.listener_path, Some(&metadata))?;
+            merge_into_with(settings.counting, &mut p, &defaults.listener_path, Some(&metadata), Extra::of(&settings))?;
             p
         }
-        None => heapcap_profile_for(settings.counting, &defaults.listener_path, Some(&metadata)),
+        None => heapcap_profile_with(settings.counting, &defaults.listener_path, Some(&metadata), Extra::of(&settings)),
     };
     Ok((Outcome::Changed { settings, metadata }, Some(profile)))
 }
@@ -233,8 +240,7 @@ fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{heapcap_profile, merge_into};
-    use heapcap_policy::ledger::Mode;
+    use heapcap_policy::ledger::{Counting, Mode};
     use oci_spec::runtime::LinuxSeccompAction;
     use serde_json::json;
     use std::path::Path;
@@ -338,7 +344,16 @@ mod tests {
         assert_eq!(settings.limits.process, Some(64 * MIB));
         assert_eq!(metadata, "heapcap.io/limit=64Mi");
         let seccomp: LinuxSeccomp = serde_json::from_value(spec["linux"]["seccomp"].clone()).unwrap();
-        assert_eq!(seccomp, heapcap_profile(Path::new("/run/x/agent.sock"), Some("heapcap.io/limit=64Mi")));
+        let machine = Extra { machine: true };
+        assert_eq!(
+            seccomp,
+            heapcap_profile_with(
+                Counting::Heap,
+                Path::new("/run/x/agent.sock"),
+                Some("heapcap.io/limit=64Mi"),
+                machine
+            )
+        );
         // Only linux.seccomp changed.
         let mut without = spec.clone();
         without["linux"].as_object_mut().unwrap().remove("seccomp");
@@ -354,7 +369,8 @@ mod tests {
         apply_json(&mut spec, &defaults()).unwrap();
         let merged: LinuxSeccomp = serde_json::from_value(spec["linux"]["seccomp"].clone()).unwrap();
         let mut expected = original.clone();
-        merge_into(&mut expected, Path::new("/run/x/agent.sock"), Some("heapcap.io/limit=256Mi heapcap.io/mode=audit"))
+        let metadata = Some("heapcap.io/limit=256Mi heapcap.io/mode=audit");
+        merge_into_with(Counting::Heap, &mut expected, Path::new("/run/x/agent.sock"), metadata, Extra::default())
             .unwrap();
         assert_eq!(merged, expected);
         assert_eq!(merged.default_action(), original.default_action());
@@ -383,6 +399,39 @@ mod tests {
         let Outcome::Changed { settings, metadata } = apply_json(&mut spec, &d).unwrap() else { panic!() };
         assert_eq!(settings.limits.process, Some(16 * MIB));
         assert!(metadata.contains("heapcap.io/limit=16Mi"), "{metadata}");
+    }
+
+    #[test]
+    fn sysinfo_is_sent_where_a_quota_is_enforced_unless_the_host_is_asked_for() {
+        let sends_sysinfo = |spec: &Value| {
+            let p: LinuxSeccomp = serde_json::from_value(spec["linux"]["seccomp"].clone()).unwrap();
+            p.syscalls()
+                .iter()
+                .flatten()
+                .any(|s| s.action() == LinuxSeccompAction::ScmpActNotify && s.names().iter().any(|n| n == "sysinfo"))
+        };
+        for (pairs, env, sends) in [
+            (vec![(LIMIT, "256Mi")], vec![], true),
+            (vec![(TOTAL_LIMIT, "1Gi")], vec![], true),
+            (vec![(LIMIT, "256Mi"), (MACHINE_MEMORY, "host")], vec![], false),
+            (vec![(LIMIT, "256Mi"), (MODE, "audit")], vec![], false),
+            (vec![(MACHINE_MEMORY, "quota")], vec![], false),
+            (vec![(LIMIT, "256Mi")], vec!["HEAPCAP_MACHINE_MEMORY=host"], false),
+        ] {
+            for mut spec in [runc_spec(), podman_spec()] {
+                for (k, v) in &pairs {
+                    annotate(&mut spec, k, v);
+                }
+                spec["process"]["env"] = json!(env);
+                let d = Defaults { env_fallback: true, ..defaults() };
+                assert!(matches!(apply_json(&mut spec, &d).unwrap(), Outcome::Changed { .. }));
+                assert_eq!(sends_sysinfo(&spec), sends, "{pairs:?} {env:?}");
+            }
+        }
+        let mut spec = runc_spec();
+        annotate(&mut spec, MACHINE_MEMORY, "virtual");
+        let e = apply_json(&mut spec, &defaults()).unwrap_err().to_string();
+        assert!(e.contains("heapcap.io/machine-memory: 'virtual' is not a machine memory: write quota"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use heapcap_oci::{notify_syscalls, ContainersProfile};
+use heapcap_oci::{notify_syscalls_with, ContainersProfile};
+use heapcap_policy::ledger::Counting;
+use heapcap_policy::rules::Extra;
 use oci_spec::runtime::{LinuxSeccomp, LinuxSeccompAction, Spec};
 
 #[allow(dead_code)]
@@ -31,7 +33,10 @@ fn notifying(profile: &LinuxSeccomp) -> Vec<String> {
     names
 }
 
-const HEAP_CALLS: [&str; 8] = ["brk", "execve", "execveat", "mmap", "mmap2", "mprotect", "mremap", "pkey_mprotect"];
+/// The calls the examples send heapcapd: heap growth, and `sysinfo` so that programs see their
+/// quota as their machine's memory.
+const HEAP_CALLS: [&str; 9] =
+    ["brk", "execve", "execveat", "mmap", "mmap2", "mprotect", "mremap", "pkey_mprotect", "sysinfo"];
 
 #[test]
 fn runc_config_is_current() {
@@ -68,7 +73,7 @@ fn runc_config_runs_the_test_program_under_heapcap() {
     let seccomp = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
     assert_eq!(seccomp.default_action(), LinuxSeccompAction::ScmpActAllow);
     assert_eq!(seccomp.listener_path().as_deref(), Some(Path::new("/run/heapcap/heapcapd.sock")));
-    assert_eq!(seccomp.syscalls().as_ref(), Some(&notify_syscalls()));
+    assert_eq!(seccomp.syscalls().as_ref(), Some(&notify_syscalls_with(Counting::Heap, Extra { machine: true })));
     assert_eq!(notifying(seccomp), HEAP_CALLS);
 }
 

@@ -7,6 +7,7 @@
 //! - [`maps`]: parsing `/proc/<pid>/maps` into the counted heap and range queries on it;
 //!   [`mounts`]: which devices are disk-backed mounts (for strict mode's shared mappings).
 //! - [`ledger`]: per-process bounds, quotas and decisions; [`denial`]: a refusal as reported.
+//! - [`machine`]: what a process under a quota sees as its machine's memory (`sysinfo(2)`).
 //!
 //! What counts as heap: private, anonymous, writable mappings (the `brk` heap, anonymous private
 //! writable `mmap`, memory made writable with `mprotect`, `mremap` growth). File mappings of any
@@ -16,6 +17,7 @@
 
 pub mod denial;
 pub mod ledger;
+pub mod machine;
 pub mod maps;
 pub mod mounts;
 pub mod quota;
@@ -26,5 +28,6 @@ pub mod syscall;
 
 pub use denial::Denial;
 pub use ledger::{Counting, Deny, Figure, Ledger, Limits, Mode, NameError, Need, Scope, Step, Verdict};
+pub use machine::MachineMemory;
 pub use quota::{Quota, QuotaError};
 pub use size::{Size, SizeError};

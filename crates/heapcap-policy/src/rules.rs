@@ -59,6 +59,31 @@ pub const COMPAT: &[NotifyRule] = &[
     NotifyRule { syscall: "execveat", tests: &[] },
 ];
 
+/// Sent too where a process should see its quota as its machine's memory
+/// ([`crate::machine`]): `sysinfo`, on every ABI. Nothing else reads it, so the memory calls'
+/// path is the same with or without it.
+pub const MACHINE: &[NotifyRule] = &[NotifyRule { syscall: "sysinfo", tests: &[] }];
+
+/// Calls a filter sends besides heap growth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extra {
+    /// `sysinfo` ([`MACHINE`]): the process is to see its quota as its machine's memory.
+    pub machine: bool,
+}
+
+impl Extra {
+    /// What a container (or a `heapcap run` tree) with `settings` needs sent.
+    pub fn of(settings: &crate::settings::Settings) -> Extra {
+        Extra { machine: settings.quota_as_machine() }
+    }
+
+    /// `base` and the extra rules.
+    pub fn with(self, base: &[NotifyRule]) -> Vec<NotifyRule> {
+        let machine = if self.machine { MACHINE } else { &[] };
+        base.iter().chain(machine).copied().collect()
+    }
+}
+
 /// Strict mode's rules for the native ABIs: every writable `mmap` (a file or shared mapping may
 /// count, and which kind it is shows only once it is mapped), and every writable `shmat`.
 pub const STRICT_NATIVE: &[NotifyRule] = &[

@@ -3,17 +3,21 @@
 //! Keys: `heapcap.io/limit` (quota for each process), `heapcap.io/total-limit` (for all the
 //! container's processes together), `heapcap.io/mode` (`enforce`, the default, or `audit`),
 //! `heapcap.io/strict` (`true`: count what no program can step around, see [`Counting`]; `false`,
-//! the default; also `1`/`0`, `yes`/`no`, `on`/`off`).
+//! the default; also `1`/`0`, `yes`/`no`, `on`/`off`),
+//! `heapcap.io/machine-memory` (`quota`, the default: where a quota is enforced, programs see it as
+//! their machine's memory; or `host`, see [`crate::machine`]).
 //! `listenerMetadata` carries the same keys for setups that cannot set annotations, as
 //! `key=value` pairs separated by spaces, commas or semicolons, or as a JSON-like object
 //! `{"heapcap.io/limit": "64Mi"}`; where both give a key, the annotation wins.
 
 use crate::ledger::{Counting, Limits, Mode};
+use crate::machine::MachineMemory;
 use crate::size::{Size, SizeError};
 
 pub const LIMIT: &str = "heapcap.io/limit";
 pub const TOTAL_LIMIT: &str = "heapcap.io/total-limit";
 pub const MODE: &str = "heapcap.io/mode";
+pub const MACHINE_MEMORY: &str = "heapcap.io/machine-memory";
 pub const STRICT: &str = "heapcap.io/strict";
 const PREFIX: &str = "heapcap.io/";
 
@@ -23,6 +27,17 @@ pub struct Settings {
     pub limits: Limits,
     pub mode: Mode,
     pub counting: Counting,
+    pub machine: MachineMemory,
+}
+
+impl Settings {
+    /// A quota is enforced and the process is to see it as its machine's memory: its filter sends
+    /// `sysinfo` too ([`crate::rules::MACHINE`]).
+    pub fn quota_as_machine(&self) -> bool {
+        self.machine == MachineMemory::Quota
+            && self.mode == Mode::Enforce
+            && (self.limits.process.is_some() || self.limits.total.is_some())
+    }
 }
 
 /// A bad setting; the message says what to write instead.
@@ -34,7 +49,9 @@ pub enum SettingsError {
     Mode(String),
     #[error("{STRICT}: '{0}' is not a yes or a no: write true or false")]
     Strict(String),
-    #[error("unknown setting '{0}': heapcap knows {LIMIT}, {TOTAL_LIMIT}, {MODE} and {STRICT}")]
+    #[error("{MACHINE_MEMORY}: {0}")]
+    MachineMemory(#[from] crate::machine::MachineMemoryError),
+    #[error("unknown setting '{0}': heapcap knows {LIMIT}, {TOTAL_LIMIT}, {MODE}, {STRICT} and {MACHINE_MEMORY}")]
     UnknownKey(String),
     #[error("listenerMetadata: cannot read '{0}': write key=value pairs such as {LIMIT}=64Mi")]
     Metadata(String),
@@ -54,6 +71,7 @@ fn apply(settings: &mut Settings, key: &str, value: &str) -> Result<(), Settings
             let value = value.trim();
             settings.mode = value.parse::<Mode>().map_err(|_| SettingsError::Mode(value.to_string()))?;
         }
+        MACHINE_MEMORY => settings.machine = value.parse()?,
         STRICT => {
             settings.counting =
                 Counting::from_strict(parse_yes_no(value).ok_or_else(|| SettingsError::Strict(value.to_string()))?);
@@ -138,8 +156,18 @@ mod tests {
                 limits: Limits { process: Some(64 * MIB), total: Some(1024 * MIB) },
                 mode: Mode::Enforce,
                 counting: Counting::Heap,
+                machine: MachineMemory::Quota,
             })
         );
+        let s = s.unwrap();
+        assert!(s.quota_as_machine(), "on by default where a quota is enforced");
+        let host = resolve([(LIMIT, "64Mi"), (MACHINE_MEMORY, "host")], None).unwrap().unwrap();
+        assert_eq!(host.machine, MachineMemory::Host);
+        assert!(!host.quota_as_machine(), "the opt-out");
+        let audit = resolve([(LIMIT, "64Mi"), (MODE, "audit")], None).unwrap().unwrap();
+        assert!(!audit.quota_as_machine(), "audit mode observes only");
+        let none = resolve([(MACHINE_MEMORY, "quota")], None).unwrap().unwrap();
+        assert!(!none.quota_as_machine(), "no quota, nothing to see");
         let s = resolve([(MODE, "audit")], None).unwrap().unwrap();
         assert_eq!(s.mode, Mode::Audit);
         assert_eq!(resolve([("other", "1")], None).unwrap(), None, "no heapcap key: not ours");
@@ -175,6 +203,11 @@ mod tests {
         assert!(matches!(resolve([(LIMIT, "0")], None), Err(SettingsError::Size { .. })));
         let e = resolve([(MODE, "strict")], None).unwrap_err();
         assert!(e.to_string().contains("enforce or audit"), "{e}");
+        let e = resolve([(MACHINE_MEMORY, "off")], None).unwrap_err();
+        assert!(
+            e.to_string().starts_with("heapcap.io/machine-memory: 'off' is not a machine memory: write quota"),
+            "{e}"
+        );
         let e = resolve([("heapcap.io/limits", "64Mi")], None).unwrap_err();
         assert!(e.to_string().contains("heapcap.io/limit,"), "{e}");
         assert!(matches!(resolve([], Some("heapcap.io/limit")), Err(SettingsError::Metadata(_))));

@@ -71,6 +71,7 @@ impl Abi {
                 (59, Exec),
                 (322, Exec),
                 (329, Mprotect),
+                (99, Sysinfo),
             ],
             Abi::X32 => &[
                 (9, Mmap),
@@ -81,6 +82,7 @@ impl Abi {
                 (520, Exec),
                 (545, Exec),
                 (329, Mprotect),
+                (99, Sysinfo),
             ],
             Abi::I386 => &[
                 (45, Brk),
@@ -91,6 +93,7 @@ impl Abi {
                 (11, Exec),
                 (358, Exec),
                 (380, Mprotect),
+                (116, Sysinfo),
                 (397, Shmat),
                 (117, Ipc),
             ],
@@ -103,6 +106,7 @@ impl Abi {
                 (226, Mprotect),
                 (281, Exec),
                 (288, Mprotect),
+                (179, Sysinfo),
             ],
             Abi::Arm => &[
                 (45, Brk),
@@ -113,6 +117,7 @@ impl Abi {
                 (305, Shmat),
                 (387, Exec),
                 (394, Mprotect),
+                (116, Sysinfo),
             ],
         }
     }
@@ -129,6 +134,7 @@ enum Kind {
     /// i386's `ipc(2)`: only its `shmat` call is looked at.
     Ipc,
     Exec,
+    Sysinfo,
 }
 
 /// A memory call, decoded from a notification.
@@ -149,6 +155,9 @@ pub enum MemCall {
     Shmat { shmid: u64, addr: u64, flags: u64 },
     /// `execve`/`execveat`: the process is about to get a new address space.
     Exec,
+    /// `sysinfo(struct sysinfo *)`: notified only where the process is to see its quota as its
+    /// machine's memory ([`crate::machine`]); it never grows the heap.
+    Sysinfo { buf: u64 },
 }
 
 impl MemCall {
@@ -162,6 +171,7 @@ impl MemCall {
             MemCall::Mprotect { .. } => "mprotect",
             MemCall::Shmat { .. } => "shmat",
             MemCall::Exec => "execve",
+            MemCall::Sysinfo { .. } => "sysinfo",
         }
     }
 
@@ -182,6 +192,7 @@ impl MemCall {
             Kind::Ipc if a[0] == IPC_SHMAT => MemCall::Shmat { shmid: a[1], addr: a[4], flags: a[2] },
             Kind::Ipc => return None,
             Kind::Exec => MemCall::Exec,
+            Kind::Sysinfo => MemCall::Sysinfo { buf: a[0] },
         })
     }
 
@@ -303,6 +314,11 @@ mod tests {
             "compat args are 32-bit"
         );
         assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 59, args), Some(MemCall::Exec));
+        let info = Some(MemCall::Sysinfo { buf: 0x1000 });
+        assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 99, [0x1000, 0, 0, 0, 0, 0]), info);
+        assert_eq!(MemCall::decode(AUDIT_ARCH_I386, 116, [0x1_0000_1000, 0, 0, 0, 0, 0]), info);
+        assert_eq!(MemCall::decode(AUDIT_ARCH_AARCH64, 179, [0x1000, 0, 0, 0, 0, 0]), info);
+        assert_eq!(MemCall::Sysinfo { buf: 0 }.request(4096), None, "never grows the heap");
         assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 0, args), None, "read is not a memory call");
         let shmat = Some(MemCall::Shmat { shmid: 7, addr: 0, flags: SHM_RDONLY });
         assert_eq!(MemCall::decode(AUDIT_ARCH_X86_64, 30, [7, 0, SHM_RDONLY, 0, 0, 0]), shmat);

@@ -9,7 +9,7 @@
 //! # (/run/heapcap/heapcapd.sock), or run by rootless podman the user's heapcapd
 //! # ($XDG_RUNTIME_DIR/heapcap/heapcapd.sock).
 //! listener_path = "/run/heapcap/heapcapd.sock"
-//! # Read HEAPCAP_LIMIT, HEAPCAP_TOTAL_LIMIT, HEAPCAP_MODE, HEAPCAP_STRICT from the container's environment
+//! # Read HEAPCAP_LIMIT, HEAPCAP_TOTAL_LIMIT, HEAPCAP_MODE, HEAPCAP_STRICT, HEAPCAP_MACHINE_MEMORY from the container's environment
 //! # (for Docker, which cannot set OCI annotations). Default: true.
 //! env_fallback = true
 //! # When heapcapd is not reachable, start containers that ask for a quota without one (a warning
@@ -26,6 +26,9 @@
 //! mode = "enforce"
 //! # Strict counting (heapcap.io/strict): every writable private mapping and shared memory.
 //! strict = false
+//! # What programs under a quota see as their machine's memory: "quota" (the default: sysinfo(2)
+//! # reports the quota, so the JVM sizes its default heap from it) or "host".
+//! machine_memory = "quota"
 //! ```
 
 use std::ffi::OsStr;
@@ -33,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 use heapcap_env::flag::{self, FlagError};
 use heapcap_oci::spec::Defaults;
-use heapcap_policy::settings::{LIMIT, MODE, STRICT, TOTAL_LIMIT};
+use heapcap_policy::settings::{LIMIT, MACHINE_MEMORY, MODE, STRICT, TOTAL_LIMIT};
 use serde::Deserialize;
 
 /// The file read when `HEAPCAP_RUNTIME_CONFIG` is not set; a missing file means all defaults.
@@ -64,6 +67,7 @@ pub struct DefaultSettings {
     pub total_limit: Option<String>,
     pub mode: Option<String>,
     pub strict: Option<bool>,
+    pub machine_memory: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,10 +118,16 @@ impl Config {
     pub fn defaults(&self, socket: &Path) -> Defaults {
         let d = &self.defaults;
         let strict = d.strict.map(|s| s.to_string());
-        let settings = [(LIMIT, &d.limit), (TOTAL_LIMIT, &d.total_limit), (MODE, &d.mode), (STRICT, &strict)]
-            .into_iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
-            .collect();
+        let settings = [
+            (LIMIT, &d.limit),
+            (TOTAL_LIMIT, &d.total_limit),
+            (MODE, &d.mode),
+            (STRICT, &strict),
+            (MACHINE_MEMORY, &d.machine_memory),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
+        .collect();
         Defaults {
             listener_path: self.listener_path.clone().unwrap_or_else(|| socket.to_path_buf()),
             settings,
@@ -147,7 +157,7 @@ mod tests {
         let d = c.defaults(Path::new("/run/user/1000/heapcap/heapcapd.sock"));
         assert_eq!(d.listener_path, PathBuf::from(SOCKET), "the file's wins");
         assert!(d.env_fallback);
-        assert_eq!(d.settings.len(), 4);
+        assert_eq!(d.settings.len(), 5);
         assert!(d.settings.contains(&(STRICT.to_string(), "false".to_string())));
         assert_eq!(c.allow_unsupervised, Some(false));
     }

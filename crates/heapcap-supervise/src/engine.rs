@@ -33,6 +33,8 @@ use crate::supervisor::Supervisor;
 use crate::threads::Threads;
 use heapcap_policy::denial::Denial;
 
+mod machine;
+
 /// What a notification needs answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -41,6 +43,8 @@ pub enum Answer {
     Deny(Box<Denial>),
     /// The call is no longer pending (its caller left or died): nothing to answer.
     Drop,
+    /// heapcap carried the call out itself (`sysinfo`): answer with this.
+    Reply(crate::notifier::Reply),
 }
 
 /// Why a read gave nothing.
@@ -219,6 +223,9 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 self.runtime = false;
             }
             return Answer::Allow;
+        }
+        if let MemCall::Sysinfo { buf } = call {
+            return self.sysinfo(l, n, pid, buf);
         }
         let Some(req) = req else { return Answer::Allow };
         let step = match step {
@@ -641,7 +648,13 @@ impl<'s, P: ProcView> Engine<'s, P> {
         call: MemCall,
         what: String,
     ) -> Answer {
-        self.refuse(l, n, pid, call, format!("cannot read {what}"))
+        let reason = format!("cannot read {what}");
+        if let MemCall::Sysinfo { .. } = call {
+            // It grows nothing: never refused, the kernel answers it (with the host's figures).
+            self.sup.warn(n.pid, pid, &format!("{reason}: the kernel answers sysinfo"));
+            return Answer::Allow;
+        }
+        self.refuse(l, n, pid, call, reason)
     }
 
     /// A call that cannot be decided safely, for `reason`: refused where a quota is enforced;

@@ -4,6 +4,8 @@
 //! - [`procview`] and [`notifier`]: the two small interfaces the engine reads and answers
 //!   through; production passes the real `/proc` ([`LinuxProc`]) and listener, tests pass
 //!   scripted ones that fail on cue.
+//! - [`emulate`]: what calls heapcap carries out itself (`sysinfo` under a quota) need from the
+//!   system, a third small interface ([`Emulator`]).
 //! - [`accounts`]: a container's ledger and process handles, locked only for pure work.
 //! - [`supervisor`]: one container's supervisor ([`Supervisor`]): accounts, `/proc` view,
 //!   denials, metrics, refreshes for `ps`.
@@ -15,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod emulate;
 pub mod engine;
 pub mod exits;
 pub mod notifier;
@@ -26,6 +29,7 @@ mod threads;
 pub mod wakeup;
 
 pub use accounts::Accounts;
+pub use emulate::{Emulator, LinuxEmulator};
 pub use engine::{Answer, Engine};
 pub use exits::ExitWatcher;
 pub use heapcap_policy::denial::Denial;

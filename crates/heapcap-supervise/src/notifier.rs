@@ -13,8 +13,11 @@ pub enum Reply {
     Continue,
     /// Fail it with `ENOMEM`.
     NoMemory,
-    /// Skip it and return this value (a refused `brk` returns the unchanged break).
+    /// Skip it and return this value (a refused `brk` returns the unchanged break; a call heapcap
+    /// carried out itself returns what the kernel's would).
     Value(i64),
+    /// Fail it with `EFAULT` (a call heapcap carries out itself, given a bad buffer).
+    Fault,
 }
 
 /// A seccomp listener.
@@ -39,6 +42,7 @@ impl Notifier for Listener {
         match reply {
             Reply::Continue => self.allow(id),
             Reply::NoMemory => self.fail(id, Errno::NoMem),
+            Reply::Fault => self.fail(id, Errno::Fault),
             Reply::Value(v) => self.return_value(id, v),
         }
     }

@@ -83,6 +83,7 @@ impl<P: ProcView> Supervisor<P> {
                 };
                 listener.answer(n.id, reply)
             }
+            Answer::Reply(reply) => listener.answer(n.id, *reply),
             Answer::Drop => Ok(Answered::Gone),
         };
         if let Answer::Deny(d) = &answer {

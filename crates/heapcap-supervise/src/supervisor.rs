@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use heapcap_policy::ledger::{Figure, Ledger, ThreadState};
 
 use crate::accounts::Accounts;
+use crate::emulate::Emulator;
 use crate::exits::ExitWatcher;
 use crate::procview::{checked, Checked, LinuxProc, ProcView, Reading, Task, Want};
 use heapcap_policy::denial::Denial;
@@ -84,6 +85,8 @@ pub struct Supervisor<P: ProcView = LinuxProc> {
     pub(crate) stats: Arc<Stats>,
     pub(crate) on_denial: DenialSink,
     pub(crate) observer: Option<Arc<dyn Observer>>,
+    /// Carries out the calls heapcap answers itself; `None`: the kernel answers them.
+    pub(crate) emulator: Option<Box<dyn Emulator>>,
     warnings: Mutex<Window>,
 }
 
@@ -119,6 +122,7 @@ impl<P: ProcView> Supervisor<P> {
             stats: Arc::new(Stats::default()),
             on_denial,
             observer: None,
+            emulator: None,
             warnings: Mutex::new(Window::default()),
         }
     }
@@ -126,6 +130,13 @@ impl<P: ProcView> Supervisor<P> {
     /// Report every decision to `observer`.
     pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
         self.observer = Some(observer);
+        self
+    }
+
+    /// Carry out the calls heapcap answers itself (`sysinfo` from a process that is to see its
+    /// quota as its machine's memory) through `emulator`; without one the kernel answers them.
+    pub fn with_emulator(mut self, emulator: Box<dyn Emulator>) -> Self {
+        self.emulator = Some(emulator);
         self
     }
 

@@ -11,9 +11,10 @@ use std::time::Duration;
 use heapcap_linux::notify::Notification;
 use heapcap_policy::denial::Denial;
 use heapcap_policy::ledger::{Limits, Mode, Scope, ThreadState};
+use heapcap_policy::machine::SysInfo;
 use heapcap_supervise::{Answer, Engine, Ledger, Reply, Serve, Supervisor};
 use proptest::prelude::*;
-use script::{anon, Failure, View, What, World, MIB, PAGE};
+use script::{anon, Cue, Failure, Memory, View, What, World, MIB, PAGE};
 
 const MMAP: i32 = 9;
 const BRK: i32 = 12;
@@ -390,6 +391,123 @@ fn one_caller_keeps_the_sync_wake_up_and_interleaved_callers_drop_it() {
 /// Random calls, landings, frees, read failures, deaths and pid reuse over two processes of two
 /// threads each: the counted heap of each never passes its quota, and every call still pending
 /// is answered.
+const SYSINFO: i32 = 99;
+/// A caller's `struct sysinfo` buffer.
+const BUF: u64 = 0x7ff0_0000;
+
+fn host_sysinfo() -> SysInfo {
+    SysInfo {
+        uptime: 4242,
+        loads: [1, 2, 3],
+        totalram: 24 << 30,
+        freeram: 18 << 30,
+        sharedram: 9 * MIB,
+        bufferram: 12 * MIB,
+        procs: 180,
+        mem_unit: 1,
+        ..SysInfo::default()
+    }
+}
+
+/// A rig whose supervisor answers `sysinfo` through the scripted [`Memory`].
+fn machine_rig(limits: Limits, mode: Mode) -> (Rig, Memory) {
+    let world = World::default();
+    let memory = Memory::new(&world, host_sysinfo());
+    let sup = Supervisor::with_view(Ledger::new(limits, mode, PAGE), world.view(), None, PAGE, Box::new(|_| {}))
+        .with_emulator(Box::new(memory.clone()));
+    (Rig { world, sup, denials: Arc::default(), _watchdog: Watchdog::new() }, memory)
+}
+
+/// `totalram`, `freeram`, `uptime`, `procs` and `mem_unit` of a native `struct sysinfo` as written.
+fn written(bytes: &[u8]) -> (u64, u64, u64, u16, u32) {
+    let word = |off: usize| u64::from_ne_bytes(bytes[off..off + 8].try_into().unwrap());
+    let unit = u32::from_ne_bytes(bytes[104..108].try_into().unwrap());
+    (word(32), word(40), word(0), u16::from_ne_bytes([bytes[80], bytes[81]]), unit)
+}
+
+#[test]
+fn sysinfo_under_a_quota_tells_the_quota_that_applies_as_the_machine() {
+    let (r, m) = machine_rig(Limits { process: Some(256 * MIB), total: Some(300 * MIB) }, Mode::Enforce);
+    r.world.spawn(500, "java", vec![anon(1 << 20, 10 * MIB)]);
+    m.buffers.lock().unwrap().push((500, BUF, 112));
+    let mut e = r.engine(false);
+    let n = r.world.call(500, SYSINFO, [BUF, 0, 0, 0, 0, 0]);
+    assert_eq!(e.decide(&r.world, &n), Answer::Reply(Reply::Value(0)), "the kernel's return value");
+    let bound = r.bound(500);
+    {
+        let writes = m.writes.lock().unwrap();
+        assert_eq!(writes.len(), 1);
+        let (tid, addr, bytes) = &writes[0];
+        assert_eq!((*tid, *addr, bytes.len()), (500, BUF, 112), "the caller's buffer, all of it");
+        assert_eq!(
+            written(bytes),
+            (256 * MIB, 256 * MIB - bound, 4242, 180, 1),
+            "quota, quota less heap, the rest the kernel's"
+        );
+    }
+    // A neighbour holding 200 MiB of the 300 MiB total leaves this process less than its own quota.
+    r.world.spawn(501, "neighbour", vec![anon(1 << 20, 200 * MIB)]);
+    let mut at = 1 << 40;
+    assert_eq!(r.alloc(&mut e, 501, PAGE, &mut at), Answer::Allow);
+    let n = r.world.call(500, SYSINFO, [BUF, 0, 0, 0, 0, 0]);
+    assert_eq!(e.decide(&r.world, &n), Answer::Reply(Reply::Value(0)));
+    let left = 300 * MIB - r.bound(501);
+    assert!(left < 256 * MIB);
+    assert_eq!(written(&m.writes.lock().unwrap()[1].2).0, left);
+    // Through the serve loop, the answer reaches the listener.
+    let n = r.world.queue(500, SYSINFO, [BUF, 0, 0, 0, 0, 0]);
+    r.sup.serve(&r.world, Serve::default()).unwrap();
+    assert!(r.world.lock().answers.contains(&(n.id, Reply::Value(0))));
+}
+
+#[test]
+fn sysinfo_that_cannot_be_answered_writes_nothing() {
+    let (r, m) = machine_rig(quota(256 * MIB), Mode::Enforce);
+    r.world.spawn(600, "java", vec![anon(1 << 20, MIB)]);
+    m.buffers.lock().unwrap().push((600, BUF, 112));
+    let mut e = r.engine(false);
+    let call = |buf: u64| r.world.call(600, SYSINFO, [buf, 0, 0, 0, 0, 0]);
+    // A buffer that is not the caller's writable memory: EFAULT, as from the kernel.
+    assert_eq!(e.decide(&r.world, &call(8)), Answer::Reply(Reply::Fault));
+    assert_eq!(e.decide(&r.world, &call(BUF + 64)), Answer::Reply(Reply::Fault), "runs past the buffer");
+    // Memory heapcap may not write (EPERM): the kernel answers, with the host's figures.
+    *m.cue.lock().unwrap() = Cue::Refuse;
+    assert_eq!(e.decide(&r.world, &call(BUF)), Answer::Allow);
+    // sysinfo(2) failing for heapcap: the kernel answers.
+    *m.cue.lock().unwrap() = Cue::NoSysinfo;
+    assert_eq!(e.decide(&r.world, &call(BUF)), Answer::Allow);
+    // The caller's process cannot be learnt: never refused (it grows nothing), the kernel answers.
+    r.world.thread(601, 600);
+    r.world.fail(None, What::Thread, Failure::Open(libc::EMFILE), 1);
+    assert_eq!(e.decide(&r.world, &r.world.call(601, SYSINFO, [BUF, 0, 0, 0, 0, 0])), Answer::Allow);
+    // The caller dies before the write: dropped, never written.
+    *m.cue.lock().unwrap() = Cue::KillCaller;
+    assert_eq!(e.decide(&r.world, &call(BUF)), Answer::Drop);
+    assert!(m.writes.lock().unwrap().is_empty(), "nothing written on any error");
+}
+
+#[test]
+fn sysinfo_is_the_kernels_where_no_quota_applies() {
+    for (limits, mode, runtime) in [
+        (Limits::default(), Mode::Enforce, false),
+        (quota(256 * MIB), Mode::Audit, false),
+        (quota(256 * MIB), Mode::Enforce, true),
+    ] {
+        let (r, m) = machine_rig(limits, mode);
+        r.world.spawn(700, "p", vec![anon(1 << 20, MIB)]);
+        m.buffers.lock().unwrap().push((700, BUF, 112));
+        let mut e = r.engine(runtime);
+        let n = r.world.call(700, SYSINFO, [BUF, 0, 0, 0, 0, 0]);
+        assert_eq!(e.decide(&r.world, &n), Answer::Allow, "{limits:?} {mode:?} runtime={runtime}");
+        assert!(m.writes.lock().unwrap().is_empty());
+    }
+    // A supervisor with no emulator leaves the call to the kernel.
+    let r = rig(quota(256 * MIB), Mode::Enforce);
+    r.world.spawn(701, "p", vec![anon(1 << 20, MIB)]);
+    let n = r.world.call(701, SYSINFO, [BUF, 0, 0, 0, 0, 0]);
+    assert_eq!(r.engine(false).decide(&r.world, &n), Answer::Allow);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Call { thread: usize, pages: u64 },
@@ -443,6 +561,7 @@ proptest! {
                         Answer::Allow => flying[thread] = Some((pages * PAGE, n)),
                         Answer::Deny(_) => {}
                         Answer::Drop => prop_assert!(!heapcap_supervise::Notifier::id_valid(&r.world, n.id), "a pending call dropped"),
+                        Answer::Reply(reply) => prop_assert!(false, "an mmap carried out by heapcap: {reply:?}"),
                     }
                     r.world.lock().thread_states.insert(tid, ThreadState::InCall(heapcap_policy::ledger::CallKey { nr: MMAP.into(), args: n.args }));
                 }

@@ -81,7 +81,13 @@ fn print_ps(out: &mut impl Write, containers: &[ContainerView]) -> std::io::Resu
             short_id(&c.id),
             pod_cell(&pod_column(c)),
             "-",
-            format!("({}{}, total limit {})", c.mode, if c.strict { " strict" } else { "" }, quota(c.total_limit)),
+            format!(
+                "({}{}, total limit {}{})",
+                c.mode,
+                if c.strict { " strict" } else { "" },
+                quota(c.total_limit),
+                if c.host_memory { ", host memory" } else { "" }
+            ),
             size(c.heap),
             "",
             quota(c.limit),
@@ -178,6 +184,7 @@ mod tests {
             strict: false,
             limit: Some(64 << 20),
             total_limit: None,
+            host_memory: false,
             heap: 63 << 20,
             processes: vec![process],
         }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use heapcap_linux::fdpass;
 use heapcap_linux::journal::{Journal, Slot};
 use heapcap_linux::notify::{Listener, Recv};
-use heapcap_supervise::{ExitWatcher, Ledger, Limits, Mode, Serve, Supervisor};
+use heapcap_supervise::{ExitWatcher, Ledger, Limits, LinuxEmulator, Mode, Serve, Supervisor};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,9 @@ pub struct Brief {
     pub command: u32,
     /// The supervisor's pid, for the messages.
     pub supervisor: u32,
+    /// The command's filter sends `sysinfo`: answer it with the quota as the machine's memory.
+    #[serde(default)]
+    pub machine: bool,
 }
 
 /// A running keeper, seen from the supervisor.
@@ -240,6 +243,10 @@ fn take_over(brief: &Brief, listener: &Listener, journal: Arc<Journal>) -> anyho
         ledger.set_counting(heapcap_policy::ledger::Counting::Strict);
     }
     let supervisor = Supervisor::new(ledger, exits, sink);
+    let supervisor = match brief.machine {
+        true => supervisor.with_emulator(Box::new(LinuxEmulator)),
+        false => supervisor,
+    };
     let slot = Slot::new(journal, 0).context("the journal has no slot")?;
     eprintln!(
         "heapcap: heapcap run (pid {}) is gone: its keeper (pid {}) supervises the command's processes from now on, \

@@ -11,7 +11,7 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use heapcap_policy::{Quota, Size};
+use heapcap_policy::{MachineMemory, Quota, Size};
 
 /// Exit status for a command line heapcap cannot use.
 const USAGE: u8 = 2;
@@ -120,6 +120,10 @@ fn parse_limit(s: &str) -> Result<Size, String> {
     Size::parse_limit(s).map_err(|e| e.to_string())
 }
 
+fn parse_machine(s: &str) -> Result<MachineMemory, String> {
+    s.parse().map_err(|e: heapcap_policy::machine::MachineMemoryError| e.to_string())
+}
+
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Heap quota for each process: 64Mi, 1.5Gi, 500M, 1048576 (bytes).
@@ -136,6 +140,11 @@ struct RunArgs {
     /// anonymous), charged to each process that maps it.
     #[arg(long)]
     strict: bool,
+    /// What the command is told its machine's memory is: `quota` (the default: under --limit or
+    /// --total-limit, sysinfo(2), and so sysconf(_SC_PHYS_PAGES), the JVM's default heap and
+    /// `free`, report the quota as the machine's memory) or `host` (the host's figures).
+    #[arg(long, value_name = "quota|host", default_value_t = MachineMemory::Quota, value_parser = parse_machine)]
+    machine_memory: MachineMemory,
     /// Print a table of each process's peak heap and denials on stderr at exit.
     #[arg(long)]
     report: bool,
@@ -213,7 +222,7 @@ fn main() -> ExitCode {
             Some(option) => {
                 eprintln!(
                     "heapcap: unknown option '{option}' for run: its options are --limit, --total-limit, --audit, \
-                     --strict, --report, --quiet (see heapcap run --help); a command goes after --"
+                     --strict, --machine-memory, --report, --quiet (see heapcap run --help); a command goes after --"
                 );
                 ExitCode::from(USAGE)
             }

@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use heapcap_linux::fdpass::recv_fds;
-use heapcap_linux::filter::{LoadFlags, Program};
+use heapcap_linux::filter::{Extra, LoadFlags, Program};
 use heapcap_linux::journal::{Journal, Slot};
 use heapcap_linux::notify::Listener;
 use heapcap_linux::spawn::under_filter;
 use heapcap_policy::ledger::Counting;
-use heapcap_supervise::{ExitWatcher, Ledger, Limits, Mode, Serve, Supervisor};
+use heapcap_policy::settings::Settings;
+use heapcap_supervise::{ExitWatcher, Ledger, Limits, LinuxEmulator, Mode, Serve, Supervisor};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{kill, raise, SigSet, Signal};
@@ -54,7 +55,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let limits = Limits { process: args.limit.map(|s| s.bytes()), total: args.total_limit.map(|s| s.bytes()) };
     let mode = if args.audit { Mode::Audit } else { Mode::Enforce };
     let counting = Counting::from_strict(args.strict);
-    let program = Program::heap_notify_for(counting).context("cannot build the seccomp filter")?;
+    let settings = Settings { limits, mode, counting, machine: args.machine_memory };
+    // Where the command is to see its quota as its machine's memory, its filter sends sysinfo too.
+    let extra = Extra::of(&settings);
+    let program = Program::heap_notify_with(counting, extra).context("cannot build the seccomp filter")?;
 
     // Block the signals we handle before any thread starts, so they all inherit the mask and
     // the signals reach the signalfd. The command gets an empty mask back before exec.
@@ -78,7 +82,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     let mut ledger = Ledger::new(limits, mode, heapcap_linux::page_size());
     ledger.set_counting(counting);
-    let supervisor = Arc::new(Supervisor::new(ledger, exits, sink));
+    let supervisor = Supervisor::new(ledger, exits, sink);
+    let supervisor = Arc::new(match extra.machine {
+        true => supervisor.with_emulator(Box::new(LinuxEmulator)),
+        false => supervisor,
+    });
     // Finished processes (and so every command line, read at admission) are kept only for the
     // final report: without one, a command line is read only when a denial or a warning needs it.
     supervisor.accounts().keep_finished(args.report || args.audit);
@@ -95,6 +103,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         report: args.report,
         command: 0,
         supervisor: std::process::id(),
+        machine: extra.machine,
     };
     let keeping = Arc::new(Keeping::start(brief, journal));
 

@@ -6,6 +6,7 @@ use heapcap_control::{ContainerView, Pod, ProcessView};
 use heapcap_linux::journal::Slot;
 use heapcap_linux::notify::Listener;
 use heapcap_policy::ledger::Limits;
+use heapcap_policy::machine::MachineMemory;
 use heapcap_supervise::Supervisor;
 
 use crate::holder::Holder;
@@ -28,6 +29,8 @@ pub struct Container {
     pub id: String,
     /// Its Kubernetes names, when a CRI runtime started it.
     pub pod: Option<Pod>,
+    /// What its programs see as their machine's memory.
+    pub machine: MachineMemory,
     pub supervisor: Supervisor,
     pub(crate) holder: Option<Arc<Holder>>,
 }
@@ -61,7 +64,7 @@ impl Container {
 
     /// What the holder must keep for it now (quotas changed live included).
     pub(crate) fn record(&self) -> Record {
-        self.supervisor.accounts().with_ledger(|l| Record::of(l, self.pod.clone()))
+        self.supervisor.accounts().with_ledger(|l| Record::of(l, self.pod.clone(), self.machine))
     }
 
     /// Tell the holder the container's quotas now. A holder being replaced meanwhile is waited
@@ -100,6 +103,7 @@ impl Container {
             strict: counting == heapcap_policy::ledger::Counting::Strict,
             limit: limits.process,
             total_limit: limits.total,
+            host_memory: self.machine == MachineMemory::Host,
             heap: processes.iter().map(|p| p.heap).sum(),
             processes,
         }

@@ -4,6 +4,7 @@
 
 use heapcap_control::Pod;
 use heapcap_policy::ledger::{Counting, Ledger, Limits, Mode};
+use heapcap_policy::machine::MachineMemory;
 use heapcap_policy::settings::Settings;
 
 /// A container's record.
@@ -21,6 +22,10 @@ pub struct Record {
     /// The container's Kubernetes names (absent from earlier heapcapds' records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<Pod>,
+    /// `heapcap.io/machine-memory: host`: `sysinfo` is left to the kernel even where the profile
+    /// sends it (absent, as false, from earlier heapcapds' records).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    host_memory: bool,
 }
 
 impl Record {
@@ -32,13 +37,15 @@ impl Record {
             strict: settings.counting == Counting::Strict,
             process_limits: Vec::new(),
             pod,
+            host_memory: settings.machine == MachineMemory::Host,
         }
     }
 
-    /// What the ledger holds now, for the container named `pod`.
-    pub fn of(ledger: &Ledger, pod: Option<Pod>) -> Record {
+    /// What the ledger holds now, for the container named `pod` whose programs see `machine`.
+    pub fn of(ledger: &Ledger, pod: Option<Pod>, machine: MachineMemory) -> Record {
         let limits = ledger.limits();
-        let mut record = Record::new(&Settings { limits, mode: ledger.mode(), counting: ledger.counting() }, pod);
+        let settings = Settings { limits, mode: ledger.mode(), counting: ledger.counting(), machine };
+        let mut record = Record::new(&settings, pod);
         record.process_limits =
             ledger.summaries().into_iter().filter(|p| p.limit != limits.process).map(|p| (p.pid, p.limit)).collect();
         record
@@ -47,7 +54,15 @@ impl Record {
     /// A record that could not be read: the container is served unquota'd in audit mode (never
     /// dropped: its programs would fail).
     pub fn unreadable() -> Record {
-        Record { limit: None, total_limit: None, audit: true, strict: false, process_limits: Vec::new(), pod: None }
+        Record {
+            limit: None,
+            total_limit: None,
+            audit: true,
+            strict: false,
+            process_limits: Vec::new(),
+            pod: None,
+            host_memory: false,
+        }
     }
 
     pub fn settings(&self) -> Settings {
@@ -55,6 +70,7 @@ impl Record {
             limits: Limits { process: self.limit, total: self.total_limit },
             mode: if self.audit { Mode::Audit } else { Mode::Enforce },
             counting: Counting::from_strict(self.strict),
+            machine: if self.host_memory { MachineMemory::Host } else { MachineMemory::Quota },
         }
     }
 
@@ -76,10 +92,23 @@ mod tests {
         assert_eq!(old.settings().counting, Counting::Heap, "earlier records are never strict");
         let mut ledger = Ledger::new(old.settings().limits, Mode::Audit, 4096);
         ledger.set_limits(Limits { process: None, total: Some(1 << 30) });
-        let now = Record::of(&ledger, None);
+        let now = Record::of(&ledger, None, MachineMemory::Quota);
         assert_eq!(
             now.to_json(),
             serde_json::json!({"limit": null, "total_limit": 1073741824, "audit": true, "process_limits": []})
+        );
+    }
+
+    #[test]
+    fn the_host_memory_opt_out_travels_to_the_next_heapcapd() {
+        let host = Settings { machine: MachineMemory::Host, ..Settings::default() };
+        let json = Record::new(&host, None).to_json();
+        assert_eq!(json["host_memory"], serde_json::json!(true));
+        let back: Record = serde_json::from_value(json).unwrap();
+        assert_eq!(back.settings().machine, MachineMemory::Host);
+        assert!(
+            Record::new(&Settings::default(), None).to_json().get("host_memory").is_none(),
+            "the default is not written"
         );
     }
 
@@ -102,6 +131,6 @@ mod tests {
         assert_eq!(back.settings().counting, Counting::Strict);
         let mut ledger = Ledger::new(Limits::default(), Mode::Enforce, 4096);
         ledger.set_counting(Counting::Strict);
-        assert_eq!(Record::of(&ledger, None).settings().counting, Counting::Strict);
+        assert_eq!(Record::of(&ledger, None, MachineMemory::Quota).settings().counting, Counting::Strict);
     }
 }

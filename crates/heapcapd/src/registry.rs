@@ -15,8 +15,9 @@ use heapcap_control::{Event, Pod};
 use heapcap_holder::Held;
 use heapcap_linux::journal::Slot;
 use heapcap_linux::notify::Listener;
+use heapcap_policy::machine::MachineMemory;
 use heapcap_policy::settings::Settings;
-use heapcap_supervise::{Denial, ExitWatcher, Ledger, Observer, Serve, Supervisor};
+use heapcap_supervise::{Denial, ExitWatcher, Ledger, LinuxEmulator, Observer, Serve, Supervisor};
 
 use crate::container::{Container, ControlError, Resume};
 use crate::events::Events;
@@ -187,13 +188,20 @@ impl Registry {
             let mut ledger = Ledger::new(settings.limits, settings.mode, heapcap_linux::page_size());
             ledger.set_counting(settings.counting);
             let mut supervisor = Supervisor::new(ledger, self.exits.clone(), sink);
+            // `sysinfo` reaches heapcapd only where the container's profile sends it (heapcap-runtime
+            // and the hooks add it unless the settings say host): answered with the quota unless
+            // the container asked for the host's figures (a profile written by hand may send it anyway).
+            if settings.machine == MachineMemory::Quota {
+                supervisor = supervisor.with_emulator(Box::new(LinuxEmulator));
+            }
             if let Some(o) = &self.observer {
                 supervisor = supervisor.with_observer(o.clone());
             }
             supervisor.accounts().keep_finished(false);
             let shown = pod.as_ref().map(Pod::to_string);
             tracing::info!(container = id, pod = shown, limit = ?settings.limits.process, total = ?settings.limits.total, mode = ?settings.mode, counting = %settings.counting, "supervising");
-            let container = Container { id: id.to_string(), pod, supervisor, holder: self.holder.clone() };
+            let container =
+                Container { id: id.to_string(), pod, machine: settings.machine, supervisor, holder: self.holder.clone() };
             Entry { container: Arc::new(container), served: HashMap::new() }
         });
         let key = self.next.fetch_add(1, Ordering::Relaxed);

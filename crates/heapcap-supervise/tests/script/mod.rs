@@ -10,12 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use heapcap_linux::notify::{Answered, Notification, Recv};
+use heapcap_linux::processvm::VmError;
 use heapcap_linux::procfs::ProcError;
 use heapcap_policy::ledger::{Snapshot, ThreadState};
+use heapcap_policy::machine::SysInfo;
 use heapcap_policy::maps::{Maps, Vma};
 use heapcap_policy::syscall::AUDIT_ARCH_X86_64;
 use heapcap_supervise::procview::{Baseline, Kept, Reading, Task, Want};
-use heapcap_supervise::{Notifier, ProcView, Reply};
+use heapcap_supervise::{Emulator, Notifier, ProcView, Reply};
 
 pub const PAGE: u64 = 4096;
 pub const MIB: u64 = 1 << 20;
@@ -472,5 +474,74 @@ impl Notifier for World {
     fn set_sync_wakeup(&self, on: bool) -> io::Result<bool> {
         self.lock().sync_wakeup.push(on);
         Ok(true)
+    }
+}
+
+/// What the scripted [`Memory`] does with the next call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cue {
+    /// Write if the range is inside a buffer the caller has (else a fault).
+    Write,
+    /// The write is refused (`EPERM`: not ours to write).
+    Refuse,
+    /// The caller is killed while heapcap reads `sysinfo`, before anything is written.
+    KillCaller,
+    /// `sysinfo` itself fails.
+    NoSysinfo,
+}
+
+/// A write made: thread, address, bytes.
+pub type Written = (u32, u64, Vec<u8>);
+
+/// A scripted [`Emulator`]: a host `sysinfo`, the callers' writable buffers, every write made.
+#[derive(Clone)]
+pub struct Memory {
+    world: World,
+    pub host: SysInfo,
+    /// (thread, start, len) of memory a caller may be written.
+    pub buffers: Arc<Mutex<Vec<(u32, u64, u64)>>>,
+    pub writes: Arc<Mutex<Vec<Written>>>,
+    pub cue: Arc<Mutex<Cue>>,
+}
+
+impl Memory {
+    pub fn new(world: &World, host: SysInfo) -> Memory {
+        Memory {
+            world: world.clone(),
+            host,
+            buffers: Arc::default(),
+            writes: Arc::default(),
+            cue: Arc::new(Mutex::new(Cue::Write)),
+        }
+    }
+}
+
+impl Emulator for Memory {
+    fn sysinfo(&self) -> io::Result<SysInfo> {
+        match *self.cue.lock().unwrap() {
+            Cue::NoSysinfo => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
+            Cue::KillCaller => {
+                let pids: Vec<u32> = self.world.lock().procs.keys().copied().collect();
+                let mut s = self.world.lock();
+                pids.into_iter().for_each(|p| s.kill(p));
+                Ok(self.host)
+            }
+            _ => Ok(self.host),
+        }
+    }
+
+    fn write(&self, tid: u32, addr: u64, bytes: &[u8]) -> Result<(), VmError> {
+        let len = bytes.len();
+        if *self.cue.lock().unwrap() == Cue::Refuse {
+            return Err(VmError::Access { tid, source: io::Error::from_raw_os_error(libc::EPERM) });
+        }
+        let fits = self.buffers.lock().unwrap().iter().any(|&(t, start, blen)| {
+            t == tid && addr >= start && addr.checked_add(len as u64).is_some_and(|end| end <= start + blen)
+        });
+        if !fits {
+            return Err(VmError::Fault { tid, addr, len });
+        }
+        self.writes.lock().unwrap().push((tid, addr, bytes.to_vec()));
+        Ok(())
     }
 }
