@@ -79,10 +79,34 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(Maps::from_vmas(vmas.to_vec()), maps, "already sorted");
 });
 
-/// A maps line the kernel could have written for `vma`.
+/// A maps line the kernel could have written for `vma` (its device and inode as read, or text
+/// that does not read as one where the parse kept the unknown marker).
 fn render(vma: &Vma) -> String {
     let w = if vma.writable { 'w' } else { '-' };
-    let (share, inode) = if vma.anon_private { ('p', 0) } else { ('s', 7) };
-    let path = if vma.is_heap { "[heap]" } else { "" };
-    format!("{:x}-{:x} r{w}x{share} 00000000 00:00 {inode}                          {path}", vma.start, vma.end)
+    let dev = match vma.dev {
+        u64::MAX => "?:?".to_string(),
+        d => format!("{:02x}:{:02x}", d >> 32, d & 0xffff_ffff),
+    };
+    let inode = match vma.inode {
+        u64::MAX => "?".to_string(),
+        i => i.to_string(),
+    };
+    let path = if vma.is_heap {
+        "[heap]"
+    } else if vma.is_stack {
+        "[stack]"
+    } else if vma.anon_private || (vma.shared && vma.inode == 0) {
+        ""
+    } else {
+        "/file"
+    };
+    // Neither `p` nor `s` (never from the kernel): what keeps an anonymous-looking mapping
+    // that is not private anonymous so.
+    let looks_anonymous = vma.inode == 0 && (path.is_empty() || path == "[heap]");
+    let share = match (vma.shared, vma.anon_private) {
+        (true, _) => 's',
+        (false, false) if looks_anonymous => '-',
+        _ => 'p',
+    };
+    format!("{:x}-{:x} r{w}x{share} 00000000 {dev} {inode}                          {path}", vma.start, vma.end)
 }
