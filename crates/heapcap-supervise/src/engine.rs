@@ -534,14 +534,7 @@ impl<'s, P: ProcView> Engine<'s, P> {
             }
         }
         if need == Need::Upper && !blind {
-            let upper = match kept {
-                Some(k) => k.upper().map_err(Miss::Failed),
-                None => self.read(l, n, pid, Want::Upper).and_then(|r| match r {
-                    Reading::Upper(u) => Ok(u),
-                    _ => Err(Miss::Dead),
-                }),
-            };
-            match upper {
+            match self.upper(l, n, pid, kept) {
                 Ok(u) => return Ok(Read::Upper(u)),
                 Err(Miss::Dead) => return Err(()),
                 Err(Miss::Failed(e)) if dead(&e) => return Err(()),
@@ -579,14 +572,7 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 }
             }
         }
-        let upper = match kept {
-            Some(k) => k.upper().map_err(Miss::Failed),
-            None => self.read(l, n, pid, Want::Upper).and_then(|r| match r {
-                Reading::Upper(u) => Ok(u),
-                _ => Err(Miss::Dead),
-            }),
-        };
-        match upper {
+        match self.upper(l, n, pid, kept) {
             Ok(u) => Ok(Read::UpperOnly(u)),
             Err(Miss::Dead) => Err(()),
             Err(Miss::Failed(e)) if dead(&e) => Err(()),
@@ -595,6 +581,17 @@ impl<'s, P: ProcView> Engine<'s, P> {
                 *why = Some(format!("{before}{}; decided on the growth let through so far", chain(&e)));
                 Ok(Read::Unread)
             }
+        }
+    }
+
+    /// `statm`'s upper figure of `pid`, through its kept file or opened afresh.
+    fn upper<N: Notifier>(&self, l: &N, n: &Notification, pid: u32, kept: Option<&dyn Kept>) -> Result<u64, Miss> {
+        match kept {
+            Some(k) => k.upper().map_err(Miss::Failed),
+            None => self.read(l, n, pid, Want::Upper).and_then(|r| match r {
+                Reading::Upper(u) => Ok(u),
+                _ => Err(Miss::Dead),
+            }),
         }
     }
 
