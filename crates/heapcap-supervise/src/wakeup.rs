@@ -12,36 +12,53 @@
 //! sync wake-up, 1.37 s without it, 1.12 s switching by what the listener sees.
 //!
 //! So the listener keeps the sync wake-up while its calls come from one thread at a time, and
-//! drops it while they come from several threads interleaved: of the last 32 calls, 8 or more
-//! from a different thread than the call before turn it off, 2 or fewer turn it back on. A
-//! sequential chain of processes (a shell loop, `make -j1`) switches callers only every few
-//! calls and keeps it; two threads or processes calling at once switch almost every call.
+//! drops it while they come from several threads interleaved. What tells them apart is whether
+//! callers *come back*: a switch counts when both the caller switched to and the one switched
+//! away from made calls before, in one of the last few runs of calls. Two threads or processes
+//! calling at once come back all the time (A B A B); a chain of processes started one after the
+//! other does not, even when each makes only a few calls between its parent's (a shell or
+//! `posix_spawn` loop: P C1 P C2 P C3, where each child is new and never seen again). Of the
+//! last 32 calls, 8 or more counted switches turn the sync wake-up off, 2 or fewer turn it back
+//! on.
 
 /// Of the last [`WINDOW`] calls, this many caller switches turn the sync wake-up off ...
 const OFF_AT: u32 = 8;
 /// ... and this many or fewer turn it back on.
 const ON_AT: u32 = 2;
 const WINDOW: u32 = 32;
+/// How many earlier runs of calls (a run: consecutive calls from one thread) a caller is
+/// remembered for.
+const RUNS: usize = 8;
 
 /// The wake-up mode a listener's traffic calls for.
 #[derive(Debug, Clone)]
 pub struct WakeUp {
-    /// Bit i: call i back came from a different thread than the call before it.
+    /// Bit i: call i back switched from a thread that came back to one that came back.
     switches: u32,
     last: Option<u32>,
+    /// The threads of the runs before the current one, the latest first (0: none).
+    runs: [u32; RUNS],
     sync: bool,
 }
 
 impl Default for WakeUp {
     fn default() -> Self {
-        WakeUp { switches: 0, last: None, sync: true }
+        WakeUp { switches: 0, last: None, runs: [0; RUNS], sync: true }
     }
 }
 
 impl WakeUp {
     /// Note a call from thread `tid`; returns the mode to switch to, if it changes.
     pub fn observe(&mut self, tid: u32) -> Option<bool> {
-        let switched = self.last.is_some_and(|t| t != tid);
+        let switched = match self.last {
+            Some(from) if from != tid => {
+                let back = self.runs.contains(&tid) && self.runs.contains(&from);
+                self.runs.copy_within(..RUNS - 1, 1);
+                self.runs[0] = from;
+                back
+            }
+            _ => false,
+        };
         self.last = Some(tid);
         self.switches = self.switches << 1 | u32::from(switched);
         let n = (self.switches & (u32::MAX >> (32 - WINDOW))).count_ones();
@@ -90,8 +107,22 @@ mod tests {
         let (w, changes) = run((0..2000).map(|i| i / 10));
         assert!(w.sync());
         assert_eq!(changes, 0);
+        // A posix_spawn loop of /bin/true: the parent's one call (the child's stack), then the
+        // child's four (its exec, the loader's mappings); every child is new.
+        let (w, changes) = run((0..2000).map(|i| if i % 5 == 0 { 1 } else { 100 + i / 5 }));
+        assert!(w.sync());
+        assert_eq!(changes, 0);
         // make -j2: two chains at once, interleaving every call or two.
         let (w, _) = run((0..2000).map(|i| if i % 3 == 0 { 1000 + i / 30 } else { i / 30 }));
         assert!(!w.sync());
+    }
+
+    #[test]
+    fn three_threads_in_turn_turn_it_off() {
+        let (w, _) = run((0..300).map(|i| i % 3));
+        assert!(!w.sync());
+        // ... and long turns (runs of 12 calls) leave it on.
+        let (w, _) = run((0..3000).map(|i| (i / 12) % 2));
+        assert!(w.sync());
     }
 }
