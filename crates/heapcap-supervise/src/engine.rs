@@ -242,6 +242,8 @@ impl<'s, P: ProcView> Engine<'s, P> {
             }
             Step::Measure { need, refresh_others } => {
                 if refresh_others {
+                    // The total is in question: processes that have ended leave it first.
+                    self.sup.reap_exits();
                     let stale = self.sup.accounts.lock().ledger.stale(pid);
                     self.sup.refresh(&stale);
                 }

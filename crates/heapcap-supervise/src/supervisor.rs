@@ -223,6 +223,15 @@ impl<P: ProcView> Supervisor<P> {
         }
     }
 
+    /// Close now the accounts of processes whose exit the watcher has not handled yet (it
+    /// handles them in batches).
+    pub(crate) fn reap_exits(&self) {
+        match &self.exits {
+            Some(exits) => exits.drain(),
+            None => self.accounts.reap_dead(),
+        }
+    }
+
     /// Close `pid`'s account (opened as `generation`) when its process exits.
     pub(crate) fn watch_exit(&self, pid: u32, generation: u64, task: Arc<dyn Task>) {
         let Some(exits) = &self.exits else { return };
