@@ -125,6 +125,11 @@ impl<'s, P: ProcView> Engine<'s, P> {
         Engine { sup, threads: Threads::default(), runtime }
     }
 
+    /// Thread `tid`, a caller of this listener, has just exited (see [`Threads::just_exited`]).
+    pub(crate) fn just_exited(&mut self, tid: u32) -> bool {
+        self.threads.just_exited(tid)
+    }
+
     /// Read `want` of `pid` for notification `n`: open, check it is still pending, read.
     fn read<N: Notifier>(&self, l: &N, n: &Notification, pid: u32, want: Want) -> Result<Reading<P::Task>, Miss> {
         match checked(&self.sup.proc, pid, want, || l.id_valid(n.id)) {

@@ -48,7 +48,9 @@ impl<P: ProcView> Supervisor<P> {
             if let Some(slot) = how.journal {
                 slot.record(&n);
             }
-            if let Some(sync) = wake.observe(n.pid) {
+            // Whether the caller before handed over by exiting (a child its waiting parent).
+            let handed_over = wake.last().is_some_and(|t| t != n.pid && engine.just_exited(t));
+            if let Some(sync) = wake.observe(n.pid, handed_over) {
                 if let Err(e) = listener.set_sync_wakeup(sync) {
                     tracing::debug!(error = %e, sync, "cannot change the wake-up mode");
                 }

@@ -32,9 +32,14 @@ struct Entry<T> {
     handle: T,
 }
 
+/// How many of the threads forgotten last are remembered as having exited.
+const EXITED: usize = 8;
+
 #[derive(Debug)]
 pub(crate) struct Threads<T> {
     entries: HashMap<u32, Entry<T>>,
+    /// The threads forgotten last because they exited, the latest first (0: none).
+    exited_last: [u32; EXITED],
     /// Every entry's pidfd, registered with `tid | fd << 32` as its data. `None` if no epoll
     /// could be made: then nothing is remembered and every lookup resolves afresh.
     exited: Option<Epoll>,
@@ -49,7 +54,7 @@ impl<T: Task> Default for Threads<T> {
                 None
             }
         };
-        Threads { entries: HashMap::new(), exited }
+        Threads { entries: HashMap::new(), exited_last: [0; EXITED], exited }
     }
 }
 
@@ -82,6 +87,8 @@ impl<T: Task> Threads<T> {
                 if self.entries.get(&tid).is_some_and(|e| tag(tid, &e.handle) == Some(ev.data())) {
                     // Closing the pidfd (its only reference) takes it out of the epoll set too.
                     self.entries.remove(&tid);
+                    self.exited_last.copy_within(..EXITED - 1, 1);
+                    self.exited_last[0] = tid;
                 }
             }
             if n < events.len() {
@@ -95,6 +102,13 @@ impl<T: Task> Threads<T> {
     pub(crate) fn lookup(&mut self, tid: u32) -> Option<(u32, bool)> {
         self.forget_exited();
         self.entries.get(&tid).map(|e| (e.pid, e.shared))
+    }
+
+    /// Thread `tid` was remembered and has exited since (among the last few to): a caller that
+    /// handed over to the next by ending, as a child does to the parent waiting for it.
+    pub(crate) fn just_exited(&mut self, tid: u32) -> bool {
+        self.forget_exited();
+        !self.entries.contains_key(&tid) && self.exited_last.contains(&tid)
     }
 
     /// Forget a thread (it execs away from the address space it shared).
@@ -181,6 +195,29 @@ mod tests {
         assert!(!threads.alive(tid));
         assert_eq!(threads.lookup(me), Some((4243, false)), "live threads are kept");
         assert_eq!(threads.len(), 1);
+    }
+
+    #[test]
+    fn a_thread_that_exited_is_told_from_one_never_seen_and_one_alive() {
+        Pidfd::open_thread(gettid()).expect("thread pidfds (Linux 6.9+)");
+        let mut threads = Threads::<LinuxTask>::default();
+        let (tid, end, h) = spawn_thread();
+        threads.insert(tid, 4242, false, Some(Pidfd::open_thread(tid).unwrap().into()));
+        let me = gettid();
+        threads.insert(me, 4243, false, Some(Pidfd::open_thread(me).unwrap().into()));
+        assert!(!threads.just_exited(tid), "alive");
+        end.send(()).unwrap();
+        h.join().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !threads.just_exited(tid) {
+            assert!(std::time::Instant::now() < deadline, "exit not seen");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(!threads.just_exited(me), "alive");
+        assert!(!threads.just_exited(999_999), "never seen");
+        // Seen again (a new thread given the same id): no longer an exited one.
+        threads.insert(tid, 4244, false, Some(Pidfd::open_thread(me).unwrap().into()));
+        assert!(!threads.just_exited(tid));
     }
 
     #[test]

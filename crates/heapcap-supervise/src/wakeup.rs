@@ -12,14 +12,15 @@
 //! sync wake-up, 1.37 s without it, 1.12 s switching by what the listener sees.
 //!
 //! So the listener keeps the sync wake-up while its calls come from one thread at a time, and
-//! drops it while they come from several threads interleaved. What tells them apart is whether
-//! callers *come back*: a switch counts when both the caller switched to and the one switched
-//! away from made calls before, in one of the last few runs of calls. Two threads or processes
-//! calling at once come back all the time (A B A B); a chain of processes started one after the
-//! other does not, even when each makes only a few calls between its parent's (a shell or
-//! `posix_spawn` loop: P C1 P C2 P C3, where each child is new and never seen again). Of the
-//! last 32 calls, 8 or more counted switches turn the sync wake-up off, 2 or fewer turn it back
-//! on.
+//! drops it while they come from several threads at once. What tells them apart is a switch to
+//! a caller that *comes back* (it made calls in one of the last few runs of calls) from one that
+//! is still there. Two threads or processes calling at once do that all the time (A B A B, or a
+//! long compiler process between short ones: A X A Y). A chain of processes started one after
+//! the other never does, even when each makes only a few calls between its parent's (a shell or
+//! `posix_spawn` loop: P C1 P C2 P, where each child is new and hands back to its parent by
+//! exiting). Of the last 32 calls, 8 or more such switches turn the sync wake-up off; it comes
+//! back on when 2 or fewer of them switched callers at all (hand-overs by exiting aside), so a
+//! parallel build does not flip it back on each time one of its processes starts.
 
 /// Of the last [`WINDOW`] calls, this many caller switches turn the sync wake-up off ...
 const OFF_AT: u32 = 8;
@@ -33,7 +34,9 @@ const RUNS: usize = 8;
 /// The wake-up mode a listener's traffic calls for.
 #[derive(Debug, Clone)]
 pub struct WakeUp {
-    /// Bit i: call i back switched from a thread that came back to one that came back.
+    /// Bit i: call i back switched from a thread still there to one that came back.
+    concurrent: u32,
+    /// Bit i: call i back switched from a thread still there.
     switches: u32,
     last: Option<u32>,
     /// The threads of the runs before the current one, the latest first (0: none).
@@ -43,26 +46,33 @@ pub struct WakeUp {
 
 impl Default for WakeUp {
     fn default() -> Self {
-        WakeUp { switches: 0, last: None, runs: [0; RUNS], sync: true }
+        WakeUp { concurrent: 0, switches: 0, last: None, runs: [0; RUNS], sync: true }
     }
 }
 
 impl WakeUp {
-    /// Note a call from thread `tid`; returns the mode to switch to, if it changes.
-    pub fn observe(&mut self, tid: u32) -> Option<bool> {
-        let switched = match self.last {
+    /// The caller of the last call.
+    pub fn last(&self) -> Option<u32> {
+        self.last
+    }
+
+    /// Note a call from thread `tid`; `handed_over`: the caller before it has exited since its
+    /// call. Returns the mode to switch to, if it changes.
+    pub fn observe(&mut self, tid: u32, handed_over: bool) -> Option<bool> {
+        let (switched, back) = match self.last {
             Some(from) if from != tid => {
-                let back = self.runs.contains(&tid) && self.runs.contains(&from);
+                let back = !handed_over && self.runs.contains(&tid);
                 self.runs.copy_within(..RUNS - 1, 1);
                 self.runs[0] = from;
-                back
+                (!handed_over, back)
             }
-            _ => false,
+            _ => (false, false),
         };
         self.last = Some(tid);
+        self.concurrent = self.concurrent << 1 | u32::from(back);
         self.switches = self.switches << 1 | u32::from(switched);
-        let n = (self.switches & (u32::MAX >> (32 - WINDOW))).count_ones();
-        let want = if self.sync { n < OFF_AT } else { n <= ON_AT };
+        let count = |bits: u32| (bits & (u32::MAX >> (32 - WINDOW))).count_ones();
+        let want = if self.sync { count(self.concurrent) < OFF_AT } else { count(self.switches) <= ON_AT };
         (want != self.sync).then(|| {
             self.sync = want;
             want
@@ -79,10 +89,15 @@ impl WakeUp {
 mod tests {
     use super::*;
 
-    fn run(tids: impl IntoIterator<Item = u32>) -> (WakeUp, usize) {
+    /// Calls as (thread, whether the caller before it handed over by exiting).
+    fn run_with(calls: impl IntoIterator<Item = (u32, bool)>) -> (WakeUp, usize) {
         let mut w = WakeUp::default();
-        let changes = tids.into_iter().filter_map(|t| w.observe(t)).count();
+        let changes = calls.into_iter().filter_map(|(t, h)| w.observe(t, h)).count();
         (w, changes)
+    }
+
+    fn run(tids: impl IntoIterator<Item = u32>) -> (WakeUp, usize) {
+        run_with(tids.into_iter().map(|t| (t, false)))
     }
 
     #[test]
@@ -97,7 +112,7 @@ mod tests {
         let (mut w, changes) = run((0..100).map(|i| i % 2));
         assert!(!w.sync(), "two threads taking turns");
         assert_eq!(changes, 1, "switched once, not back and forth");
-        let back = (0..WINDOW).filter_map(|_| w.observe(5)).collect::<Vec<_>>();
+        let back = (0..WINDOW).filter_map(|_| w.observe(5, false)).collect::<Vec<_>>();
         assert_eq!(back, vec![true], "one caller for a while: back on");
     }
 
@@ -108,20 +123,29 @@ mod tests {
         assert!(w.sync());
         assert_eq!(changes, 0);
         // A posix_spawn loop of /bin/true: the parent's one call (the child's stack), then the
-        // child's four (its exec, the loader's mappings); every child is new.
-        let (w, changes) = run((0..2000).map(|i| if i % 5 == 0 { 1 } else { 100 + i / 5 }));
+        // child's four (its exec, the loader's mappings); every child is new, and the parent
+        // calls again once it has exited.
+        let (w, changes) = run_with((0..2000).map(|i| if i % 5 == 0 { (1, i > 0) } else { (100 + i / 5, false) }));
         assert!(w.sync());
         assert_eq!(changes, 0);
+    }
+
+    #[test]
+    fn callers_at_once_turn_it_off() {
         // make -j2: two chains at once, interleaving every call or two.
         let (w, _) = run((0..2000).map(|i| if i % 3 == 0 { 1000 + i / 30 } else { i / 30 }));
+        assert!(!w.sync());
+        // A long compiler process between short ones still running (A X A Y ...).
+        let (w, _) = run((0..2000).map(|i| if i % 2 == 0 { 1 } else { 100 + i / 4 }));
+        assert!(!w.sync());
+        // Three threads in turn.
+        let (w, _) = run((0..300).map(|i| i % 3));
         assert!(!w.sync());
     }
 
     #[test]
-    fn three_threads_in_turn_turn_it_off() {
-        let (w, _) = run((0..300).map(|i| i % 3));
-        assert!(!w.sync());
-        // ... and long turns (runs of 12 calls) leave it on.
+    fn long_turns_leave_it_on() {
+        // Two threads taking turns of 12 calls each.
         let (w, _) = run((0..3000).map(|i| (i / 12) % 2));
         assert!(w.sync());
     }
