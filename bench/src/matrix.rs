@@ -52,7 +52,7 @@ fn cells(tiny: bool, cpus: usize) -> Vec<Cell> {
         shape("realloc to 4 MiB (mremap)", "realloc", 4 * MIB, 1_000, Some(4 * MIB)),
         shape("JIT W^X flips of 64 KiB", "jit", 64 << 10, 20_000, Some(MIB)),
         shape("thread create + exit", "threads", 64 << 10, 5_000, Some(4 * MIB)),
-        shape("fork+exec /bin/true", "spawn", 0, 500, None),
+        shape("fork+exec /bin/true", "spawn", 0, 2_000, None),
         Cell { name: "make -j1 (C project)".into(), work: Work::Make { jobs: 1 }, near: None },
     ];
     let par = |name: String, threads: usize, procs: usize| Cell {
