@@ -260,6 +260,24 @@ fn a_reused_thread_id_is_judged_as_its_new_process() {
 }
 
 #[test]
+fn a_process_that_ended_unseen_never_weighs_on_its_siblings_total() {
+    let r = rig(Limits { process: None, total: Some(64 * MIB) }, Mode::Enforce);
+    r.world.spawn(100, "ended", vec![anon(1 << 20, 40 * MIB)]);
+    r.world.spawn(200, "sibling", vec![]);
+    let mut e = r.engine(false);
+    let mut at = 1 << 32;
+    assert_eq!(r.alloc(&mut e, 100, PAGE, &mut at), Answer::Allow);
+    assert_eq!(r.alloc(&mut e, 200, PAGE, &mut at), Answer::Allow);
+    // 100 exits; no exit watcher has told the accounts yet.
+    r.world.lock().kill(100);
+    assert_eq!(r.alloc(&mut e, 200, 30 * MIB, &mut at), Answer::Allow, "40 MiB of a dead process counted");
+    let rows = r.sup.accounts().summaries();
+    assert_eq!(rows.iter().map(|s| s.pid).collect::<Vec<_>>(), vec![200], "{rows:?}");
+    // The total still holds for the live ones.
+    assert!(matches!(r.alloc(&mut e, 200, 40 * MIB, &mut at), Answer::Deny(_)));
+}
+
+#[test]
 fn a_reused_pid_whose_exit_was_not_seen_gets_an_account_of_its_own() {
     let r = rig(quota(64 * MIB), Mode::Enforce);
     r.world.spawn(300, "old", vec![anon(1 << 20, 63 * MIB)]);
