@@ -22,6 +22,7 @@ pub mod engine;
 pub mod exits;
 pub mod notifier;
 pub mod procview;
+mod recent;
 mod recovery;
 mod serve;
 pub mod supervisor;

@@ -21,6 +21,7 @@ use std::os::fd::AsRawFd;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::procview::Task;
+use crate::recent::Recent;
 
 #[derive(Debug)]
 struct Entry<T> {
@@ -38,8 +39,8 @@ const EXITED: usize = 8;
 #[derive(Debug)]
 pub(crate) struct Threads<T> {
     entries: HashMap<u32, Entry<T>>,
-    /// The threads forgotten last because they exited, the latest first (0: none).
-    exited_last: [u32; EXITED],
+    /// The threads forgotten last because they exited.
+    exited_last: Recent<EXITED>,
     /// Every entry's pidfd, registered with `tid | fd << 32` as its data. `None` if no epoll
     /// could be made: then nothing is remembered and every lookup resolves afresh.
     exited: Option<Epoll>,
@@ -54,7 +55,7 @@ impl<T: Task> Default for Threads<T> {
                 None
             }
         };
-        Threads { entries: HashMap::new(), exited_last: [0; EXITED], exited }
+        Threads { entries: HashMap::new(), exited_last: Recent::default(), exited }
     }
 }
 
@@ -87,8 +88,7 @@ impl<T: Task> Threads<T> {
                 if self.entries.get(&tid).is_some_and(|e| tag(tid, &e.handle) == Some(ev.data())) {
                     // Closing the pidfd (its only reference) takes it out of the epoll set too.
                     self.entries.remove(&tid);
-                    self.exited_last.copy_within(..EXITED - 1, 1);
-                    self.exited_last[0] = tid;
+                    self.exited_last.push(tid);
                 }
             }
             if n < events.len() {
@@ -108,7 +108,7 @@ impl<T: Task> Threads<T> {
     /// handed over to the next by ending, as a child does to the parent waiting for it.
     pub(crate) fn just_exited(&mut self, tid: u32) -> bool {
         self.forget_exited();
-        !self.entries.contains_key(&tid) && self.exited_last.contains(&tid)
+        !self.entries.contains_key(&tid) && self.exited_last.contains(tid)
     }
 
     /// Forget a thread (it execs away from the address space it shared).
@@ -173,25 +173,36 @@ mod tests {
         (tid_rx.recv().unwrap(), end_tx, h)
     }
 
-    #[test]
-    fn a_thread_that_exits_is_forgotten_before_its_tid_can_be_looked_up_again() {
+    /// Wait (at most 10 s) until `done`: a thread's release comes shortly after its join (join
+    /// returns once the thread cleared its tid, which can be before the kernel released it).
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// A thread of ours remembered as in process 4242, and this thread as in 4243.
+    fn two_remembered() -> (Threads<LinuxTask>, u32, mpsc::Sender<()>, std::thread::JoinHandle<()>, u32) {
         Pidfd::open_thread(gettid()).expect("thread pidfds (Linux 6.9+)");
         let mut threads = Threads::<LinuxTask>::default();
         let (tid, end, h) = spawn_thread();
         threads.insert(tid, 4242, false, Some(Pidfd::open_thread(tid).unwrap().into()));
         let me = gettid();
         threads.insert(me, 4243, false, Some(Pidfd::open_thread(me).unwrap().into()));
+        (threads, tid, end, h, me)
+    }
+
+    #[test]
+    fn a_thread_that_exits_is_forgotten_before_its_tid_can_be_looked_up_again() {
+        let (mut threads, tid, end, h, me) = two_remembered();
         assert_eq!(threads.lookup(tid), Some((4242, false)));
         assert!(threads.alive(tid));
         end.send(()).unwrap();
         h.join().unwrap();
-        // join returns once the thread cleared its tid, which can be before the kernel released
-        // it: wait (briefly) for the release; a recycled tid could only come after it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while threads.lookup(tid).is_some() {
-            assert!(std::time::Instant::now() < deadline, "exited thread still remembered");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        // A recycled tid could only come after the release waited for.
+        wait_until("exited thread still remembered", || threads.lookup(tid).is_none());
         assert!(!threads.alive(tid));
         assert_eq!(threads.lookup(me), Some((4243, false)), "live threads are kept");
         assert_eq!(threads.len(), 1);
@@ -199,20 +210,11 @@ mod tests {
 
     #[test]
     fn a_thread_that_exited_is_told_from_one_never_seen_and_one_alive() {
-        Pidfd::open_thread(gettid()).expect("thread pidfds (Linux 6.9+)");
-        let mut threads = Threads::<LinuxTask>::default();
-        let (tid, end, h) = spawn_thread();
-        threads.insert(tid, 4242, false, Some(Pidfd::open_thread(tid).unwrap().into()));
-        let me = gettid();
-        threads.insert(me, 4243, false, Some(Pidfd::open_thread(me).unwrap().into()));
+        let (mut threads, tid, end, h, me) = two_remembered();
         assert!(!threads.just_exited(tid), "alive");
         end.send(()).unwrap();
         h.join().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !threads.just_exited(tid) {
-            assert!(std::time::Instant::now() < deadline, "exit not seen");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        wait_until("exit not seen", || threads.just_exited(tid));
         assert!(!threads.just_exited(me), "alive");
         assert!(!threads.just_exited(999_999), "never seen");
         // Seen again (a new thread given the same id): no longer an exited one.
@@ -233,11 +235,7 @@ mod tests {
             end.send(()).unwrap();
             h.join().unwrap();
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while tids.iter().any(|t| threads.lookup(*t).is_some()) {
-            assert!(std::time::Instant::now() < deadline, "exited threads still remembered");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        wait_until("exited threads still remembered", || tids.iter().all(|t| threads.lookup(*t).is_none()));
         assert_eq!(threads.len(), 0);
     }
 

@@ -25,6 +25,8 @@
 //! against 0.694 s when it could come back after 32 calls; never on: 0.699 s against 0.711 s in
 //! another run; bare about 0.6 s).
 
+use crate::recent::Recent;
+
 /// Of the last [`WINDOW`] calls, this many caller switches turn the sync wake-up off ...
 const OFF_AT: u32 = 8;
 /// ... and this many or fewer turn it back on.
@@ -48,14 +50,14 @@ pub struct WakeUp {
     /// Calls since the last switch to a returning caller (saturating).
     calm: u32,
     last: Option<u32>,
-    /// The threads of the runs before the current one, the latest first (0: none).
-    runs: [u32; RUNS],
+    /// The threads of the runs before the current one.
+    runs: Recent<RUNS>,
     sync: bool,
 }
 
 impl Default for WakeUp {
     fn default() -> Self {
-        WakeUp { concurrent: 0, switches: 0, calm: 0, last: None, runs: [0; RUNS], sync: true }
+        WakeUp { concurrent: 0, switches: 0, calm: 0, last: None, runs: Recent::default(), sync: true }
     }
 }
 
@@ -70,9 +72,8 @@ impl WakeUp {
     pub fn observe(&mut self, tid: u32, handed_over: bool) -> Option<bool> {
         let (switched, back) = match self.last {
             Some(from) if from != tid => {
-                let back = !handed_over && self.runs.contains(&tid);
-                self.runs.copy_within(..RUNS - 1, 1);
-                self.runs[0] = from;
+                let back = !handed_over && self.runs.contains(tid);
+                self.runs.push(from);
                 (!handed_over, back)
             }
             _ => (false, false),
