@@ -276,9 +276,8 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
             let rr = paired(&s[2], &s[0], |x, y| x / y);
             // The better floor by median, its ratios per round.
             let (f0, f1) = (summarize(&s[3]).median, summarize(&s[4]).median);
-            let floor = if f1.is_nan() || f0 <= f1 { &s[3] } else { &s[4] };
+            let (floor, which) = if f1.is_nan() || f0 <= f1 { (&s[3], "no sync") } else { (&s[4], "sync") };
             let rf = paired(floor, &s[0], |x, y| x / y);
-            let which = if std::ptr::eq(floor, &s[3]) { "no sync" } else { "sync" };
             let ratio = |r: &crate::stats::Summary| format!("{}x ({}–{})", fmt3(r.median), fmt3(r.min), fmt3(r.max));
             md += &format!(
                 "| {} | {cpus_used} | {reps} | {} | {} | {} | {} | {} | {} ({which}) |\n",
