@@ -5,8 +5,9 @@
 //!
 //! Asserts, beyond not panicking:
 //! - bad settings are refused, never ignored: any `heapcap.io/` annotation with an unknown key, a
-//!   value that is not a positive size (`-5Mi`, `0`, `lots`) or a mode other than enforce/audit
-//!   makes `resolve` fail;
+//!   value that is not a positive size (`-5Mi`, `0`, `lots`), a mode other than enforce/audit, a
+//!   strict flag that is no yes or no word, or a machine memory other than quota/host makes
+//!   `resolve` fail;
 //! - annotations win: a successful result has, for each key an annotation gives, what its last
 //!   annotation says; `None` only when no annotation is a `heapcap.io/` one;
 //! - quotas are never 0;
@@ -14,8 +15,9 @@
 //!   resolves to the same settings.
 #![no_main]
 
-use heapcap_policy::ledger::Mode;
-use heapcap_policy::settings::{resolve, Settings, LIMIT, MODE, TOTAL_LIMIT};
+use heapcap_policy::ledger::{Counting, Mode};
+use heapcap_policy::machine::MachineMemory;
+use heapcap_policy::settings::{resolve, Settings, LIMIT, MACHINE_MEMORY, MODE, STRICT, TOTAL_LIMIT};
 use heapcap_policy::size::Size;
 use libfuzzer_sys::fuzz_target;
 
@@ -30,6 +32,8 @@ fuzz_target!(|data: &[u8]| {
     let bad = ours.iter().find(|(k, v)| match *k {
         LIMIT | TOTAL_LIMIT => Size::parse_limit(v).is_err(),
         MODE => !matches!(v.trim(), "enforce" | "audit"),
+        STRICT => yes_no(v).is_none(),
+        MACHINE_MEMORY => !matches!(v.trim(), "quota" | "host"),
         _ => true,
     });
     if let Some(bad) = bad {
@@ -52,6 +56,14 @@ fuzz_target!(|data: &[u8]| {
     if let Some(v) = last(MODE) {
         let mode = if v.trim() == "audit" { Mode::Audit } else { Mode::Enforce };
         assert_eq!(settings.mode, mode, "the annotation {MODE}={v:?} did not win");
+    }
+    if let Some(v) = last(STRICT) {
+        let counting = if yes_no(v) == Some(true) { Counting::Strict } else { Counting::Heap };
+        assert_eq!(settings.counting, counting, "the annotation {STRICT}={v:?} did not win");
+    }
+    if let Some(v) = last(MACHINE_MEMORY) {
+        let machine = if v.trim() == "host" { MachineMemory::Host } else { MachineMemory::Quota };
+        assert_eq!(settings.machine, machine, "the annotation {MACHINE_MEMORY}={v:?} did not win");
     }
     assert_ne!(settings.limits.process, Some(0));
     assert_ne!(settings.limits.total, Some(0));
@@ -76,8 +88,23 @@ fn canonical(settings: &Settings) -> Vec<(&'static str, String)> {
         Mode::Enforce => "enforce",
         Mode::Audit => "audit",
     };
-    let mut pairs = vec![(MODE, mode.to_string())];
+    let strict = settings.counting == Counting::Strict;
+    let machine = match settings.machine {
+        MachineMemory::Quota => "quota",
+        MachineMemory::Host => "host",
+    };
+    let mut pairs = vec![(MODE, mode.to_string()), (STRICT, strict.to_string()), (MACHINE_MEMORY, machine.to_string())];
     pairs.extend(settings.limits.process.map(|b| (LIMIT, b.to_string())));
     pairs.extend(settings.limits.total.map(|b| (TOTAL_LIMIT, b.to_string())));
     pairs
+}
+
+/// The yes and no words the settings take, in any case (the documented set, written out here so
+/// that the target does not check the parser with itself).
+fn yes_no(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
 }
