@@ -15,7 +15,7 @@
 //! - [`connect`]: connecting to heapcapd's socket with a timeout, for container start paths.
 //! - [`spawn`]: starting a command under the filter.
 //! - [`userns`]: the effective uid as the host sees it (rootless podman's hooks and runtime run as root
-//!   in its user namespace), for default paths.
+//!   in its user namespace), for default paths; whether this process reads every process's `/proc`.
 //!
 //! This is the only crate of heapcap with `unsafe` code; every block says why it is sound.
 

@@ -279,14 +279,25 @@ impl Kept for LinuxTask {
 }
 
 /// The real `/proc` and pidfds.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LinuxProc {
     proc: ProcFs,
+    /// Read where a process's break starts (`stat`) when it is admitted, not at its first
+    /// `brk`: for a supervisor that might not read it later (once the process stops being
+    /// dumpable). Most short processes never call `brk`: a privileged supervisor saves them
+    /// the read.
+    start_brk_at_admission: bool,
+}
+
+impl Default for LinuxProc {
+    fn default() -> LinuxProc {
+        LinuxProc::new(ProcFs::default())
+    }
 }
 
 impl LinuxProc {
     pub fn new(proc: ProcFs) -> LinuxProc {
-        LinuxProc { proc }
+        LinuxProc { proc, start_brk_at_admission: !heapcap_linux::userns::reads_every_process() }
     }
 }
 
@@ -364,7 +375,7 @@ impl ProcView for LinuxProc {
             Want::Admission { command } => {
                 let statm = self.proc.open_statm(pid)?;
                 let task = Pidfd::open(pid).map_err(|e| pidfd_error(pid, e))?;
-                let stat = self.proc.open_stat(pid).ok();
+                let stat = self.start_brk_at_admission.then(|| self.proc.open_stat(pid).ok()).flatten();
                 let command = command.then(|| self.proc.open_command(pid));
                 LinuxOpened::Admission { task, pid, statm, stat, command }
             }

@@ -368,7 +368,10 @@ impl Ledger {
             return Step::Measure { need: Need::Exact, refresh_others: false };
         };
         let Some(growth) = self.upper_growth(acct, req) else {
-            let need = if acct.new_image { Need::Image } else { Need::Exact };
+            // A break not known yet (a process admitted without `stat`, which most never need)
+            // is where the image's break starts, or above it: `statm` and `stat` tell enough.
+            let brk_base = matches!(req, Request::Brk { .. }) && acct.exec_by.is_none() && acct.brk.is_none();
+            let need = if acct.new_image || brk_base { Need::Image } else { Need::Exact };
             return Step::Measure { need: self.need(need), refresh_others: false };
         };
         if acct.new_image {

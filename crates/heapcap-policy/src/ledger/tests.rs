@@ -205,6 +205,47 @@ fn a_break_moved_after_the_token_is_not_overwritten_by_an_older_snapshot() {
 }
 
 #[test]
+fn a_break_not_known_at_admission_is_learnt_from_stat_not_the_maps() {
+    // Admitted from statm alone (a privileged supervisor leaves `stat` for the first brk).
+    let mut l = enforcing(MIB);
+    assert!(l.admit(1, "p".into(), Figure::Upper(0x8000), false));
+    let brk = |a| Request::Brk { addr: a };
+    assert_eq!(l.fast(1, 1, &brk(0x9000_4000), key(1)), Step::Measure { need: Need::Image, refresh_others: false });
+    let token = l.token(1).unwrap();
+    let image = Figure::Image { upper: 0x8000, start_brk: Some(0x9000_0000) };
+    assert_eq!(l.decide(1, 1, &brk(0x9000_4000), key(1), image, &[], token), Verdict::Allow);
+    assert_eq!(l.account(1).unwrap().bound, 0x8000 + 0x4000, "charged from where the break starts");
+    assert_eq!(l.fast(1, 1, &brk(0x9000_6000), key(2)), Step::Allow, "known from now on");
+    // Past the quota: denied on the exact figure, whatever stat said.
+    let over = brk(0x9000_0000 + MIB);
+    l.thread_seen(1, 1);
+    assert_eq!(l.fast(1, 1, &over, key(3)), Step::Measure { need: Need::Upper, refresh_others: false });
+    let token = l.token(1).unwrap();
+    assert_eq!(l.decide(1, 1, &over, key(3), Figure::Upper(0xe000), &[], token), Verdict::MeasureExact);
+    let heap = Vma {
+        start: 0x9000_0000,
+        end: 0x9000_6000,
+        writable: true,
+        anon_private: true,
+        is_heap: true,
+        ..Vma::default()
+    };
+    let exact =
+        Snapshot { maps: Maps::from_vmas(vec![heap, anon(0x1000, 0x8000)]), start_brk: Some(0x9000_0000), upper: None };
+    let token = l.token(1).unwrap();
+    assert_eq!(
+        l.decide(1, 1, &over, key(3), Figure::Exact(&exact), &[], token),
+        deny(Scope::Process, 0xe000, MIB - 0x6000, MIB)
+    );
+    // A hidden start (no ptrace rights after all) is no base: the mappings are read.
+    assert!(l.admit(2, "q".into(), Figure::Upper(0x8000), false));
+    assert_eq!(l.fast(2, 2, &brk(0x9000_4000), key(4)), Step::Measure { need: Need::Image, refresh_others: false });
+    let token = l.token(2).unwrap();
+    let hidden = Figure::Image { upper: 0x8000, start_brk: None };
+    assert_eq!(l.decide(2, 2, &brk(0x9000_4000), key(4), hidden, &[], token), Verdict::MeasureExact);
+}
+
+#[test]
 fn brk_is_charged_from_the_known_break_and_exec_resets_it() {
     let mut l = enforcing(64 * MIB);
     let heap =

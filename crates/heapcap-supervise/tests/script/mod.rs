@@ -271,7 +271,8 @@ impl Kept for ScriptedTask {
 
     fn image(&self) -> Result<(u64, Option<u64>), ProcError> {
         let (world, pid) = self.kept.as_ref().expect("kept() said so");
-        let start_brk = world.lock().procs.get(pid).map(|p| p.start_brk).filter(|b| *b != 0);
+        // As `stat` shows it: 0 (hidden) to a reader without ptrace rights over the process.
+        let start_brk = world.lock().procs.get(pid).filter(|p| p.dumpable).map(|p| p.start_brk).filter(|b| *b != 0);
         Ok((self.upper()?, start_brk))
     }
 
