@@ -3,7 +3,7 @@
 # harness, which writes results/bench.md and results/*.svg. Run as root (containers, seccomp);
 # needs gcc with static glibc, runc, prlimit; python3 and node are measured when present.
 #
-#   scripts/bench.sh            # the full run (about 5 minutes on a 2-core VM)
+#   scripts/bench.sh            # the full run (about an hour on a 2-core VM)
 #   scripts/bench.sh --tiny     # seconds, debug build: checks the harness still runs (CI); its
 #                               # figures mean nothing and go to $TMPDIR, not results/
 #

@@ -405,8 +405,8 @@ impl ProcView for LinuxProc {
                 Reading::Thread { tgid: pid, handle: Some(LinuxTask { pidfd: handle, files: None }) }
             }
             LinuxOpened::Admission { task, pid, statm, stat, command } => {
-                // statm and stat: one short line each whatever the number of mappings; the
-                // mappings are read when a decision needs them.
+                // statm (and stat, where it is read now): one short line each whatever the number
+                // of mappings; the mappings are read when a decision needs them.
                 let upper = self.proc.read_upper_at(&statm, page)?;
                 let start_brk = stat.as_ref().and_then(|s| self.proc.read_start_brk_at(s).ok().flatten());
                 let figure = match start_brk {
