@@ -152,6 +152,13 @@ fn a_process_never_dumpable_is_admitted_from_statm_and_its_unknown_break_refused
     let a = e.decide(&r.world, &n);
     let d = denial(&a);
     assert_eq!((d.syscall, d.request, d.brk_return), ("brk", None, Some(0)), "libc asks the kernel again after 0");
+    // Held as blind from then on; each refusal says why.
+    for _ in 0..2 {
+        let n = r.world.call(110, BRK, [0x5555_1000_0000, 0, 0, 0, 0, 0]);
+        let a = e.decide(&r.world, &n);
+        let reason = denial(&a).reason.clone().expect("a reason");
+        assert!(reason.contains("cannot be read"), "{reason}");
+    }
     // What fits the quota on statm still passes; what does not is refused.
     assert_eq!(r.alloc(&mut e, 110, 4 * MIB, &mut at), Answer::Allow);
     assert!(matches!(r.alloc(&mut e, 110, 4 * MIB, &mut at), Answer::Deny(_)));

@@ -370,7 +370,9 @@ impl Ledger {
         let Some(growth) = self.upper_growth(acct, req) else {
             // A break not known yet (a process admitted without `stat`, which most never need)
             // is where the image's break starts, or above it: `statm` and `stat` tell enough.
-            let brk_base = matches!(req, Request::Brk { .. }) && acct.exec_by.is_none() && acct.brk.is_none();
+            // (A blind process's `stat` hides it too: its refusal says what could not be read.)
+            let brk_base =
+                matches!(req, Request::Brk { .. }) && acct.exec_by.is_none() && acct.brk.is_none() && !acct.blind;
             let need = if acct.new_image || brk_base { Need::Image } else { Need::Exact };
             return Step::Measure { need: self.need(need), refresh_others: false };
         };
