@@ -6,6 +6,7 @@
 //! - [`inject`]: installing the filter into another process with ptrace (x86_64), for OCI hooks.
 //! - [`notify`]: the seccomp listener fd: receive, answer, check a notification is still valid.
 //! - [`pidfd`]: process and thread handles that cannot be fooled by pid reuse.
+//! - [`pollring`]: which watched fds became readable, read from memory shared with the kernel (`io_uring`).
 //! - [`procfs`]: `/proc/<pid>` readers (maps, stat, statm, status, syscall, mem).
 //! - [`processvm`]: writing a call's result into the caller's memory (`process_vm_writev`).
 //! - [`sysinfo`]: the kernel's `sysinfo(2)`, which heapcap answers for processes under a quota.
@@ -28,6 +29,7 @@ pub mod mmshare;
 pub mod notify;
 pub mod peercred;
 pub mod pidfd;
+pub mod pollring;
 pub mod processvm;
 pub mod procfs;
 pub mod procmap;

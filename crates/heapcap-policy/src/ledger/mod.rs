@@ -36,6 +36,8 @@ mod terms;
 
 use std::collections::HashMap;
 
+use rustc_hash::FxBuildHasher;
+
 use crate::syscall::{page_up, Request};
 
 pub use account::Account;
@@ -52,7 +54,8 @@ pub struct Ledger {
     mode: Mode,
     counting: Counting,
     page: u64,
-    accounts: HashMap<Pid, Account>,
+    /// By pid (the kernel's numbers: a fast hash will do; it is read several times a decision).
+    accounts: HashMap<Pid, Account, FxBuildHasher>,
     /// Upper bound of all non-runtime accounts' counted heap together.
     total_bound: u64,
     /// Counts growth let through ([`Token::seq`]).
@@ -69,7 +72,7 @@ impl Ledger {
             mode,
             counting: Counting::Heap,
             page,
-            accounts: HashMap::new(),
+            accounts: HashMap::default(),
             total_bound: 0,
             seq: 0,
             images: 0,
