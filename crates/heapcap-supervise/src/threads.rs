@@ -62,7 +62,8 @@ pub(crate) struct Threads<T> {
     ring: Option<PollRing>,
     epoll: Option<Epoll>,
     /// Entries in the epoll set, oldest first, with the decision count when they were put
-    /// there (some may be gone or replaced since: their tags tell).
+    /// there (some may be gone or replaced since: their tags tell). Kept only when there is a
+    /// ring to move them to.
     young: VecDeque<(u64, u64)>,
     /// How many entries are in the epoll set.
     young_live: usize,
@@ -240,7 +241,9 @@ impl<T: Task> Threads<T> {
         // A replaced entry's pidfd is closed here.
         self.remove(tid);
         if young {
-            self.young.push_back((tag, self.decisions));
+            if self.ring.is_some() {
+                self.young.push_back((tag, self.decisions));
+            }
             self.young_live += 1;
         }
         self.entries.insert(tid, Entry { pid, shared, handle, tag, young });
@@ -459,5 +462,6 @@ mod tests {
         assert_eq!(threads.lookup(me), Some((4243, false)));
         let epoll_only = threads.ring.is_none();
         assert_eq!(threads.young_live, usize::from(epoll_only), "only the epoll set holds the survivor");
+        assert!(!epoll_only || threads.young.is_empty(), "nothing to move them to: no queue kept");
     }
 }
