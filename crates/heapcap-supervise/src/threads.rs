@@ -12,13 +12,16 @@
 //! arrive after the old thread's release, hence after its wake-up: the lookup that serves it has
 //! already forgotten the old entry and reads `/proc/<tid>/status` afresh.
 //!
-//! The watch is a ring of one-shot `io_uring` polls where the kernel allows one
-//! ([`PollRing`]): a wake-up's completion is written into the ring before the listener thread
-//! returns from its next system call, and the receive that brought the notification is one. So
-//! the collection is a few loads from memory, no system call. Where `io_uring` is refused (a
-//! container's seccomp profile, `kernel.io_uring_disabled`), one epoll set holds the pidfds and
-//! one non-blocking `epoll_wait` per decision collects them (about 0.5 µs on this project's VM:
-//! a third of what heapcap spends deciding a call on its fast path).
+//! Two watches do it. A new thread's pidfd goes into one epoll set, and while any thread is
+//! there each lookup makes one non-blocking `epoll_wait` (about 0.5 µs on this project's VM: a
+//! third of what a fast-path decision cost with it). A thread still remembered after [`YOUNG`]
+//! decisions moves to a ring of one-shot `io_uring` polls ([`PollRing`]): a wake-up's completion
+//! is written into the ring before the listener thread returns from its next system call, and
+//! the receive that brought the notification is one, so checking the ring is a few loads from
+//! memory. The ring is not for everyone because each exit it sees wakes the listener once,
+//! which costs a short process more than its few `epoll_wait`s. Where `io_uring` is refused (a
+//! container's seccomp profile, `kernel.io_uring_disabled`, before Linux 5.19), the epoll set
+//! keeps every thread.
 
 use std::collections::{HashMap, VecDeque};
 
