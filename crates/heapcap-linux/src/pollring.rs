@@ -21,10 +21,15 @@ use io_uring::{opcode, types, IoUring};
 /// Beyond that the kernel keeps them aside (`IORING_FEAT_NODROP`) until the next look.
 const COMPLETIONS: u32 = 1024;
 
-/// The kernel dropped completions (it could not keep them aside): which fds were readable is
-/// not known.
+/// Rounds of moving completions kept aside into the ring before giving up on them: each
+/// moves up to [`COMPLETIONS`], so a burst of readinesses this many times the ring's size is
+/// still reported one by one.
+const FLUSHES: usize = 64;
+
+/// Completions the kernel dropped, or kept aside and would not hand over: which fds were
+/// readable is not known.
 #[derive(Debug, thiserror::Error)]
-#[error("io_uring dropped completions")]
+#[error("io_uring lost completions (dropped, or kept aside and not handed over)")]
 pub struct Lost;
 
 /// A ring of one-shot polls, for the thread that made it. Not `Send`: completions are posted
@@ -78,18 +83,22 @@ impl PollRing {
     }
 
     /// Call `f` with the tag of each watched fd that has become readable since the last call
-    /// (a completion with an error counts as readable: its poll is over either way).
+    /// (a completion with an error counts as readable: its poll is over either way). `Lost`
+    /// when some may be missing: the kernel dropped completions, or kept some aside (the ring
+    /// was full) and would not hand them over.
     pub fn ready(&mut self, mut f: impl FnMut(u64)) -> Result<(), Lost> {
-        loop {
+        for _ in 0..FLUSHES {
             let kept_aside = self.ring.submission().cq_overflow();
             if kept_aside {
-                // The ring was full: have the kernel move what it kept aside into it.
-                let _ = self.ring.submit_and_wait(0);
+                // Have the kernel move what it kept aside into the ring (as much as fits).
+                match self.ring.submit_and_wait(0) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return Err(Lost),
+                }
             }
             let mut cq = self.ring.completion();
-            let mut any = false;
             for cqe in &mut cq {
-                any = true;
                 f(cqe.user_data());
             }
             let dropped = cq.overflow();
@@ -98,10 +107,11 @@ impl PollRing {
                 self.dropped = dropped;
                 return Err(Lost);
             }
-            if !(kept_aside && any) {
+            if !kept_aside {
                 return Ok(());
             }
         }
+        Err(Lost)
     }
 }
 
