@@ -134,7 +134,10 @@ pub struct Maps {
 }
 
 impl Maps {
-    /// Parse the whole text of `/proc/<pid>/maps`.
+    /// Parse the whole text of `/proc/<pid>/maps`. The kernel ends every line with a newline, so
+    /// a text that stops inside a line is a read cut short and an error: parsed, its last line
+    /// could pass for a smaller mapping or a file (`...rw-p 00000000 00:00 ` reads as inode
+    /// unknown) and leave heap uncounted.
     pub fn parse(text: &str) -> Result<Maps, MapsError> {
         let mut vmas = Vec::with_capacity(text.len() / 80);
         for (i, line) in text.lines().enumerate() {
@@ -143,6 +146,10 @@ impl Maps {
             }
             let vma = parse_line(line).ok_or_else(|| MapsError { line: i + 1, text: line.into() })?;
             vmas.push(vma);
+        }
+        if !text.is_empty() && !text.ends_with('\n') {
+            let last = text.rsplit('\n').next().unwrap_or_default();
+            return Err(MapsError { line: text.lines().count(), text: last.into() });
         }
         Ok(Maps { vmas })
     }
@@ -282,6 +289,13 @@ mod tests {
     #[test]
     fn rejects_garbage() {
         assert!(Maps::parse("hello world\n").is_err());
+        // Cut inside the last line: a line that would parse (as an unknown file) is still refused.
+        let whole = "7f00-7f10 rw-p 00000000 00:00 0 \n";
+        assert_eq!(Maps::parse(whole).unwrap().counted(), 0x10);
+        for cut in 1..whole.len() {
+            let e = Maps::parse(&whole[..cut]).unwrap_err();
+            assert_eq!((e.line, e.text.as_str()), (1, &whole[..cut]), "cut at {cut}");
+        }
         assert!(Maps::parse("2000-1000 rw-p 0 0 0\n").is_err());
         assert_eq!(Maps::parse("").unwrap().counted(), 0);
     }

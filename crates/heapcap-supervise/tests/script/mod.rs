@@ -395,7 +395,12 @@ impl ProcView for View {
             let mut text = maps_text(vmas);
             match failure {
                 Some(Failure::Garbled) => text.push_str("this is not a maps line\n"),
-                Some(Failure::Truncated) => text.truncate(text.len().saturating_sub(text.len() / 3)),
+                // Inside a line (its newline at the least): a cut at a line's end reads as a
+                // whole text with fewer mappings, which the kernel's maps never give a live process.
+                Some(Failure::Truncated) => {
+                    let cut = text.len().saturating_sub(text.len() / 3);
+                    text.truncate(if text[..cut].ends_with('\n') { cut - 1 } else { cut });
+                }
                 _ => {}
             }
             let mut maps = Maps::parse(&text)?;
