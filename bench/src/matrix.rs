@@ -2,7 +2,10 @@
 //! churn, brk grow and trim, realloc by mremap, JIT W^X flips, thread and process churn, a build),
 //! alone and in parallel, far from the quota and at 90% of it, each against the mechanism's two
 //! floors (a minimal listener answering CONTINUE, with and without the synchronous wake-up,
-//! notifying exactly heapcap's set of calls), the four sides interleaved in every round.
+//! notifying exactly heapcap's set of calls), the four sides interleaved in every round. Where every
+//! process is new (fork+exec, builds), two more sides: the floors with the least per-process
+//! admission a per-process quota needs (`minsup` SYNC 2 and 3), to tell what of heapcap's added
+//! time is that admission.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -123,11 +126,28 @@ fn run_once(argv: &[String], shape_timed: bool) -> Result<(f64, Option<u64>)> {
     Ok((secs, count))
 }
 
-const SIDES: [&str; 4] = ["bare", "floor, no sync wake-up", "floor, sync wake-up", "heapcap"];
+const SIDES: [&str; 6] = [
+    "bare",
+    "floor, no sync wake-up",
+    "floor, sync wake-up",
+    "heapcap",
+    "admission floor, no sync wake-up",
+    "admission floor, sync wake-up",
+];
+/// The first of the admission floors' sides (`minsup` SYNC 2, 3).
+const ADMISSION: usize = 4;
 
-/// One cell's samples: seconds per side per round, and the notified calls per run.
+impl Cell {
+    /// Every process of the cell is new: the admission floors are measured too.
+    fn spawns(&self) -> bool {
+        self.near.is_none()
+    }
+}
+
+/// One cell's samples: seconds per side per round (NaN for a side not run), and the notified
+/// calls per run.
 struct Samples {
-    secs: [Vec<f64>; 4],
+    secs: [Vec<f64>; 6],
     calls: Vec<u64>,
 }
 
@@ -147,7 +167,8 @@ impl Ctx<'_> {
         let mut v: Vec<String> = match side {
             0 => vec![],
             1 | 2 => vec![self.fx.minsup.display().to_string(), (side - 1).to_string()],
-            _ => vec![self.args.heapcap().display().to_string(), "run".into(), "--limit".into(), limit, "--".into()],
+            3 => vec![self.args.heapcap().display().to_string(), "run".into(), "--limit".into(), limit, "--".into()],
+            _ => vec![self.fx.minsup.display().to_string(), (side - ADMISSION + 2).to_string()],
         };
         match &cell.work {
             Work::Shape { shape, size, iters, threads, procs, work } => {
@@ -172,6 +193,10 @@ impl Ctx<'_> {
         let timed = matches!(cell.work, Work::Shape { .. });
         for r in 0..rounds {
             for (side, side_name) in SIDES.iter().enumerate() {
+                if side >= ADMISSION && !cell.spawns() {
+                    s.secs[side].push(f64::NAN);
+                    continue;
+                }
                 if let Work::Make { .. } = cell.work {
                     let clean = Command::new("make").args(["-s", "-C"]).arg(&self.project).arg("clean").status();
                     if !clean.is_ok_and(|st| st.success()) {
@@ -188,26 +213,29 @@ impl Ctx<'_> {
                 }
             }
             eprintln!(
-                "{}{} round {r}: bare {:.3} s, floors {:.3} / {:.3} s, heapcap {:.3} s",
+                "{}{} round {r}: bare {:.3} s, floors {:.3} / {:.3} s, heapcap {:.3} s, admission floors {:.3} / {:.3} s",
                 cell.name,
                 if near { " (90% of the quota)" } else { "" },
                 s.secs[0][r],
                 s.secs[1][r],
                 s.secs[2][r],
-                s.secs[3][r]
+                s.secs[3][r],
+                s.secs[4][r],
+                s.secs[5][r],
             );
         }
         s
     }
 }
 
-/// Per round: heapcap's added time ÷ the best floor's (the lower of the two floors' added).
-fn ratio_to_best_floor(s: &Samples) -> Summary {
+/// Per round: heapcap's added time ÷ the best of two floors' (the lower added; `floors`: the
+/// first of the two sides).
+fn ratio_to_best_floor(s: &Samples, floors: usize) -> Summary {
     let rounds = s.secs[0].len();
     let v: Vec<f64> = (0..rounds)
         .map(|r| {
             let bare = s.secs[0][r];
-            let best = (s.secs[1][r] - bare).min(s.secs[2][r] - bare);
+            let best = (s.secs[floors][r] - bare).min(s.secs[floors + 1][r] - bare);
             (s.secs[3][r] - bare) / best
         })
         .collect();
@@ -234,7 +262,11 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
          set of calls, without and with the synchronous wake-up) and under `heapcap run`, {rounds} rounds, the four \
          sides interleaved in each. Times are the shape's own timed part (make: its wall time). *Added* is a side's \
          time minus the same round's bare run; the ratio is heapcap's added time ÷ the better floor's of the same \
-         round. Decisions: notified calls per run, as the floor counted them.\n\n",
+         round. Decisions: notified calls per run, as the floor counted them. Where every process is new \
+         (fork+exec, the builds), the floors with admission (`minsup` SYNC 2 and 3: at each process's first call a \
+         pidfd, its `statm` and `stat` read, the pidfd watched for its exit, and nothing else) run too, and the last \
+         column is heapcap's added time ÷ the better of theirs: what heapcap adds beyond the per-process work any \
+         per-process quota read from `/proc` needs.\n\n",
         files = if args.tiny { 3 } else { 31 },
     );
     let mut bars = Vec::new();
@@ -248,14 +280,21 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
             md += "### Far from the quota (`--limit 1Ti`)\n\n";
         }
         md += "| shape | decisions | bare s | floor added s (no sync / sync) | heapcap added s | heapcap ÷ best floor, added | \
-               µs per decision: heapcap / floor (sync) | heapcap ÷ bare |\n|---|---|---|---|---|---|---|---|\n";
+               µs per decision: heapcap / floor (sync) | heapcap ÷ bare | heapcap ÷ best admission floor, added |\n\
+               |---|---|---|---|---|---|---|---|---|\n";
         for cell in cells.iter().filter(|c| !near || c.near.is_some()) {
             let s = ctx.measure(cell, near, &mut failures);
             let added = |side: usize| paired(&s.secs[side], &s.secs[0], |x, b| x - b);
-            let ratio = ratio_to_best_floor(&s);
+            let ratio = ratio_to_best_floor(&s, 1);
             let wall = paired(&s.secs[3], &s.secs[0], |x, b| x / b);
+            let admission = if cell.spawns() {
+                let a = ratio_to_best_floor(&s, ADMISSION);
+                format!("{}x ({}–{})", fmt(a.median), fmt(a.min), fmt(a.max))
+            } else {
+                "—".to_string()
+            };
             md += &format!(
-                "| {} | {} | {} | {} / {} | {} | {}x ({}–{}) | {} / {} | {}x |\n",
+                "| {} | {} | {} | {} / {} | {} | {}x ({}–{}) | {} / {} | {}x | {admission} |\n",
                 cell.name,
                 s.calls.iter().copied().max().unwrap_or(0),
                 fmt_spread(&summarize(&s.secs[0])),
