@@ -261,8 +261,25 @@ impl ProcFs {
 
     /// What a thread is doing, from `/proc/<tid>/syscall`.
     pub fn thread_state(&self, tid: u32) -> ThreadState {
-        match self.read(tid, "syscall") {
-            Ok((_, text)) => parse_syscall(&text).unwrap_or(ThreadState::Busy),
+        match self.open_syscall(tid) {
+            Ok(opened) => self.thread_state_at(&opened),
+            Err(e) if e.is_gone() => ThreadState::Gone,
+            Err(_) => ThreadState::Busy,
+        }
+    }
+
+    /// Open `/proc/<tid>/syscall`, to be kept and read again with [`ProcFs::thread_state_at`].
+    pub fn open_syscall(&self, tid: u32) -> Result<(PathBuf, File), ProcError> {
+        self.open(tid, "syscall")
+    }
+
+    /// What a thread is doing, from its `syscall` file kept open: one `pread` (the kernel writes
+    /// the line afresh at each read from the start, for the thread the file was opened for, and
+    /// fails it with `ESRCH` once that thread is gone).
+    pub fn thread_state_at(&self, syscall: &(PathBuf, File)) -> ThreadState {
+        // The longest line: 9 numbers in hex, well under 256 bytes.
+        match read_all_at(syscall, 256) {
+            Ok(text) => parse_syscall(&text).unwrap_or(ThreadState::Busy),
             Err(e) if e.is_gone() => ThreadState::Gone,
             Err(_) => ThreadState::Busy,
         }
@@ -449,6 +466,32 @@ mod tests {
             Some(ThreadState::InCall(key))
         );
         assert_eq!(parse_syscall("9 0x0"), None);
+    }
+
+    #[test]
+    fn a_kept_syscall_file_follows_its_thread_until_it_is_gone() {
+        let proc = ProcFs::default();
+        let (mut r, mut w) = std::io::pipe().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let mut b = [0u8; 1];
+            r.read(&mut b).unwrap()
+        });
+        let tid = rx.recv().unwrap();
+        let kept = proc.open_syscall(tid).unwrap();
+        // Blocked in read(2) on the pipe: seen in that call, through the kept file and afresh.
+        let in_read = |s: ThreadState| matches!(s, ThreadState::InCall(k) if k.nr == libc::SYS_read);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !in_read(proc.thread_state_at(&kept)) {
+            assert!(std::time::Instant::now() < deadline, "the thread never blocked in read(2)");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(in_read(proc.thread_state(tid)));
+        std::io::Write::write_all(&mut w, b"x").unwrap();
+        assert_eq!(reader.join().unwrap(), 1);
+        assert_eq!(proc.thread_state_at(&kept), ThreadState::Gone, "the kept file's thread is gone");
     }
 
     #[test]

@@ -481,8 +481,10 @@ impl<'s, P: ProcView> Engine<'s, P> {
             // Thread states first, the figure second: a thread seen to have moved past its
             // allowed call finished it before the figure was read. (The other order can miss a
             // growth that lands between the two reads, and retire it: an under-count.)
-            let states: Vec<(u32, ThreadState)> =
-                pending.into_iter().map(|t| (t, self.sup.proc.thread_state(t))).collect();
+            let states: Vec<(u32, ThreadState)> = pending
+                .into_iter()
+                .map(|t| (t, self.threads.state(t).unwrap_or_else(|| self.sup.proc.thread_state(t))))
+                .collect();
             let read = if retries > STALE_RETRIES {
                 why.get_or_insert_with(|| "its figures kept changing under each read".into());
                 Read::Unread

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use heapcap_linux::pidfd::Pidfd;
 use heapcap_linux::procfs::{Opened, OpenedCommand, ProcError, ProcFs};
@@ -29,6 +29,11 @@ pub trait Task: Send + Sync + 'static {
     /// The files this handle keeps open to read its process again; `None`: it keeps none (the
     /// engine opens, checks and reads afresh).
     fn kept(&self) -> Option<&dyn Kept> {
+        None
+    }
+    /// What the thread is doing, through a file this handle keeps (opened at the first look);
+    /// `None`: a handle that keeps none (ask [`ProcView::thread_state`]).
+    fn state(&self) -> Option<ThreadState> {
         None
     }
 }
@@ -163,11 +168,23 @@ pub fn checked<P: ProcView>(proc: &P, pid: u32, want: Want, still: impl Fn() -> 
 type OpenedFile = (PathBuf, File);
 
 /// A process or thread handle of the real kernel: a pidfd, and for a process the files kept open
-/// to read it again.
+/// to read it again; for a thread, its `syscall` file once its state is asked for.
 #[derive(Debug)]
 pub struct LinuxTask {
     pidfd: Pidfd,
     files: Option<KeptFiles>,
+    thread: Option<ThreadFile>,
+}
+
+/// A thread's `/proc/<tid>/syscall`, opened at the first look at its state and kept: each later
+/// look is one `pread` instead of an open, a read and a close (a multi-threaded process's other
+/// threads are looked at whenever its figure is read).
+#[derive(Debug)]
+struct ThreadFile {
+    proc: ProcFs,
+    tid: u32,
+    /// `None` once opening failed or found the thread gone: then it is read afresh each time.
+    file: OnceLock<Option<OpenedFile>>,
 }
 
 #[derive(Debug)]
@@ -180,14 +197,19 @@ struct KeptFiles {
     maps: Mutex<Option<(PathBuf, File)>>,
 }
 
-/// A handle that keeps no files (a thread's).
+/// A handle that keeps no files.
 impl From<Pidfd> for LinuxTask {
     fn from(pidfd: Pidfd) -> LinuxTask {
-        LinuxTask { pidfd, files: None }
+        LinuxTask { pidfd, files: None, thread: None }
     }
 }
 
 impl LinuxTask {
+    /// The handle of thread `tid`, `pidfd` a pidfd of it (or of its process, for a leader).
+    pub fn thread(pidfd: Pidfd, proc: ProcFs, tid: u32) -> LinuxTask {
+        LinuxTask { pidfd, files: None, thread: Some(ThreadFile { proc, tid, file: OnceLock::new() }) }
+    }
+
     /// Open `file` of the process lazily; alive after the open, it is this process's.
     fn open_later(
         &self,
@@ -228,6 +250,14 @@ impl Task for LinuxTask {
 
     fn kept(&self) -> Option<&dyn Kept> {
         self.files.as_ref().map(|_| self as &dyn Kept)
+    }
+
+    fn state(&self) -> Option<ThreadState> {
+        let t = self.thread.as_ref()?;
+        // Opened by tid: the file is this thread's if the thread had not exited after the open
+        // (its tid is not handed out again before that).
+        let file = t.file.get_or_init(|| t.proc.open_syscall(t.tid).ok().filter(|_| !self.pidfd.has_exited()));
+        file.as_ref().map(|f| t.proc.thread_state_at(f))
     }
 }
 
@@ -305,6 +335,7 @@ impl LinuxProc {
 #[derive(Debug)]
 pub enum LinuxOpened {
     Thread {
+        tid: u32,
         status: (PathBuf, File),
         handle: Option<Pidfd>,
     },
@@ -368,7 +399,11 @@ impl ProcView for LinuxProc {
                         nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT
                     ) =>
                 {
-                    LinuxOpened::Thread { status: self.proc.open_status(pid)?, handle: Pidfd::open_thread(pid).ok() }
+                    LinuxOpened::Thread {
+                        tid: pid,
+                        status: self.proc.open_status(pid)?,
+                        handle: Pidfd::open_thread(pid).ok(),
+                    }
                 }
                 Err(e) => return Err(pidfd_error(pid, e)),
             },
@@ -397,12 +432,12 @@ impl ProcView for LinuxProc {
     fn read(&self, opened: LinuxOpened) -> Result<Reading<LinuxTask>, ProcError> {
         let page = heapcap_linux::page_size();
         Ok(match opened {
-            LinuxOpened::Thread { status, handle } => Reading::Thread {
+            LinuxOpened::Thread { tid, status, handle } => Reading::Thread {
                 tgid: self.proc.read_tgid(status)?,
-                handle: handle.map(|pidfd| LinuxTask { pidfd, files: None }),
+                handle: handle.map(|pidfd| LinuxTask::thread(pidfd, self.proc.clone(), tid)),
             },
             LinuxOpened::Leader { pid, handle } => {
-                Reading::Thread { tgid: pid, handle: Some(LinuxTask { pidfd: handle, files: None }) }
+                Reading::Thread { tgid: pid, handle: Some(LinuxTask::thread(handle, self.proc.clone(), pid)) }
             }
             LinuxOpened::Admission { task, pid, statm, stat, command } => {
                 // statm (and stat, where it is read now): one short line each whatever the number
@@ -422,7 +457,11 @@ impl ProcView for LinuxProc {
                     maps: Mutex::new(None),
                 };
                 let command = command.map(|c| self.proc.read_command(c)).unwrap_or_default();
-                Reading::Admission { task: LinuxTask { pidfd: task, files: Some(files) }, command, figure }
+                Reading::Admission {
+                    task: LinuxTask { pidfd: task, files: Some(files), thread: None },
+                    command,
+                    figure,
+                }
             }
             LinuxOpened::Maps { files, range } => {
                 Reading::Maps(self.proc.read_snapshot_for(files, &mut String::new(), range)?)

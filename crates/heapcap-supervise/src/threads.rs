@@ -26,6 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use heapcap_linux::pollring::PollRing;
+use heapcap_policy::ledger::ThreadState;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use rustc_hash::FxBuildHasher;
 
@@ -252,6 +253,13 @@ impl<T: Task> Threads<T> {
         self.entries.insert(tid, Entry { pid, shared, handle, tag, young });
     }
 
+    /// What a remembered thread is doing, through the file its handle keeps (`None`: not
+    /// remembered, or its handle keeps none). An entry whose thread has exited since the last
+    /// collection reads `Gone`: the file stays its thread's, whoever gets the tid next.
+    pub(crate) fn state(&self, tid: u32) -> Option<ThreadState> {
+        self.entries.get(&tid)?.handle.state()
+    }
+
     /// The thread is known and has not exited (rare: an exec in flight).
     pub(crate) fn alive(&mut self, tid: u32) -> bool {
         self.forget_exited();
@@ -439,6 +447,27 @@ mod tests {
         an_already_exited_thread_is_never_remembered_for_long,
         a_late_watch_of_a_replaced_entry_leaves_the_new_one
     );
+
+    #[test]
+    fn a_remembered_threads_state_is_read_through_the_file_its_handle_keeps() {
+        let mut threads = watched(both);
+        let (tid, end, h) = spawn_thread();
+        let proc = heapcap_linux::procfs::ProcFs::default();
+        threads.insert(tid, 4242, false, Some(LinuxTask::thread(Pidfd::open_thread(tid).unwrap(), proc, tid)));
+        let me = gettid();
+        threads.insert(me, 4243, false, Some(Pidfd::open_thread(me).unwrap().into()));
+        // Waiting for the channel: in futex(2), the same through the kept file as afresh.
+        let in_futex = |s: Option<ThreadState>| matches!(s, Some(ThreadState::InCall(k)) if k.nr == libc::SYS_futex);
+        wait_until("the thread never waited in futex(2)", || in_futex(threads.state(tid)));
+        let afresh = heapcap_linux::procfs::ProcFs::default().thread_state(tid);
+        assert_eq!(threads.state(tid), Some(afresh));
+        assert_eq!(threads.state(me), None, "a handle that keeps no file: read afresh by the caller");
+        assert_eq!(threads.state(999_999), None, "never remembered");
+        end.send(()).unwrap();
+        h.join().unwrap();
+        // Still remembered until the next collection, and seen to be gone.
+        wait_until("the thread's exit never showed", || threads.state(tid) == Some(ThreadState::Gone));
+    }
 
     fn a_thread_that_keeps_calling_moves_to_the_ring_and_its_exit_is_still_seen(watch: fn() -> Watches) {
         let (mut threads, tid, end, h, me) = two_remembered(watch);
