@@ -140,16 +140,21 @@ fn run_heapcap(args: &[&str]) -> Output {
 /// status, stdout and stderr. Panics (with the output so far) if heapcap
 /// cannot be started or runs for longer than `TIMEOUT`.
 fn run_heapcap_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let bin = heapcap_bin();
-    let mut cmd = Command::new(bin);
+    let mut cmd = Command::new(heapcap_bin());
+    cmd.args(args);
+    run_command(cmd, stdin)
+}
+
+/// Runs `cmd` (heapcap, or a shell that execs it) as [`run_heapcap_with_stdin`] does.
+fn run_command(mut cmd: Command, stdin: Option<&[u8]>) -> Output {
+    let args: Vec<_> = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_owned()).collect();
     // Its own process group, so that a hung run can be killed with its
     // whole tree.
-    cmd.args(args)
-        .process_group(0)
+    cmd.process_group(0)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {} {args:?}: {e}", bin.display()));
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {args:?}: {e}"));
 
     let feeder = stdin.map(|data| {
         let mut pipe = child.stdin.take().expect("stdin is piped");
@@ -410,6 +415,27 @@ fn realloc_growth_with_mremap_stops_at_the_quota() {
 /// allocated <= limit`, where 8 chunks may be lost to the last failing
 /// claim of each thread, and 4 MiB covers the baseline, the stacks and the
 /// arenas' headers and padding. Run several times to give races a chance.
+/// `heapcap ARGS...` started by a shell whose limit on open files is `nofile` (`ulimit -Sn`).
+fn run_heapcap_with_fd_limit(nofile: u64, args: &[&str]) -> Output {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("ulimit -Sn {nofile} && exec \"$0\" \"$@\"")).arg(heapcap_bin()).args(args);
+    run_command(cmd, None)
+}
+
+/// 300 threads alive at once, each mapping 64 KiB 20 times, under a heapcap started with a limit
+/// of 128 open files (a shell's `ulimit -n`): heapcap holds fds for each thread it remembers, so
+/// it takes its hard limit once the command has started, and no call is refused for want of an
+/// fd. The command keeps the limit it was started with.
+#[test]
+fn a_crowd_of_threads_is_served_whatever_fd_limit_heapcap_starts_with() {
+    let _heavy = heavy();
+    let out = run_heapcap_with_fd_limit(128, &["run", "--limit", "8Gi", "--", ALLOC, "crowd", "300", "20", "65536"]);
+    assert_eq!(fixture_result(&out), (300 * 20 * 64 * KiB, "ok".to_string()), "{}", show(&out));
+    let out = run_heapcap_with_fd_limit(128, &["run", "--limit", "1Gi", "--", "sh", "-c", "ulimit -Sn"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "128", "the command's own limit");
+}
+
 #[test]
 fn threads_racing_for_the_quota_never_pass_it() {
     let limit = 128 * MiB;

@@ -15,6 +15,7 @@
 //! - [`peercred`]: a UNIX socket peer's credentials, and the root-only sockets' check of them.
 //! - [`connect`]: connecting to heapcapd's socket with a timeout, for container start paths.
 //! - [`spawn`]: starting a command under the filter.
+//! - [`rlimit`]: the limit on open files, raised to the hard one; whether fds are plentiful.
 //! - [`userns`]: the effective uid as the host sees it (rootless podman's hooks and runtime run as root
 //!   in its user namespace), for default paths; whether this process reads every process's `/proc`.
 //!
@@ -33,6 +34,7 @@ pub mod pollring;
 pub mod processvm;
 pub mod procfs;
 pub mod procmap;
+pub mod rlimit;
 pub mod spawn;
 pub mod sysinfo;
 pub mod userns;

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
@@ -256,7 +256,11 @@ impl Task for LinuxTask {
         let t = self.thread.as_ref()?;
         // Opened by tid: the file is this thread's if the thread had not exited after the open
         // (its tid is not handed out again before that).
-        let file = t.file.get_or_init(|| t.proc.open_syscall(t.tid).ok().filter(|_| !self.pidfd.has_exited()));
+        // (Kept only while fds are plentiful: it saves opens, and must not take the fds they need.)
+        let file = t.file.get_or_init(|| {
+            let f = t.proc.open_syscall(t.tid).ok()?;
+            (heapcap_linux::rlimit::plentiful(f.1.as_raw_fd()) && !self.pidfd.has_exited()).then_some(f)
+        });
         file.as_ref().map(|f| t.proc.thread_state_at(f))
     }
 }

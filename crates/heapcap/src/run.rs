@@ -124,6 +124,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     under_filter(&mut cmd, program, theirs.into(), flags);
     let spawned = cmd.spawn();
     drop(cmd); // closes our copy of the child's socket end
+               // The command started with the limit on open files it was given; heapcap holds a few fds per
+               // process and thread of it, so it takes its hard limit from now on.
+    if let Err(e) = heapcap_linux::rlimit::raise_fd_limit() {
+        tracing::warn!(error = %e, "cannot raise the limit on open files");
+    }
     let child = match spawned {
         Ok(child) => Pid::from_raw(child.id() as i32),
         Err(e) => {

@@ -216,8 +216,7 @@ fn tokio_unix(listener: std::os::unix::net::UnixListener) -> std::io::Result<tok
 
 /// One fd per process and thread of every container is held: take the hard limit.
 fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    if let Err(e) = heapcap_linux::rlimit::raise_fd_limit() {
+        tracing::warn!(error = %e, "cannot raise the limit on open files");
     }
 }
