@@ -28,11 +28,16 @@ pub struct Account {
     pub estimate: u64,
     /// The counted heap at the last exact read.
     pub last_exact: u64,
-    /// High-water mark of `estimate`: the peak heap, within the larger of 1 MiB and 1/16 (the
-    /// fast path measures again past that).
+    /// High-water mark of `estimate` plus `unresolved`: the peak heap, within the larger of 1 MiB
+    /// and 1/16 below (the fast path measures again past that), and above by at most the growth
+    /// in flight that no figure could settle.
     pub peak: u64,
     /// Highest heap measured (exactly, or by `statm` for a blind or new image): drives the peak mark.
     pub(super) measured: u64,
+    /// Growth let through before the last figure that it could not settle (its threads still
+    /// running: landed or not, nothing tells): left out of `estimate`, which it may already be
+    /// in, and added to the peak, which must not miss it.
+    pub(super) unresolved: u64,
     /// What `statm` showed beyond the counted heap at the last read of both (private file data,
     /// stacks); `None` until one.
     pub(super) offset: Option<u64>,
@@ -68,6 +73,7 @@ impl Account {
             last_exact: counted,
             peak: counted,
             measured: counted,
+            unresolved: 0,
             denials: 0,
             limit: None,
             runtime: false,
@@ -87,8 +93,18 @@ impl Account {
         self.brk
     }
 
+    /// Raise the peak to the estimate now (with the growth no figure settled).
+    pub(super) fn note_peak(&mut self) {
+        self.peak = self.peak.max(self.estimate.saturating_add(self.unresolved));
+    }
+
     pub(super) fn in_flight(&self) -> u64 {
         self.pending.iter().map(|p| p.bytes).fold(0, u64::saturating_add)
+    }
+
+    /// Growth in flight let through after `seq` ([`Token::seq`]).
+    pub(super) fn in_flight_since(&self, seq: u64) -> u64 {
+        self.pending.iter().filter(|p| p.seq > seq).map(|p| p.bytes).fold(0, u64::saturating_add)
     }
 
     /// Threads with growth in flight, other than `except`.

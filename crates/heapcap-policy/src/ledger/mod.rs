@@ -348,7 +348,7 @@ impl Ledger {
         }
         acct.bound += growth;
         acct.estimate += growth;
-        acct.peak = acct.peak.max(acct.estimate);
+        acct.note_peak();
         let missable = Self::missable(req, growth);
         if missable > 0 {
             acct.pending.push(Pending { tid, bytes: missable, key, seq });
@@ -407,7 +407,16 @@ impl Ledger {
         let figure = self.usable(figure);
         let Some(acct) = self.accounts.get_mut(&pid).filter(|a| a.image == token.image) else { return false };
         acct.retire(states, token);
+        // The bound counts every growth not settled by `states`; the estimate only what the
+        // figure cannot have seen (let through after the token). Growth let through before it
+        // and still unsettled (its thread running: landed or not, nothing tells) may be in the
+        // figure already: in the estimate, it would keep it past the peak mark however often the
+        // figure is read (a crowd of threads measured at every call). The peak adds it.
         let in_flight = acct.in_flight();
+        let since = acct.in_flight_since(token.seq);
+        if !matches!(figure, Figure::Unread) {
+            acct.unresolved = in_flight.saturating_sub(since);
+        }
         // A figure of a new image (any but a tentative upper one) makes a runtime's account the
         // program's.
         let joins = acct.runtime && acct.new_image && !matches!(figure, Figure::Upper(_));
@@ -431,12 +440,11 @@ impl Ledger {
                 if acct.exec_by.is_none() && acct.brk_seq <= token.seq {
                     acct.brk = snap.brk(page);
                 }
-                let usage = counted.saturating_add(in_flight);
-                (usage, usage)
+                (counted.saturating_add(in_flight), counted.saturating_add(since))
             }
             Figure::Upper(upper) | Figure::UpperOnly(upper) | Figure::Image { upper, .. } => {
                 let usage = upper.saturating_add(in_flight);
-                let heap = upper.saturating_sub(acct.offset.unwrap_or(0)).saturating_add(in_flight);
+                let heap = upper.saturating_sub(acct.offset.unwrap_or(0)).saturating_add(since);
                 if let Figure::Image { start_brk, .. } = figure {
                     if acct.exec_by.is_none() && acct.brk_seq <= token.seq {
                         acct.brk = start_brk.filter(|b| *b != 0).and_then(|b| page_up(b, page));
@@ -462,7 +470,7 @@ impl Ledger {
         }
         acct.bound = bound;
         acct.estimate = estimate.min(bound);
-        acct.peak = acct.peak.max(acct.estimate);
+        acct.note_peak();
         true
     }
 

@@ -156,6 +156,34 @@ fn growth_in_flight_on_another_thread_is_not_lost() {
 }
 
 #[test]
+fn growth_of_running_threads_is_bounded_not_estimated_twice_nor_measured_at_every_call() {
+    // A crowd: 100 threads, each with 64 KiB let through and still running (landed or not,
+    // nothing tells), far below a 1 GiB quota; the exact heap is 4 MiB, theirs included.
+    let mut l = enforcing(1 << 30);
+    admit(&mut l, 1, vec![anon(0, 4 * MIB)]);
+    let chunk = 64 << 10;
+    let running: Vec<(Tid, ThreadState)> = (100..200).map(|t| (t, ThreadState::Busy)).collect();
+    let mut measured = 0;
+    for (i, (t, _)) in running.iter().enumerate() {
+        let step = l.fast(1, *t, &map(chunk), key(i as u64));
+        if step != Step::Allow {
+            measured += 1;
+            let token = l.token(1).unwrap();
+            let figure = Figure::Exact(&snap(vec![anon(0, 4 * MIB)]));
+            assert_eq!(l.decide(1, *t, &map(chunk), key(i as u64), figure, &running, token), Verdict::Allow);
+        }
+    }
+    let a = l.account(1).unwrap();
+    assert!(a.bound >= 4 * MIB + 100 * chunk - chunk, "the bound counts every unsettled growth: {}", a.bound);
+    // The last figure saw 4 MiB: the estimate does not add the unsettled growth again (the peak
+    // does: it may have landed after the figure, and a peak must not miss it).
+    assert!(a.estimate <= 4 * MIB + MIB + 16 * chunk, "estimate {} counts the crowd twice", a.estimate);
+    assert!(a.peak >= 4 * MIB + 90 * chunk && a.peak <= 4 * MIB + 100 * chunk + MIB, "peak {}", a.peak);
+    // Measured at each 1 MiB of growth past the last figure (16 calls), not at every call.
+    assert!(measured <= 100 / 16 + 1, "{measured} of 100 calls measured");
+}
+
+#[test]
 fn growth_let_through_after_the_token_is_never_retired_by_its_figure() {
     let mut l = enforcing(64 * MIB);
     admit(&mut l, 1, vec![]);
