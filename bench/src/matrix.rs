@@ -55,6 +55,13 @@ fn cells(tiny: bool, cpus: usize) -> Vec<Cell> {
         shape("realloc to 4 MiB (mremap)", "realloc", 4 * MIB, 1_000, Some(4 * MIB)),
         shape("JIT W^X flips of 64 KiB", "jit", 64 << 10, 20_000, Some(MIB)),
         shape("thread create + exit", "threads", 64 << 10, 5_000, Some(4 * MIB)),
+        // Many threads of one process calling at once (each with growth in flight while the
+        // others are decided): room for their 512 KiB stacks beside the blocks.
+        Cell {
+            name: "64 threads at once: mmap 64 KiB + munmap".into(),
+            work: Work::Shape { shape: "mmap", size: 64 << 10, iters: it(300), threads: 64, procs: 1, work: 0 },
+            near: Some(64 * MIB),
+        },
         shape("fork+exec /bin/true", "spawn", 0, 2_000, None),
         Cell { name: "make -j1 (C project)".into(), work: Work::Make { jobs: 1 }, near: None },
     ];
