@@ -491,7 +491,12 @@ mod tests {
         assert!(in_read(proc.thread_state(tid)));
         std::io::Write::write_all(&mut w, b"x").unwrap();
         assert_eq!(reader.join().unwrap(), 1);
-        assert_eq!(proc.thread_state_at(&kept), ThreadState::Gone, "the kept file's thread is gone");
+        // join returns once the thread cleared its tid, which can be before the kernel released
+        // it (it reads `running` until then).
+        while proc.thread_state_at(&kept) != ThreadState::Gone {
+            assert!(std::time::Instant::now() < deadline, "the kept file's thread never read as gone");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     #[test]
