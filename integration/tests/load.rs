@@ -31,9 +31,9 @@
 //!   [`STEADY_GROWTH`] (160 KiB), with up to [`MAX_ROUNDS`] rounds to show it: a late settling
 //!   stops, a leak does not. A leak of 1 KiB per container (a ledger, a buffer, a thread's
 //!   stack) fails it: heapcapd changed to leak 1 KiB per listener grew by 64–244 KiB a round,
-//!   232–468 KiB over any three rounds after the settling ones (2 runs). So does a leaked fd or thread
-//!   (heapcapd changed to leak one fd per agent connection held 150 fds instead of 28 at the
-//!   end).
+//!   232–468 KiB over any three rounds after the settling ones (2 runs). So does a leaked fd or
+//!   thread (heapcapd changed to leak one fd per agent connection held 150 fds instead of 28 at
+//!   the end).
 //! - Time: a round of 100 short containers, 6 at a time beside two storms, takes 8–13 s; the
 //!   whole file about 100 s (more when heapcapd settles late).
 //!
