@@ -462,7 +462,7 @@ impl<'s, P: ProcView> Engine<'s, P> {
             let (token, pending, blind, task) = {
                 let g = self.sup.accounts.lock();
                 let blind = g.ledger.account(pid).is_some_and(|a| a.blind);
-                (g.ledger.token(pid), g.ledger.pending_threads(pid, n.pid), blind, g.task(pid))
+                (g.ledger.token(pid), g.ledger.threads_to_ask(pid, n.pid, req), blind, g.task(pid))
             };
             let Some(token) = token else {
                 // Closed meanwhile: the process exited, so its calls are no longer pending.

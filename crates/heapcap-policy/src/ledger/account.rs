@@ -107,11 +107,28 @@ impl Account {
         self.pending.iter().filter(|p| p.seq > seq).map(|p| p.bytes).fold(0, u64::saturating_add)
     }
 
-    /// Threads with growth in flight, other than `except`.
-    pub(super) fn pending_threads(&self, except: Tid) -> Vec<Tid> {
-        let mut tids: Vec<Tid> = self.pending.iter().map(|p| p.tid).filter(|&t| t != except).collect();
+    /// Threads with growth in flight, other than `except`, leaving out those with the least
+    /// growth in flight as long as what they leave out stays within `slack` bytes in all.
+    pub(super) fn pending_threads(&self, except: Tid, slack: u64) -> Vec<Tid> {
+        let mut growth: Vec<(Tid, u64)> =
+            self.pending.iter().filter(|p| p.tid != except).map(|p| (p.tid, p.bytes)).collect();
+        growth.sort_unstable();
+        growth.dedup_by(|next, kept| {
+            let same = next.0 == kept.0;
+            if same {
+                kept.1 = kept.1.saturating_add(next.1);
+            }
+            same
+        });
+        growth.sort_unstable_by_key(|&(tid, bytes)| (bytes, tid));
+        let (mut unasked, mut left) = (0, slack);
+        for &(_, bytes) in &growth {
+            let Some(rest) = left.checked_sub(bytes) else { break };
+            left = rest;
+            unasked += 1;
+        }
+        let mut tids: Vec<Tid> = growth[unasked..].iter().map(|&(tid, _)| tid).collect();
         tids.sort_unstable();
-        tids.dedup();
         tids
     }
 
@@ -132,6 +149,11 @@ impl Account {
 
     /// Growth the fast path may let through before measuring a new peak.
     pub(super) fn peak_mark(&self) -> u64 {
-        self.measured.saturating_add((self.measured / 16).max(MIB))
+        self.measured.saturating_add(self.peak_precision())
+    }
+
+    /// How far a peak may read from the true one: the larger of 1 MiB and 1/16 of the heap.
+    pub(super) fn peak_precision(&self) -> u64 {
+        (self.measured / 16).max(MIB)
     }
 }

@@ -184,6 +184,38 @@ fn growth_of_running_threads_is_bounded_not_estimated_twice_nor_measured_at_ever
 }
 
 #[test]
+fn far_from_the_quota_only_the_largest_growths_in_flight_are_asked_about() {
+    // 8 MiB measured: a peak is precise to 1 MiB. Threads 11-18 have 128 KiB in flight each,
+    // thread 20 has 4 MiB; thread 30 asks.
+    let mut l = enforcing(1 << 30);
+    admit(&mut l, 1, vec![anon(0, 8 * MIB)]);
+    for t in 11..=18 {
+        assert_eq!(l.fast(1, t, &map(128 << 10), key(t.into())), Step::Allow);
+    }
+    let token = l.token(1).unwrap();
+    assert!(l.refresh(1, Figure::Exact(&snap(vec![anon(0, 9 * MIB)])), &[], token), "a new peak, measured");
+    assert_eq!(l.fast(1, 20, &map(4 * MIB), key(20)), Step::Measure { need: Need::Upper, refresh_others: false });
+    assert_eq!(
+        l.decide(1, 20, &map(4 * MIB), key(20), Figure::Exact(&snap(vec![anon(0, 9 * MIB)])), &[], l.token(1).unwrap()),
+        Verdict::Allow
+    );
+    // Far from the quota: the small growths, 1 MiB in all, stay counted without a read; the
+    // 4 MiB is worth asking about.
+    assert_eq!(l.threads_to_ask(1, 30, &map(PAGE)), vec![20]);
+    assert_eq!(l.pending_threads(1, 30), vec![11, 12, 13, 14, 15, 16, 17, 18, 20], "all, for the total");
+    // Left out, they still count: in the bound, and in the peak on top of the estimate.
+    let a = l.account(1).unwrap();
+    assert_eq!(a.bound, 9 * MIB + 8 * (128 << 10) + 4 * MIB);
+    assert!(a.peak >= 9 * MIB + 4 * MIB, "peak {}", a.peak);
+    // Where a quota is in question, every thread is asked: a decision may turn on it.
+    l.set_process_limit(1, Some(15 * MIB));
+    assert_eq!(l.threads_to_ask(1, 30, &map(2 * MIB)), vec![11, 12, 13, 14, 15, 16, 17, 18, 20]);
+    assert_eq!(l.threads_to_ask(1, 30, &map(PAGE)), vec![20], "a page still fits the bound");
+    // The asking thread is never asked about itself.
+    assert_eq!(l.threads_to_ask(1, 20, &map(2 * MIB)), vec![11, 12, 13, 14, 15, 16, 17, 18]);
+}
+
+#[test]
 fn growth_let_through_after_the_token_is_never_retired_by_its_figure() {
     let mut l = enforcing(64 * MIB);
     admit(&mut l, 1, vec![]);
@@ -517,7 +549,7 @@ proptest! {
                         Step::Allow => Verdict::Allow,
                         Step::Measure { need, .. } => {
                             let token = if early_token { old_token.take().unwrap_or_else(|| l.token(1).unwrap()) } else { l.token(1).unwrap() };
-                            let states: Vec<(Tid, ThreadState)> = l.pending_threads(1, tid).into_iter().map(|t| {
+                            let states: Vec<(Tid, ThreadState)> = l.threads_to_ask(1, tid, &req).into_iter().map(|t| {
                                 let st = match in_flight[(t - 100) as usize] {
                                     Some(_) if busy => ThreadState::Busy,
                                     Some((_, key)) => ThreadState::InCall(key),
