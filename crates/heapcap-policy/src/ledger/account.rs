@@ -107,28 +107,22 @@ impl Account {
         self.pending.iter().filter(|p| p.seq > seq).map(|p| p.bytes).fold(0, u64::saturating_add)
     }
 
-    /// Threads with growth in flight, other than `except`, leaving out those with the least
-    /// growth in flight as long as what they leave out stays within `slack` bytes in all.
+    /// Threads with growth in flight, other than `except`, leaving out the smallest growths as
+    /// long as what is left out stays within `slack` bytes in all (a thread asked about for
+    /// another growth settles those too).
     pub(super) fn pending_threads(&self, except: Tid, slack: u64) -> Vec<Tid> {
-        let mut growth: Vec<(Tid, u64)> =
-            self.pending.iter().filter(|p| p.tid != except).map(|p| (p.tid, p.bytes)).collect();
+        let mut growth: Vec<(u64, Tid)> =
+            self.pending.iter().filter(|p| p.tid != except).map(|p| (p.bytes, p.tid)).collect();
         growth.sort_unstable();
-        growth.dedup_by(|next, kept| {
-            let same = next.0 == kept.0;
-            if same {
-                kept.1 = kept.1.saturating_add(next.1);
-            }
-            same
-        });
-        growth.sort_unstable_by_key(|&(tid, bytes)| (bytes, tid));
         let (mut unasked, mut left) = (0, slack);
-        for &(_, bytes) in &growth {
+        for &(bytes, _) in &growth {
             let Some(rest) = left.checked_sub(bytes) else { break };
             left = rest;
             unasked += 1;
         }
-        let mut tids: Vec<Tid> = growth[unasked..].iter().map(|&(tid, _)| tid).collect();
+        let mut tids: Vec<Tid> = growth[unasked..].iter().map(|&(_, tid)| tid).collect();
         tids.sort_unstable();
+        tids.dedup();
         tids
     }
 
