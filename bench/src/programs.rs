@@ -74,6 +74,9 @@ fn gcc_source(path: &Path, functions: usize) -> Result<()> {
 struct Program {
     name: String,
     argv: Vec<String>,
+    /// It starts processes as it goes (a compiler driver, a build): the admission floors
+    /// (`minsup` SYNC 2, 3) run too.
+    spawns: bool,
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -124,6 +127,7 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
     let mut left_out = Vec::new();
     match python() {
         Some(py) => programs.push(Program {
+            spawns: false,
             name: "python3 (lists, dicts, bytearrays)".into(),
             argv: vec![py, "-c".into(), PYTHON.into(), if tiny { "1" } else { "8" }.into()],
         }),
@@ -133,15 +137,18 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
     sort_input(&input, if tiny { 20_000 } else { 2_000_000 })?;
     let sort = which("sort").context("no sort")?;
     programs.push(Program {
+        spawns: false,
         name: format!("sort ({} lines)", if tiny { "20k" } else { "2M" }),
         argv: vec![sort.display().to_string(), "-o".into(), "/dev/null".into(), input.display().to_string()],
     });
     programs.push(Program {
+        spawns: false,
         name: "malloc stress (4 threads)".into(),
         argv: vec![fx.stress.display().to_string(), "4".into(), if tiny { "20000" } else { "3000000" }.into()],
     });
     match which("node") {
         Some(node) => programs.push(Program {
+            spawns: false,
             name: "node (objects, Buffers)".into(),
             argv: vec![node.display().to_string(), "-e".into(), NODE.into(), if tiny { "1" } else { "10" }.into()],
         }),
@@ -153,6 +160,7 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
             let built = Command::new(&javac).arg("Alloc.java").current_dir(work).status();
             match built {
                 Ok(s) if s.success() => programs.push(Program {
+                    spawns: false,
                     name: "JVM (openjdk: lists, maps, arrays; heap pinned)".into(),
                     // The heap pinned: under a quota the JVM sizes its heap from the quota (it
                     // reads sysinfo, as under a cgroup limit), and a smaller heap collects more
@@ -178,6 +186,7 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
             let c = work.join("gcc-input.c");
             gcc_source(&c, if tiny { 20 } else { 400 })?;
             programs.push(Program {
+                spawns: true,
                 name: "gcc -O2 (one file)".into(),
                 argv: vec![
                     gcc.display().to_string(),
@@ -191,6 +200,7 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
             let project = work.join("programs-project");
             crate::matrix::write_project(&project, if tiny { 3 } else { 31 })?;
             programs.push(Program {
+                spawns: true,
                 name: format!("make -j{cpus} (C project, from clean)"),
                 argv: vec![
                     "sh".into(),
@@ -211,6 +221,7 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
             0 => {}
             1 => v.extend([heapcap.clone(), "run".into(), "--limit".into(), QUOTA.into(), "--".into()]),
             2 => v.extend(["prlimit".into(), format!("--data={RLIMIT_DATA}"), "--".into()]),
+            // The floors (SYNC 0, 1), then the admission floors (SYNC 2, 3).
             _ => v.extend([fx.minsup.display().to_string(), (side - 3).to_string()]),
         }
         v.extend(argv.iter().cloned());
@@ -225,13 +236,15 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
          Wall time of each program alone, under `heapcap run --limit {QUOTA}`, under `prlimit --data={RLIMIT_DATA}` \
          (RLIMIT_DATA 4 GiB: the kernel's own limit, zero overhead), and under the mechanism's floor (`minsup`: a \
          minimal listener answering CONTINUE to heapcap's set of calls, with and without the synchronous wake-up; \
-         the better of the two is shown), {rounds} rounds, the five sides interleaved \
-         per program, on one CPU (`taskset -c 0` around the whole side, supervisor included: a container given one CPU) \
+         the better of the two is shown; for the programs that start processes as they go, also the admission \
+         floors: `minsup` adding, at each process's first call, a pidfd, its `statm` and `stat` read, and the pidfd \
+         watched for its exit, the least per-process work a quota read from `/proc` needs), {rounds} rounds, the sides \
+         interleaved per program, on one CPU (`taskset -c 0` around the whole side, supervisor included: a container given one CPU) \
          and on all {cpus}. A program that runs for less than {min_run} s is run back to back (`reps`) in one shell under \
          one supervisor, so that each measured run lasts at least that. Ratios are per round (side ÷ same round's plain \
          run), then summarised.\n\n\
-         | program | CPUs | reps | plain s | heapcap s | RLIMIT_DATA s | heapcap ÷ plain | RLIMIT_DATA ÷ plain | floor ÷ plain |\n\
-         |---|---|---|---|---|---|---|---|---|\n"
+         | program | CPUs | reps | plain s | heapcap s | RLIMIT_DATA s | heapcap ÷ plain | RLIMIT_DATA ÷ plain | floor ÷ plain | admission floor ÷ plain |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n"
     );
     let mut bars = Vec::new();
     for p in &programs {
@@ -254,9 +267,10 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
                 v.extend(p.argv.iter().cloned());
                 v
             };
-            let mut s: [Vec<f64>; 5] = Default::default();
+            let mut s: [Vec<f64>; 7] = Default::default();
+            let sides = if p.spawns { s.len() } else { 5 };
             for r in 0..rounds {
-                for (side, v) in s.iter_mut().enumerate() {
+                for (side, v) in s.iter_mut().enumerate().take(sides) {
                     let x = wall(&wrap(side, one_cpu, &argv), work).unwrap_or_else(|e| {
                         failures.push(format!(
                             "measurement 2, {} on {cpus_used} CPUs, side {side}, round {r}: {e:#}",
@@ -268,19 +282,39 @@ pub fn run(args: &Args, fx: &Fixtures, work: &Path) -> Result<Section> {
                 }
                 eprintln!(
                     "{} on {cpus_used} CPUs round {r}: plain {:.3} s heapcap {:.3} s rlimit {:.3} s \
-                     floor {:.3} / {:.3} s",
-                    p.name, s[0][r], s[1][r], s[2][r], s[3][r], s[4][r]
+                     floor {:.3} / {:.3} s{}",
+                    p.name,
+                    s[0][r],
+                    s[1][r],
+                    s[2][r],
+                    s[3][r],
+                    s[4][r],
+                    if p.spawns {
+                        format!(", admission floor {:.3} / {:.3} s", s[5][r], s[6][r])
+                    } else {
+                        String::new()
+                    }
                 );
             }
             let rh = paired(&s[1], &s[0], |x, y| x / y);
             let rr = paired(&s[2], &s[0], |x, y| x / y);
-            // The better floor by median, its ratios per round.
-            let (f0, f1) = (summarize(&s[3]).median, summarize(&s[4]).median);
-            let (floor, which) = if f1.is_nan() || f0 <= f1 { (&s[3], "no sync") } else { (&s[4], "sync") };
-            let rf = paired(floor, &s[0], |x, y| x / y);
+            // The better of two floors by median, its ratios per round.
+            let better = |a: usize| {
+                let (f0, f1) = (summarize(&s[a]).median, summarize(&s[a + 1]).median);
+                let (floor, which) = if f1.is_nan() || f0 <= f1 { (&s[a], "no sync") } else { (&s[a + 1], "sync") };
+                (paired(floor, &s[0], |x, y| x / y), which)
+            };
+            let (rf, which) = better(3);
             let ratio = |r: &crate::stats::Summary| format!("{}x ({}–{})", fmt3(r.median), fmt3(r.min), fmt3(r.max));
+            let admission = match p.spawns {
+                true => {
+                    let (ra, which) = better(5);
+                    format!("{} ({which})", ratio(&ra))
+                }
+                false => "—".to_string(),
+            };
             md += &format!(
-                "| {} | {cpus_used} | {reps} | {} | {} | {} | {} | {} | {} ({which}) |\n",
+                "| {} | {cpus_used} | {reps} | {} | {} | {} | {} | {} | {} ({which}) | {admission} |\n",
                 p.name,
                 fmt_spread(&summarize(&s[0])),
                 fmt_spread(&summarize(&s[1])),
