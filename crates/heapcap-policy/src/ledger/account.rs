@@ -93,9 +93,10 @@ impl Account {
         self.brk
     }
 
-    /// Raise the peak to the estimate now (with the growth no figure settled).
+    /// Raise the peak to the estimate now (with the growth no figure settled, which may be in
+    /// the estimate already: never past the bound, which the heap cannot pass).
     pub(super) fn note_peak(&mut self) {
-        self.peak = self.peak.max(self.estimate.saturating_add(self.unresolved));
+        self.peak = self.peak.max(self.estimate.saturating_add(self.unresolved).min(self.bound));
     }
 
     pub(super) fn in_flight(&self) -> u64 {

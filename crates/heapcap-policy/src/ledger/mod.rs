@@ -12,8 +12,9 @@
 //! - growth let through that is still in flight on another thread when the maps are read (the
 //!   thread was woken but has not mapped yet). Each such growth is *pending* until the thread is
 //!   seen to have moved on: it sent another notification, it sleeps in a different call, it is
-//!   gone. Pending bytes are added to every figure; growth let through after the token is never
-//!   retired by it, whatever the thread states say.
+//!   gone. Pending bytes are added to every figure, up to the bound held before it (which counts
+//!   them already, so growth that has landed is not counted twice); growth let through after the
+//!   token is never retired by it, whatever the thread states say.
 //! - `mremap` that moves memory while the maps are being read can hide it from the read, so a
 //!   moving `mremap` stays pending for its full new size.
 //! - a figure read across an exec, or of a pid that another process took meanwhile, is refused
@@ -454,7 +455,17 @@ impl Ledger {
                 if acct.exec_by.is_none() && acct.brk_seq <= token.seq {
                     acct.brk = snap.brk(page);
                 }
-                (counted.saturating_add(in_flight), counted.saturating_add(since))
+                // Growth in flight may be in the figure already: added again, it would put the
+                // bound (and the peak, and a denial's "heap") past what the process can hold.
+                // The bound held until now covers every growth let through, so the new one is
+                // no higher, unless the read shows more than it: memory no call asked for, and
+                // then only the read is trusted.
+                let read = counted.saturating_add(in_flight);
+                let bound = match fresh || counted > acct.bound {
+                    true => read,
+                    false => read.min(acct.bound),
+                };
+                (bound, counted.saturating_add(since))
             }
             Figure::Upper(upper) | Figure::UpperOnly(upper) | Figure::Image { upper, .. } => {
                 let usage = upper.saturating_add(in_flight);
