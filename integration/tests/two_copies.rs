@@ -4,7 +4,8 @@
 //!   by heapcapd and handed every listener, so heapcapd killed next (1 s later, 100 ms later)
 //!   loses nothing; random kills of either, one at a time, for 30 s, harm no container.
 //! - `heapcap run` and its keeper: `heapcap run` killed mid-allocation leaves its command running
-//!   under the keeper, with the same quota; a killed keeper is replaced.
+//!   under the keeper, with the same quota; a killed keeper is replaced; a keeper that has taken
+//!   over keeps a keeper of its own, so killing it next (and the next) harms nothing either.
 //!
 //! Each workload must finish: its exit code, what it printed (an allocation storm with no failed
 //! call, then an allocation loop stopped at its quota), and nothing left behind (no holder,
@@ -305,6 +306,43 @@ fn heapcap_run_killed_mid_allocation_leaves_its_command_supervised_at_its_quota(
 #[test]
 fn a_killed_keeper_is_replaced_and_the_new_one_takes_over_when_heapcap_run_is_killed() {
     killed_run(true);
+}
+
+#[test]
+fn the_keeper_that_took_over_keeps_a_keeper_too_so_killing_each_in_turn_harms_nothing() {
+    let mut child = run_storm(5, true);
+    let pid = child.id();
+    let first = wait_keeper(pid, None);
+    std::thread::sleep(Duration::from_millis(1000));
+    kill9(pid);
+    let status = child.wait().expect("reap heapcap run");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "{status}");
+    // Each supervisor in turn (heapcap run, then each keeper once it has taken over) has a keeper.
+    let second = wait_keeper(first, None);
+    std::thread::sleep(Duration::from_millis(300));
+    kill9(first);
+    let third = wait_keeper(second, None);
+    std::thread::sleep(Duration::from_millis(300));
+    kill9(second);
+    let fourth = wait_keeper(third, None);
+    let stdout = read_to_end(child.stdout.take().expect("stdout"), Duration::from_secs(60), "the command's stdout");
+    let stderr = read_to_end(child.stderr.take().expect("stderr"), Duration::from_secs(10), "the command's stderr");
+    for said in [
+        format!("heapcap run (pid {pid}) is gone: its keeper (pid {first}) supervises the command's processes"),
+        format!(
+            "the keeper (pid {first}) that took over from heapcap run is gone: its keeper (pid {second}) supervises"
+        ),
+        format!(
+            "the keeper (pid {second}) that took over from heapcap run is gone: its keeper (pid {third}) supervises"
+        ),
+    ] {
+        assert!(stderr.contains(&said), "not said: {said}\n{stderr}");
+    }
+    assert_storm_finished("heapcap run's command, three supervisors killed", &stdout, 64 * MIB, &|| stderr.clone());
+    assert!(stderr.contains("PEAK") && stderr.contains("storm"), "no report from the last keeper: {stderr}");
+    // The last keeper, and the keeper it kept, leave with the command.
+    wait_gone(third, Duration::from_secs(10), "the last keeper, its command gone");
+    wait_gone(fourth, Duration::from_secs(10), "the last keeper's keeper, its command gone");
 }
 
 #[test]

@@ -12,8 +12,10 @@
 //!   (printing the `--report` table then, if asked); if it cannot supervise, it lets every call
 //!   through, saying so, rather than leave the programs to `ENOSYS`.
 //!
-//! The supervisor starts a new keeper if its keeper dies. The keeper runs in its own process
-//! group, so the terminal's ^C (meant for the command) does not reach it.
+//! The supervisor starts a new keeper if its keeper dies. A keeper that has taken over is the
+//! command's supervisor from then on, so it keeps a keeper of its own the same way: killing it
+//! too leaves the command supervised. The keeper runs in its own process group, so the
+//! terminal's ^C (meant for the command) does not reach it.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -49,6 +51,9 @@ pub struct Brief {
     /// The command's filter sends `sysinfo`: answer it with the quota as the machine's memory.
     #[serde(default)]
     pub machine: bool,
+    /// The supervisor is itself a keeper that took over from `heapcap run`.
+    #[serde(default)]
+    pub keeper: bool,
 }
 
 /// A running keeper, seen from the supervisor.
@@ -247,25 +252,52 @@ fn take_over(brief: &Brief, listener: &Listener, journal: Arc<Journal>) -> anyho
         true => supervisor.with_emulator(Box::new(LinuxEmulator)),
         false => supervisor,
     };
-    let slot = Slot::new(journal, 0).context("the journal has no slot")?;
+    let slot = Slot::new(journal.clone(), 0).context("the journal has no slot")?;
+    let gone = match brief.keeper {
+        false => format!("heapcap run (pid {})", brief.supervisor),
+        true => format!("the keeper (pid {}) that took over from heapcap run", brief.supervisor),
+    };
     eprintln!(
-        "heapcap: heapcap run (pid {}) is gone: its keeper (pid {}) supervises the command's processes from now on, \
+        "heapcap: {gone} is gone: its keeper (pid {}) supervises the command's processes from now on, \
          with the same quotas (heapcap's exit status and signals no longer reach the command)",
-        brief.supervisor,
         std::process::id()
     );
+    // This process is now the only one serving the listener: a keeper of its own takes over if
+    // it is killed in turn, as it did for heapcap run.
+    let brief = Brief { supervisor: std::process::id(), keeper: true, ..brief.clone() };
+    let keeping = Arc::new(Keeping::start(brief.clone(), journal));
+    keeping.hold(listener.as_fd());
+    reap_keepers(keeping.clone());
     let pids = supervisor.descendants(brief.command);
     if let Err(e) = supervisor.resume(listener, &slot, &pids) {
         eprintln!("heapcap: warning: cannot answer the call heapcap run left: {e}");
     }
     supervisor.adopt(&pids);
     let served = supervisor.serve(listener, Serve { journal: Some(&slot), runtime: false });
+    keeping.finish();
     log.flush();
     if brief.report || brief.audit {
         eprintln!("heapcap: the processes its keeper saw after heapcap run was gone:");
         let _ = report::table(&mut io::stderr(), &supervisor.accounts().report());
     }
     served.context("the seccomp listener failed")
+}
+
+/// Reap this process's children (its keepers: the command's processes are not its children),
+/// starting another keeper for each one killed, until there are none.
+fn reap_keepers(keeping: Arc<Keeping>) {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    let reaper = move || loop {
+        match waitpid(None, None) {
+            Ok(ws @ WaitStatus::Signaled(..)) => keeping.reaped(ws.pid().map_or(0, |p| p.as_raw() as u32), true),
+            Ok(ws) => keeping.reaped(ws.pid().map_or(0, |p| p.as_raw() as u32), false),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return, // no children: nothing more to keep
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name("heapcap-keepers".into()).spawn(reaper) {
+        eprintln!("heapcap: warning: cannot watch the keeper ({e}): a killed keeper will not be replaced");
+    }
 }
 
 /// Nothing can supervise: answer every call with "go on" until the tree is gone.

@@ -104,6 +104,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         command: 0,
         supervisor: std::process::id(),
         machine: extra.machine,
+        keeper: false,
     };
     let keeping = Arc::new(Keeping::start(brief, journal));
 
