@@ -153,6 +153,22 @@ fn old_mmap_is_refused_while_another_thread_could_rewrite_its_arguments() {
     }
 }
 
+/// A `MAP_GROWSDOWN` mapping grows at each fault below it, with no call at all: the default mode
+/// charges the page made writable; strict refuses to make one, read-only or writable.
+#[test]
+fn strict_refuses_mappings_that_grow_with_no_call() {
+    let out = run(true, STRICT, &args(&["growsdown", CHUNK, MAX]));
+    assert_eq!(fixture_result(&out), (0, "ENOMEM".to_string()), "strict:\n{}", show(&out));
+    assert!(stderr(&out).contains("MAP_GROWSDOWN"), "the refusal says why:\n{}", show(&out));
+    // The default mode sees such growth only when it next reads the process (at a peak mark):
+    // far past the quota.
+    let out = run(false, STRICT, &args(&["growsdown", CHUNK, MAX]));
+    let (allocated, _) = fixture_result(&out);
+    assert!(allocated >= 2 * LIMIT, "default mode: the way around is real\n{}", show(&out));
+    let out = run(true, STRICT32, &args(&["growsdown", CHUNK, "16777216"]));
+    assert_eq!(fixture_result(&out), (0, "ENOMEM".to_string()), "strict, i386:\n{}", show(&out));
+}
+
 #[test]
 fn without_heapcap_the_ways_around_take_what_they_ask_for() {
     // The baseline the tests above hold down: the fixture really does get 256 MiB each way.

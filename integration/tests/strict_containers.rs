@@ -68,6 +68,9 @@ fn assert_every_way_held(what: &str, run: impl Fn(&[&str]) -> Output) {
     assert_at_quota(&format!("{what}, vfork: {}", show(&out)), parent + child, &result, LIMIT, MIB);
     let out = run(&["/strict32", "oldmmap-race", "1048576", "268435456"]);
     assert_eq!(fixture_result(&out), (0, "ENOMEM".to_string()), "{what}, oldmmap-race: {}", show(&out));
+    // A mapping that grows with no call is not made at all (the container's profile sends it).
+    let out = run(&["/strict", "growsdown", "1048576", "268435456"]);
+    assert_eq!(fixture_result(&out), (0, "ENOMEM".to_string()), "{what}, growsdown: {}", show(&out));
     let out = run(&["/alloc", "mmap", "1048576", "0"]);
     let (allocated, result) = fixture_result(&out);
     assert_at_quota(&format!("{what}, ordinary mmap"), allocated, &result, LIMIT, MIB);

@@ -5,7 +5,9 @@
 //! these rules into BPF with libseccomp; the OCI spec writer turns them into `linux.seccomp`.
 
 use crate::ledger::Counting;
-use crate::syscall::{IPC_SHMAT, MAP_ANONYMOUS, MAP_DROPPABLE, MAP_PRIVATE, MAP_TYPE, PROT_WRITE, SHM_RDONLY};
+use crate::syscall::{
+    IPC_SHMAT, MAP_ANONYMOUS, MAP_DROPPABLE, MAP_GROWSDOWN, MAP_PRIVATE, MAP_TYPE, PROT_WRITE, SHM_RDONLY,
+};
 
 /// One argument test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,9 @@ const ANON_PRIVATE_ARG3: ArgTest =
     ArgTest::MaskedEqual { index: 3, mask: MAP_TYPE | MAP_ANONYMOUS, value: MAP_PRIVATE | MAP_ANONYMOUS };
 const ANON_DROPPABLE_ARG3: ArgTest =
     ArgTest::MaskedEqual { index: 3, mask: MAP_TYPE | MAP_ANONYMOUS, value: MAP_DROPPABLE | MAP_ANONYMOUS };
+
+/// Any `MAP_GROWSDOWN` mapping, writable or not (`mprotect` can make it writable later).
+const GROWSDOWN_ARG3: ArgTest = ArgTest::MaskedEqual { index: 3, mask: MAP_GROWSDOWN, value: MAP_GROWSDOWN };
 
 const SHM_WRITABLE_ARG2: ArgTest = ArgTest::MaskedEqual { index: 2, mask: SHM_RDONLY, value: 0 };
 /// i386 `ipc(2)` with `call` SHMAT, version 0 (the version sits in the upper 16 bits).
@@ -85,10 +90,12 @@ impl Extra {
 }
 
 /// Strict mode's rules for the native ABIs: every writable `mmap` (a file or shared mapping may
-/// count, and which kind it is shows only once it is mapped), and every writable `shmat`.
+/// count, and which kind it is shows only once it is mapped), every `MAP_GROWSDOWN` `mmap` (such
+/// a mapping grows with no call at all: strict refuses it), and every writable `shmat`.
 pub const STRICT_NATIVE: &[NotifyRule] = &[
     NotifyRule { syscall: "brk", tests: &[ArgTest::NotEqual { index: 0, value: 0 }] },
     NotifyRule { syscall: "mmap", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "mmap", tests: &[GROWSDOWN_ARG3] },
     NotifyRule { syscall: "mremap", tests: &[] },
     NotifyRule { syscall: "mprotect", tests: &[WRITABLE_ARG2] },
     NotifyRule { syscall: "pkey_mprotect", tests: &[WRITABLE_ARG2] },
@@ -97,11 +104,12 @@ pub const STRICT_NATIVE: &[NotifyRule] = &[
     NotifyRule { syscall: "execveat", tests: &[] },
 ];
 
-/// Strict mode's rules for the 32-bit compat ABIs: as [`COMPAT`], with every writable `mmap2`,
-/// `shmat`, and i386's `ipc(SHMAT)` (whose flags are in registers too).
+/// Strict mode's rules for the 32-bit compat ABIs: as [`COMPAT`], with every writable or
+/// `MAP_GROWSDOWN` `mmap2`, `shmat`, and i386's `ipc(SHMAT)` (whose flags are in registers too).
 pub const STRICT_COMPAT: &[NotifyRule] = &[
     NotifyRule { syscall: "brk", tests: &[ArgTest::NotEqual { index: 0, value: 0 }] },
     NotifyRule { syscall: "mmap2", tests: &[WRITABLE_ARG2] },
+    NotifyRule { syscall: "mmap2", tests: &[GROWSDOWN_ARG3] },
     NotifyRule { syscall: "mmap", tests: &[] },
     NotifyRule { syscall: "mremap", tests: &[] },
     NotifyRule { syscall: "mprotect", tests: &[WRITABLE_ARG2] },

@@ -21,6 +21,8 @@ pub const MAP_DROPPABLE: u64 = 0x08;
 pub const MAP_FIXED: u64 = 0x10;
 pub const MAP_ANONYMOUS: u64 = 0x20;
 pub const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+/// A mapping the kernel extends downwards at each fault just below it (x86 and arm value).
+pub const MAP_GROWSDOWN: u64 = 0x0100;
 pub const MREMAP_MAYMOVE: u64 = 1;
 pub const MREMAP_DONTUNMAP: u64 = 4;
 pub const PROT_READ: u64 = 0x1;
@@ -173,6 +175,12 @@ impl MemCall {
             MemCall::Exec => "execve",
             MemCall::Sysinfo { .. } => "sysinfo",
         }
+    }
+
+    /// An `mmap` of memory that grows by itself (`MAP_GROWSDOWN`): the kernel extends such a
+    /// mapping at each page fault below it, with no call that could be refused.
+    pub fn grows_by_itself(&self) -> bool {
+        matches!(*self, MemCall::Mmap { flags, .. } if flags & MAP_GROWSDOWN != 0)
     }
 
     /// Decode a notification's syscall. `None`: not a memory call heapcap looks at.

@@ -163,6 +163,12 @@ impl<'s, P: ProcView> Engine<'s, P> {
             self.threads.forget(n.pid);
             return Answer::Allow;
         }
+        if call.grows_by_itself() && self.sup.accounts.lock().ledger.counting() == Counting::Strict {
+            let reason = "a MAP_GROWSDOWN mapping grows at each page touched below it, with no call to refuse; \
+                          strict mode does not let one be made"
+                .to_string();
+            return self.refuse(l, n, Some(pid), call, reason);
+        }
         // Note what this call tells (the thread's earlier calls are done, an exec may have
         // settled) and, on the common path, decide it: one short hold of the lock.
         let (mut settled, exec_thread, step, req) = {
