@@ -28,6 +28,7 @@ use heapcap_linux::journal::{Journal, Slot};
 use heapcap_linux::notify::{Listener, Recv};
 use heapcap_supervise::{ExitWatcher, Ledger, Limits, LinuxEmulator, Mode, Serve, Supervisor};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::wait::WaitStatus;
 use serde::{Deserialize, Serialize};
 
 use crate::report::{self, DenialLog};
@@ -113,9 +114,11 @@ impl Keeping {
         state.hand();
     }
 
-    /// The process `pid` was reaped: if it was the keeper, start another (once the command's
+    /// A child was reaped with `status`: if it was the keeper, start another (once the command's
     /// tree is gone, none is needed).
-    pub fn reaped(&self, pid: u32, killed: bool) {
+    pub fn reaped(&self, status: WaitStatus) {
+        let pid = status.pid().map_or(0, |p| p.as_raw() as u32);
+        let killed = matches!(status, WaitStatus::Signaled(..));
         let mut state = self.lock();
         if state.running.as_ref().is_none_or(|r| r.pid != pid) || state.done {
             return;
@@ -286,11 +289,9 @@ fn take_over(brief: &Brief, listener: &Listener, journal: Arc<Journal>) -> anyho
 /// Reap this process's children (its keepers: the command's processes are not its children),
 /// starting another keeper for each one killed, until there are none.
 fn reap_keepers(keeping: Arc<Keeping>) {
-    use nix::sys::wait::{waitpid, WaitStatus};
     let reaper = move || loop {
-        match waitpid(None, None) {
-            Ok(ws @ WaitStatus::Signaled(..)) => keeping.reaped(ws.pid().map_or(0, |p| p.as_raw() as u32), true),
-            Ok(ws) => keeping.reaped(ws.pid().map_or(0, |p| p.as_raw() as u32), false),
+        match nix::sys::wait::waitpid(None, None) {
+            Ok(status) => keeping.reaped(status),
             Err(nix::errno::Errno::EINTR) => {}
             Err(_) => return, // no children: nothing more to keep
         }

@@ -225,8 +225,7 @@ fn reap(child: Pid, status: &mut Option<WaitStatus>, keeping: &Keeping) {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(ws) if ws.pid() == Some(child) => *status = Some(ws),
-            Ok(ws @ WaitStatus::Signaled(..)) => keeping.reaped(ws.pid().map_or(0, |p| p.as_raw() as u32), true),
-            Ok(ws) => keeping.reaped(ws.pid().map_or(0, |p| p.as_raw() as u32), false),
+            Ok(ws) => keeping.reaped(ws),
         }
     }
 }
